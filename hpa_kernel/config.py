@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,21 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.json"
+ENV_MANIFEST = "HPA_KERNEL_WEIGHTS"
+
+
+def default_manifest() -> Path:
+    """The manifest used when none is named.
+
+    ``$HPA_KERNEL_WEIGHTS`` if set, else the repository's ``weights/manifest.json`` (a
+    source checkout or editable install), else ``./weights/manifest.json``.
+    """
+    env = os.environ.get(ENV_MANIFEST)
+    if env:
+        return Path(env)
+    if DEFAULT_MANIFEST.exists():
+        return DEFAULT_MANIFEST
+    return Path("weights") / "manifest.json"
 
 
 class ConfigError(ValueError):
@@ -91,11 +107,11 @@ def _resolve(root: Path, value: str | None, what: str, allow_outside: bool) -> P
 
 def load_config(path: str | Path | None = None, allow_outside: bool = False) -> KernelConfig:
     """Read a manifest into a :class:`KernelConfig` (``None`` = the bundled one)."""
-    path = Path(path) if path is not None else DEFAULT_MANIFEST
+    path = Path(path) if path is not None else default_manifest()
     if path.is_dir():
         path = path / "manifest.json"
     if not path.exists():
-        raise ConfigError(f"manifest {path} not found")
+        raise ConfigError(f"manifest {path} not found (name one with --weights or ${ENV_MANIFEST})")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -1,0 +1,177 @@
+"""Command line: ``python -m hpa_kernel.submit`` (arguments -> config -> pipeline).
+
+With no arguments:
+- on Kaggle (``/kaggle/input/hpa-single-cell-image-classification`` exists) it runs the
+  competition's test set and writes ``/kaggle/working/submission.csv``;
+- elsewhere it dry-runs the bundled synthetic samples (generated on first use into
+  ``./hpa_kernel_samples``) with the demo weights, writes ``./submission.csv``, validates
+  it and prints the local mAP against the samples' ground truth.
+
+``python -m hpa_kernel.submit merge PART.csv [PART.csv ...] --sample SAMPLE --out FILE``
+joins the outputs of ``--shard I/N`` runs into one submission.
+
+Exit status: 0 all images done; 1 the file is complete but some images failed (listed
+in the summary); 2 nothing could be run (bad arguments, manifest or data folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+logger = logging.getLogger("hpa_kernel")
+
+KAGGLE_DATA = Path("/kaggle/input/hpa-single-cell-image-classification")
+KAGGLE_OUT = Path("/kaggle/working/submission.csv")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N (e.g. 0/4), not {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def _duration(text: str) -> float:
+    """Seconds from '3600', '90m', '8.5h' or '45s'."""
+    t = text.strip().lower()
+    mult = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        return float(t[:-1]) * mult if mult else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--time-budget wants seconds or e.g. 90m / 8.5h, not {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hpa_kernel.submit",
+        description="HPA single-cell classification: images -> submission.csv",
+        epilog="Run 'python -m hpa_kernel.submit merge -h' to join shard outputs.",
+    )
+    p.add_argument("--data-dir", type=Path, help="Kaggle-layout folder (test/ + sample_submission.csv)")
+    p.add_argument("--weights", type=Path, help="weights manifest (default: the bundled demo manifest)")
+    p.add_argument("--out", type=Path, help="output CSV (default ./submission.csv, on Kaggle /kaggle/working/...)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    fp = p.add_mutually_exclusive_group()
+    fp.add_argument("--fp16", dest="fp16", action="store_true", default=None, help="fp16 autocast (default on CUDA)")
+    fp.add_argument("--no-fp16", dest="fp16", action="store_false", help="full precision on CUDA")
+    p.add_argument("--batch-size", type=int, help="Step 2 crop batch size (default from the manifest)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    p.add_argument("--max-images", type=int, help="only the first N images (after sharding)")
+    p.add_argument("--shard", type=_shard, help="I/N: run every N-th image starting at I (merge afterwards)")
+    p.add_argument("--time-budget", type=_duration, help="seconds (or 90m, 8.5h) the whole run may take")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)")
+    p.add_argument("--no-resume", action="store_true", help="ignore the journal of an interrupted run")
+    p.add_argument("--allow-outside-paths", action="store_true", help="let the manifest name files outside its folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"hpa_kernel {__version__}")
+    return p
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpa_kernel.submit merge", description="join --shard outputs")
+    p.add_argument("parts", nargs="+", type=Path, help="shard CSVs")
+    p.add_argument("--sample", type=Path, required=True, help="sample_submission.csv giving IDs and order")
+    p.add_argument("--out", type=Path, required=True, help="merged submission")
+    return p
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def merge_main(argv: list[str]) -> int:
+    from .submission import merge_submissions
+
+    args = build_merge_parser().parse_args(argv)
+    setup_logging()
+    try:
+        n = merge_submissions(args.parts, args.sample, args.out)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {len(args.parts)} part(s), {n} rows -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+
+    from .config import ConfigError, load_config
+    from .pipeline import RunOptions, run
+
+    data_dir, out = args.data_dir, args.out
+    if data_dir is None and KAGGLE_DATA.exists():
+        data_dir = KAGGLE_DATA
+        out = out or KAGGLE_OUT
+    elif data_dir is None:
+        from .synthetic import sample_dataset
+
+        data_dir = sample_dataset()
+        logger.info("no --data-dir: dry run on the bundled synthetic samples in %s", data_dir)
+    out = out or Path("submission.csv")
+
+    try:
+        config = load_config(args.weights, allow_outside=args.allow_outside_paths)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = RunOptions(
+        data_dir=data_dir,
+        out=out,
+        device=args.device,
+        fp16=args.fp16,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        max_images=args.max_images,
+        shard=args.shard,
+        time_budget=args.time_budget,
+        tta=args.tta,
+        save_overlays=args.save_overlays,
+        verify_weights=not args.no_verify,
+        resume=not args.no_resume,
+        progress=not args.no_progress and not args.quiet,
+    )
+    try:
+        summary = run(config, opts)
+    except (OSError, ValueError, RuntimeError) as e:  # nothing could run: say why in one line
+        logger.debug("fatal", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format())
+
+    sample = Path(data_dir) / "sample_submission.csv"
+    if sample.exists() and args.shard is None and args.max_images is None:
+        from .submission import validate_submission
+
+        problems = validate_submission(out, sample)
+        print("validation: OK" if not problems else f"validation: {len(problems)} problem(s)")
+        for msg in problems[:20]:
+            print(f"  {msg}")
+    truth = Path(data_dir) / "truth"
+    if truth.is_dir() and args.shard is None and args.max_images is None:
+        from .metric import evaluate
+
+        result = evaluate(out, truth)
+        print(f"local mAP@0.6 (mask IoU) against {truth}: {result.mAP:.4f}")
+    return 1 if summary.n_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
