@@ -1,0 +1,232 @@
+"""Weights integrity: record and verify the size and sha256 of every file a manifest names.
+
+The manifest's ``files`` section maps a path (relative to the manifest's folder, or
+absolute for files outside it, e.g. ``/kaggle/input/...``) to ``{"size", "sha256"}``::
+
+    "files": {"demo/model.pt": {"size": 123, "sha256": "ab12..."}}
+
+:func:`verify_files` runs at start-up of the pipeline. For every file the configuration
+will load (the segmentation weights when ``method`` is ``hpa``, every classifier path):
+
+- a missing file is always an error;
+- a recorded size that differs is always an error (cheap: one ``stat``);
+- a recorded sha256 that differs is an error unless ``check_hash=False``.
+
+A named file without an entry is accepted with a warning (hand-written manifests), as
+is an entry for a file the configuration does not use (it is not checked).
+
+Rewrite a manifest's ``files`` section for every file it names::
+
+    python -m hpa_kernel.integrity --manifest weights/manifest.json --update
+
+and check one (exit status 1 on a mismatch, the file named)::
+
+    python -m hpa_kernel.integrity --manifest weights/manifest.json [--no-hash]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .config import ConfigError, KernelConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20  # 1 MiB
+
+
+class IntegrityError(ConfigError):
+    """A weights file is missing or differs from what the manifest recorded.
+
+    A kind of :class:`~hpa_kernel.config.ConfigError`, so code that reports bad
+    configurations reports this too. ``path`` is the offending file, ``reason`` the fault.
+    """
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"weights file {self.path}: {reason}")
+
+
+def file_digest(path: str | Path, chunk_size: int = CHUNK_SIZE) -> str:
+    """The hex sha256 of a file, read in chunks (memory stays flat for large weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_root(manifest_path: str | Path) -> Path:
+    p = Path(manifest_path)
+    if p.is_dir():
+        return p.resolve()
+    return p.resolve().parent
+
+
+def _file_key(root: Path, path: Path) -> str:
+    """The ``files`` key of ``path``: relative (posix) inside ``root``, else absolute."""
+    full = path if path.is_absolute() else (root / path)
+    full = Path(os.path.abspath(full))
+    try:
+        return full.relative_to(root).as_posix()
+    except ValueError:
+        return full.as_posix()
+
+
+def _key_path(root: Path, key: str) -> Path:
+    """The file a ``files`` key stands for (inverse of :func:`_file_key`)."""
+    p = Path(key)
+    return p if p.is_absolute() else Path(os.path.abspath(root / p))
+
+
+def record_files(manifest_path: str | Path, paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+    """``{key: {"size", "sha256"}}`` for ``paths``, keyed relative to the manifest's folder.
+
+    Relative ``paths`` are taken relative to the manifest's folder; a path outside that
+    folder is keyed by its absolute path. Raises :class:`IntegrityError` for a missing file.
+    """
+    root = _manifest_root(manifest_path)
+    entries: dict[str, dict[str, Any]] = {}
+    for p in paths:
+        p = Path(p)
+        key = _file_key(root, p)
+        full = _key_path(root, key)
+        if not full.is_file():
+            raise IntegrityError(full, "missing (cannot record its size and sha256)")
+        entries[key] = {"size": full.stat().st_size, "sha256": file_digest(full)}
+        logger.info("recorded %s: %d bytes, sha256 %s", key, entries[key]["size"], entries[key]["sha256"])
+    return dict(sorted(entries.items()))
+
+
+def named_files(config: KernelConfig) -> list[Path]:
+    """Every file the configuration will load, in load order, without duplicates."""
+    out: list[Path] = []
+    seg = config.segmentation
+    if seg.method == "hpa":
+        out += [p for p in (seg.nuclei, seg.cell) if p is not None]
+    out += [c.path for c in config.classifiers]
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        full = Path(os.path.abspath(p))
+        if full not in seen:
+            seen.add(full)
+            unique.append(full)
+    return unique
+
+
+def verify_files(config: KernelConfig, check_hash: bool = True) -> None:
+    """Check every file the configuration names against the manifest's ``files`` section.
+
+    Raises :class:`IntegrityError` naming the first file that is missing, has another
+    size than recorded, or (with ``check_hash``) another sha256. Sizes are always checked.
+    """
+    root = Path(os.path.abspath(config.root))
+    recorded: dict[Path, dict[str, Any]] = {}  # keyed by the resolved path (symlinks followed)
+    for key, entry in (config.files or {}).items():
+        if not isinstance(entry, dict):
+            raise IntegrityError(_key_path(root, key), f"manifest entry must be an object, not {entry!r}")
+        recorded[_key_path(root, key).resolve()] = entry
+    names = named_files(config)
+    for path in names:
+        if not path.is_file():
+            raise IntegrityError(path, "missing" if not path.exists() else "not a regular file")
+        entry = recorded.get(path.resolve())
+        if entry is None:
+            logger.warning(
+                "no size/sha256 recorded for %s; not verified (record it with "
+                "`python -m hpa_kernel.integrity --manifest %s --update`)",
+                path,
+                config.source or "MANIFEST",
+            )
+            continue
+        size = path.stat().st_size
+        if "size" in entry and int(entry["size"]) != size:
+            raise IntegrityError(path, f"size mismatch: {size} bytes, manifest says {int(entry['size'])}")
+        if check_hash and "sha256" in entry:
+            digest = file_digest(path)
+            if digest.lower() != str(entry["sha256"]).lower():
+                raise IntegrityError(path, f"sha256 mismatch: {digest}, manifest says {entry['sha256']}")
+        logger.debug("verified %s (%s)", path, "size + sha256" if check_hash else "size")
+    unused = set(recorded) - {p.resolve() for p in names}
+    for path in sorted(unused):
+        logger.info("manifest records %s but the configuration does not use it; not checked", path)
+    logger.info(
+        "weights integrity: %d file(s) checked (%s)", len(names), "size + sha256" if check_hash else "size only"
+    )
+
+
+def update_manifest(manifest_path: str | Path, allow_outside: bool = False) -> dict[str, dict[str, Any]]:
+    """Rewrite the manifest's ``files`` section for every file it names (atomically).
+
+    Other keys keep their values and order; stale entries are dropped. Returns the section.
+    """
+    manifest_path = Path(manifest_path)
+    if manifest_path.is_dir():
+        manifest_path = manifest_path / "manifest.json"
+    config = load_config(manifest_path, allow_outside=allow_outside)
+    files = record_files(manifest_path, named_files(config))
+    raw = json.loads(manifest_path.read_text())
+    raw["files"] = files
+    text = json.dumps(raw, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest_path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, manifest_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    logger.info("wrote %d file entr%s to %s", len(files), "y" if len(files) == 1 else "ies", manifest_path)
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: check (default) or ``--update`` a manifest's ``files`` section."""
+    ap = argparse.ArgumentParser(
+        prog="python -m hpa_kernel.integrity",
+        description="Record (--update) or verify the size and sha256 of every weights file a manifest names.",
+    )
+    ap.add_argument("--manifest", required=True, type=Path, help="weights manifest (JSON) or its folder")
+    ap.add_argument("--update", action="store_true", help="rewrite the manifest's 'files' section")
+    ap.add_argument("--no-hash", action="store_true", help="when checking, compare sizes only")
+    ap.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="accept absolute paths / paths outside the manifest folder (e.g. /kaggle/input/...)",
+    )
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.update:
+            files = update_manifest(args.manifest, allow_outside=args.allow_outside_paths)
+            for key, entry in files.items():
+                print(f"{entry['sha256']}  {entry['size']:>12}  {key}")
+        else:
+            config = load_config(args.manifest, allow_outside=args.allow_outside_paths)
+            verify_files(config, check_hash=not args.no_hash)
+            print(f"OK: {len(named_files(config))} file(s) match {config.source}")
+    except ConfigError as e:  # IntegrityError included
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
