@@ -1,0 +1,134 @@
+"""End-to-end: the orchestrator and the CLI on small synthetic Kaggle-layout folders."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hpa_kernel import __version__
+from hpa_kernel.config import load_config
+from hpa_kernel.pipeline import LEVEL_EMPTY, Budget, RunOptions, run, select_ids
+from hpa_kernel.submission import validate_submission
+from hpa_kernel.submit import main
+
+from conftest import write_manifest
+
+
+def _opts(data: Path, out: Path, **kw) -> RunOptions:
+    kw.setdefault("progress", False)
+    kw.setdefault("device", "cpu")
+    return RunOptions(data_dir=data, out=out, **kw)
+
+
+@pytest.fixture(scope="module")
+def full_run(small_dataset, tiny_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "submission.csv"
+    summary = run(load_config(tiny_manifest), _opts(small_dataset, out, save_overlays=out.parent / "ov"))
+    return summary, out
+
+
+def test_run_writes_a_valid_complete_submission(full_run, small_dataset):
+    summary, out = full_run
+    sample = pd.read_csv(small_dataset / "sample_submission.csv")
+    sub = pd.read_csv(out, keep_default_na=False)
+    assert list(sub["ID"]) == list(sample["ID"])
+    assert validate_submission(out, small_dataset / "sample_submission.csv") == []
+    assert summary.n_failed == 0 and summary.n_done == len(sample)
+    # every image has cells, each with at least one class line
+    assert all(len(p.split()) >= 3 for p in sub["PredictionString"])
+    assert (sub["ImageWidth"].values == sample["ImageWidth"].values).all()
+    assert not out.with_name(out.name + ".journal").exists()
+
+
+def test_summary_reports_stage_times(full_run):
+    summary, _ = full_run
+    text = summary.format()
+    for stage in ("read", "segmentation", "forward_full", "step1", "forward_crops", "rle"):
+        assert stage in summary.stage_seconds, stage
+    assert __version__ in text and "failed" in text
+
+
+def test_overlays_written(full_run, small_dataset):
+    import cv2
+
+    _, out = full_run
+    pngs = sorted((out.parent / "ov").glob("*.png"))
+    assert len(pngs) == len(pd.read_csv(small_dataset / "sample_submission.csv"))
+    img = cv2.imread(str(pngs[0]))
+    assert img.shape == (512, 512, 3) and img.std() > 0
+
+
+def test_metric_scores_the_output(full_run, small_dataset):
+    from hpa_kernel.metric import evaluate
+
+    _, out = full_run
+    res = evaluate(out, small_dataset / "truth")
+    assert 0.0 <= res.mAP <= 1.0
+
+
+def test_step1_only_differs_from_full(small_dataset, tiny_manifest, tmp_path, full_run):
+    cfg = load_config(tiny_manifest)
+    out = tmp_path / "s1.csv"
+    run(cfg.replace(step2_weight=0.0), _opts(small_dataset, out))
+    assert validate_submission(out, small_dataset / "sample_submission.csv") == []
+    assert out.read_bytes() != full_run[1].read_bytes()
+
+
+def test_shards_merge_to_the_unsharded_file(small_dataset, tiny_manifest, tmp_path, full_run):
+    parts = []
+    for i in range(2):
+        p = tmp_path / f"part{i}.csv"
+        rc = main(["--data-dir", str(small_dataset), "--weights", str(tiny_manifest), "--out", str(p),
+                   "--shard", f"{i}/2", "--device", "cpu", "--no-progress", "-q"])
+        assert rc == 0
+        parts.append(str(p))
+    merged = tmp_path / "merged.csv"
+    assert main(["merge", *parts, "--sample", str(small_dataset / "sample_submission.csv"), "--out", str(merged)]) == 0
+    assert merged.read_bytes() == full_run[1].read_bytes()
+
+
+def test_select_ids():
+    ids = [str(i) for i in range(10)]
+    assert select_ids(ids, (1, 3), None) == ["1", "4", "7"]
+    assert select_ids(ids, None, 2) == ["0", "1"]
+    with pytest.raises(ValueError):
+        select_ids(ids, (3, 3), None)
+
+
+def test_budget_degrades_in_order():
+    b = Budget(seconds=100.0, start=0.0)
+    assert b.level(0, remaining=10, now=1.0) == 0  # nothing measured yet
+    b.record(0, 10.0)  # 10 s per full image
+    assert b.level(0, remaining=5, now=10.0) == 0  # 50 s needed, 85 left
+    assert b.level(0, remaining=12, now=10.0) == 1  # 120 > 85; Step 1 only: 72 <= 85
+    assert b.level(0, remaining=18, now=10.0) == 2  # 0.45 * 10 * 18 = 81 <= 85
+    assert b.level(0, remaining=30, now=10.0) == LEVEL_EMPTY
+    assert b.level(0, remaining=3, now=99.0) == LEVEL_EMPTY  # past the margin
+
+
+def test_bad_classifier_file_still_writes_every_row(small_dataset, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    manifest = write_manifest(tmp_path / "w", bad)
+    out = tmp_path / "sub.csv"
+    summary = run(load_config(manifest), _opts(small_dataset, out))
+    assert any("skipped" in w for w in summary.warnings)
+    assert validate_submission(out, small_dataset / "sample_submission.csv") == []
+    assert len(pd.read_csv(out)) == len(pd.read_csv(small_dataset / "sample_submission.csv"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path), "--weights", str(tmp_path / "nope.json"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.json" in err[0]
+
+
+def test_cli_version():
+    r = subprocess.run([sys.executable, "-m", "hpa_kernel.submit", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and __version__ in r.stdout
