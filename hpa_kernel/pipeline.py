@@ -394,21 +394,23 @@ class Budget:
         return level
 
 
-def read_sample_sizes(data_dir: Path) -> dict[str, tuple[int, int]]:
-    """``ID -> (width, height)`` from ``sample_submission.csv`` where it gives them (> 0)."""
+def read_sample(data_dir: Path) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Sizes ``ID -> (width, height)`` that ``sample_submission.csv`` gives (> 0), and its duplicate IDs."""
     import pandas as pd
 
     path = Path(data_dir) / "sample_submission.csv"
     if not path.exists():
-        return {}
+        return {}, []
     try:
         df = pd.read_csv(path, dtype={"ID": str})
         w = pd.to_numeric(df.get("ImageWidth"), errors="coerce").fillna(0).astype(int)
         h = pd.to_numeric(df.get("ImageHeight"), errors="coerce").fillna(0).astype(int)
     except Exception as e:  # a broken sample only costs the fallback sizes
         logger.warning("could not read sizes from %s: %s", path, e)
-        return {}
-    return {i: (int(a), int(b)) for i, a, b in zip(df["ID"], w, h) if a > 0 and b > 0}
+        return {}, []
+    dups = sorted(set(df["ID"][df["ID"].duplicated()]))
+    sizes = {i: (int(a), int(b)) for i, a, b in zip(df["ID"], w, h) if a > 0 and b > 0}
+    return sizes, dups
 
 
 def fallback_size(test_dir: Path, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
@@ -461,7 +463,12 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     data_dir = Path(opts.data_dir)
     ids = select_ids(list_test_ids(data_dir), opts.shard, opts.max_images)
     summary.n_images = len(ids)
-    sample_sizes = read_sample_sizes(data_dir)
+    sample_sizes, duplicates = read_sample(data_dir)
+    if duplicates:
+        summary.warnings.append(
+            f"sample_submission.csv lists {len(duplicates)} duplicate ID(s), each written once: "
+            + ", ".join(duplicates[:5])
+        )
     test_dir = data_dir / "test"
 
     # 0. weights: integrity, device, models
