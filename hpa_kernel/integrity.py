@@ -22,6 +22,12 @@ Rewrite a manifest's ``files`` section for every file it names::
 and check one (exit status 1 on a mismatch, the file named)::
 
     python -m hpa_kernel.integrity --manifest weights/manifest.json [--no-hash]
+
+Files named by absolute paths that exist only on Kaggle (``/kaggle/input/...``, with
+``--allow-outside-paths``) are recorded from local copies of the same name::
+
+    python -m hpa_kernel.integrity --manifest weights/manifest.json --update \
+        --allow-outside-paths --local-copies ~/hpa-seg-weights
 """
 
 from __future__ import annotations
@@ -86,17 +92,32 @@ def _file_key(root: Path, path: Path) -> str:
         return full.as_posix()
 
 
+def _is_inside(root: Path, path: Path) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
 def _key_path(root: Path, key: str) -> Path:
     """The file a ``files`` key stands for (inverse of :func:`_file_key`)."""
     p = Path(key)
     return p if p.is_absolute() else Path(os.path.abspath(root / p))
 
 
-def record_files(manifest_path: str | Path, paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
+def record_files(
+    manifest_path: str | Path,
+    paths: Iterable[str | Path],
+    local_copies: Sequence[str | Path] = (),
+) -> dict[str, dict[str, Any]]:
     """``{key: {"size", "sha256"}}`` for ``paths``, keyed relative to the manifest's folder.
 
     Relative ``paths`` are taken relative to the manifest's folder; a path outside that
-    folder is keyed by its absolute path. Raises :class:`IntegrityError` for a missing file.
+    folder is keyed by its absolute path. A file outside the folder that does not exist
+    here (e.g. ``/kaggle/input/<dataset>/x.pth`` on a workstation) is read from the first
+    of ``local_copies`` (folders) holding a file of the same name, and recorded under its
+    own (Kaggle) path. Raises :class:`IntegrityError` for a file found nowhere.
     """
     root = _manifest_root(manifest_path)
     entries: dict[str, dict[str, Any]] = {}
@@ -104,9 +125,18 @@ def record_files(manifest_path: str | Path, paths: Iterable[str | Path]) -> dict
         p = Path(p)
         key = _file_key(root, p)
         full = _key_path(root, key)
-        if not full.is_file():
-            raise IntegrityError(full, "missing (cannot record its size and sha256)")
-        entries[key] = {"size": full.stat().st_size, "sha256": file_digest(full)}
+        source = full
+        if not full.is_file() and not _is_inside(root, full):
+            for folder in local_copies:
+                candidate = Path(folder) / full.name
+                if candidate.is_file():
+                    source = candidate
+                    logger.info("%s is not here: recording its local copy %s", full, candidate)
+                    break
+        if not source.is_file():
+            hint = "" if _is_inside(root, full) else " (pass --local-copies DIR holding a copy of it)"
+            raise IntegrityError(full, f"missing (cannot record its size and sha256){hint}")
+        entries[key] = {"size": source.stat().st_size, "sha256": file_digest(source)}
         logger.info("recorded %s: %d bytes, sha256 %s", key, entries[key]["size"], entries[key]["sha256"])
     return dict(sorted(entries.items()))
 
@@ -128,11 +158,13 @@ def named_files(config: KernelConfig) -> list[Path]:
     return unique
 
 
-def verify_files(config: KernelConfig, check_hash: bool = True) -> None:
+def verify_files(config: KernelConfig, check_hash: bool = True, inside_only: bool = False) -> None:
     """Check every file the configuration names against the manifest's ``files`` section.
 
     Raises :class:`IntegrityError` naming the first file that is missing, has another
     size than recorded, or (with ``check_hash``) another sha256. Sizes are always checked.
+    ``inside_only`` checks only the files inside the manifest's folder (what a dataset
+    build ships; files under ``/kaggle/input/...`` are checked on Kaggle).
     """
     root = Path(os.path.abspath(config.root))
     recorded: dict[Path, dict[str, Any]] = {}  # keyed by the resolved path (symlinks followed)
@@ -141,6 +173,11 @@ def verify_files(config: KernelConfig, check_hash: bool = True) -> None:
             raise IntegrityError(_key_path(root, key), f"manifest entry must be an object, not {entry!r}")
         recorded[_key_path(root, key).resolve()] = entry
     names = named_files(config)
+    if inside_only:
+        skipped = [p for p in names if not _is_inside(root, p) and not _is_inside(root.resolve(), p)]
+        for p in skipped:
+            logger.info("%s is outside %s: not checked here", p, root)
+        names = [p for p in names if p not in skipped]
     for path in names:
         if not path.is_file():
             raise IntegrityError(path, "missing" if not path.exists() else "not a regular file")
@@ -169,16 +206,21 @@ def verify_files(config: KernelConfig, check_hash: bool = True) -> None:
     )
 
 
-def update_manifest(manifest_path: str | Path, allow_outside: bool = False) -> dict[str, dict[str, Any]]:
+def update_manifest(
+    manifest_path: str | Path,
+    allow_outside: bool = False,
+    local_copies: Sequence[str | Path] = (),
+) -> dict[str, dict[str, Any]]:
     """Rewrite the manifest's ``files`` section for every file it names (atomically).
 
     Other keys keep their values and order; stale entries are dropped. Returns the section.
+    ``local_copies``: see :func:`record_files`.
     """
     manifest_path = Path(manifest_path)
     if manifest_path.is_dir():
         manifest_path = manifest_path / "manifest.json"
     config = load_config(manifest_path, allow_outside=allow_outside)
-    files = record_files(manifest_path, named_files(config))
+    files = record_files(manifest_path, named_files(config), local_copies=local_copies)
     raw = json.loads(manifest_path.read_text())
     raw["files"] = files
     text = json.dumps(raw, indent=2) + "\n"
@@ -210,18 +252,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="accept absolute paths / paths outside the manifest folder (e.g. /kaggle/input/...)",
     )
+    ap.add_argument(
+        "--local-copies",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="with --update: folder holding copies of files named by absolute paths that do not exist here",
+    )
+    ap.add_argument(
+        "--inside-only",
+        action="store_true",
+        help="when checking, skip files outside the manifest folder (they are checked where they live)",
+    )
     ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.update:
-            files = update_manifest(args.manifest, allow_outside=args.allow_outside_paths)
+            files = update_manifest(
+                args.manifest, allow_outside=args.allow_outside_paths, local_copies=args.local_copies
+            )
             for key, entry in files.items():
                 print(f"{entry['sha256']}  {entry['size']:>12}  {key}")
         else:
             config = load_config(args.manifest, allow_outside=args.allow_outside_paths)
-            verify_files(config, check_hash=not args.no_hash)
-            print(f"OK: {len(named_files(config))} file(s) match {config.source}")
+            verify_files(config, check_hash=not args.no_hash, inside_only=args.inside_only)
+            scope = " (files outside its folder not checked)" if args.inside_only else ""
+            print(f"OK: {len(named_files(config))} file(s) named by {config.source}{scope}")
     except ConfigError as e:  # IntegrityError included
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -190,3 +190,42 @@ def test_cli_update_and_check(weights: Path, capsys: pytest.CaptureFixture[str])
     assert hashlib.sha256(b"retrained").hexdigest() in out
     assert main(["--manifest", str(weights), "-q"]) == 0  # a folder works too
     assert "OK: 4 file(s)" in capsys.readouterr().out
+
+
+def test_local_copies_record_kaggle_paths(tmp_path: Path, weights: Path) -> None:
+    """A manifest naming /kaggle/input/... files is recorded from local copies of them."""
+    kaggle_dir = tmp_path / "not-mounted" / "hpacellseg"  # never created: like /kaggle/input here
+    local = tmp_path / "downloads"
+    _write(local / "dpn_unet_nuclei_v1.pth", b"N" * 300)
+    _write(local / "dpn_unet_cell_3ch_v1.pth", b"C" * 200)
+    m = weights / "manifest.json"
+    raw = json.loads(m.read_text())
+    raw["segmentation"] = {
+        "method": "hpa",
+        "nuclei": str(kaggle_dir / "dpn_unet_nuclei_v1.pth"),
+        "cell": str(kaggle_dir / "dpn_unet_cell_3ch_v1.pth"),
+    }
+    m.write_text(json.dumps(raw))
+    with pytest.raises(IntegrityError, match="--local-copies"):
+        update_manifest(m, allow_outside=True)
+    assert main(["--manifest", str(m), "--update", "--allow-outside-paths", "--local-copies", str(local), "-q"]) == 0
+    files = json.loads(m.read_text())["files"]
+    key = (kaggle_dir / "dpn_unet_cell_3ch_v1.pth").as_posix()
+    assert files[key] == {"size": 200, "sha256": hashlib.sha256(b"C" * 200).hexdigest()}
+    config = load_config(m, allow_outside=True)
+    with pytest.raises(IntegrityError, match="dpn_unet_nuclei_v1.pth.*missing"):
+        verify_files(config)  # not mounted here
+    verify_files(config, inside_only=True)  # what a dataset build checks
+    # "mounting" the files at their Kaggle path makes the full check pass
+    _write(kaggle_dir / "dpn_unet_nuclei_v1.pth", b"N" * 300)
+    _write(kaggle_dir / "dpn_unet_cell_3ch_v1.pth", b"C" * 200)
+    verify_files(config)
+    _write(kaggle_dir / "dpn_unet_cell_3ch_v1.pth", b"X" * 200)
+    with pytest.raises(IntegrityError, match="dpn_unet_cell_3ch_v1.pth.*sha256"):
+        verify_files(config)
+
+
+def test_inside_only_still_checks_inside_files(weights: Path) -> None:
+    _write(weights / "demo" / "a.pt", b"tampered")
+    with pytest.raises(IntegrityError, match="a.pt"):
+        verify_files(load_config(weights / "manifest.json"), inside_only=True)
