@@ -423,6 +423,13 @@ def test_evaluate_files_and_dataframe(truth_dir, tmp_path):
     assert evaluate(str(path), truth_dir, iou="box").mAP == approx(13 / 18)
 
 
+def test_evaluate_nan_prediction_string_means_no_detections(truth_dir):
+    df = make_submission()
+    df["PredictionString"] = df["PredictionString"].astype(object)
+    df.loc[1, "PredictionString"] = np.nan  # img2, as pandas reads an empty cell by default
+    assert evaluate(df, truth_dir).mAP == approx(13 / 18)
+
+
 def test_evaluate_decodes_each_mask_once(truth_dir, monkeypatch):
     calls = []
     real = metric.decode_mask
