@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "hpa-submit=hpa_kernel.submit:main",
             "hpa-validate=hpa_kernel.validate:main",
+            "hpa-metric=hpa_kernel.metric:main",
         ]
     },
 )
