@@ -1,0 +1,164 @@
+"""Merge each image's four PNGs into an RGBY cache at ``size`` px, in parallel.
+
+    python -m hpa_kernel.train.prepare --csv train.csv --src train/ [--src extra/ ...] \\
+        --out cache/ [--size 512] [--workers 2] [--folds 4]
+
+Writes ``OUT/images/<ID>.npy`` (uint8 ``(size, size, 4)``, R G B Y) and
+``OUT/index.csv`` (``ID,Label,path[,fold]``, ``path`` relative to ``OUT``). An image is
+looked up in each ``--src`` folder in turn; a row whose PNGs are missing or unreadable is
+skipped with a warning and counted in the summary. Labels are checked before any image
+is read (a class outside 0..18 stops the run, naming the row). Cached files that already
+exist are kept unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from hpa_kernel.train.folds import FoldError, assign_folds, format_fold_table, label_matrix
+
+__all__ = ["PrepareSummary", "find_source", "cache_one", "prepare_cache", "main"]
+
+logger = logging.getLogger(__name__)
+CHANNELS = ("red", "green", "blue", "yellow")
+
+
+@dataclass
+class PrepareSummary:
+    """What :func:`prepare_cache` did."""
+
+    index_path: Path
+    written: int = 0
+    reused: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (ID, reason)
+    fold_table: str | None = None  # per-fold class counts, when folds were assigned
+
+    @property
+    def ok(self) -> int:
+        return self.written + self.reused
+
+    def __str__(self) -> str:
+        return (
+            f"{self.ok} image(s) cached ({self.written} written, {self.reused} reused), "
+            f"{len(self.skipped)} skipped -> {self.index_path}"
+        )
+
+
+def find_source(image_id: str, sources: Sequence[Path]) -> Path | None:
+    """The first folder holding ``<ID>_red.png`` (None if no folder has it)."""
+    for src in sources:
+        if (Path(src) / f"{image_id}_red.png").exists():
+            return Path(src)
+    return None
+
+
+def cache_one(image_id: str, sources: Sequence[Path], dest: Path, size: int, overwrite: bool) -> tuple[str, str]:
+    """Read, resize and save one image. Returns ``(status, detail)`` with status
+    ``written``/``reused``/``skipped``; never raises for a bad image."""
+    if dest.exists() and not overwrite:
+        return "reused", ""
+    src = find_source(image_id, sources)
+    if src is None:
+        return "skipped", f"no {image_id}_red.png in {', '.join(map(str, sources))}"
+    from hpa_kernel.io import read_rgby, resize_rgby
+
+    try:
+        rgby = read_rgby(src, image_id)
+        small = resize_rgby(rgby, size)
+    except Exception as e:  # ImageReadError, or a decoder failure
+        return "skipped", f"{type(e).__name__}: {e}"
+    arr = np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
+    tmp = dest.with_name(dest.stem + ".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(dest)  # atomic: a killed run leaves no half-written cache file
+    return "written", ""
+
+
+def prepare_cache(
+    csv: str | Path,
+    sources: Sequence[str | Path],
+    out: str | Path,
+    size: int = 512,
+    workers: int = 2,
+    n_folds: int = 4,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Build the cache and ``index.csv``; see the module docstring.
+
+    With ``n_folds >= 2`` a ``fold`` column is added (multilabel-stratified) and the
+    per-fold class table is logged.
+    """
+    df = pd.read_csv(csv)
+    if not {"ID", "Label"} <= set(df.columns):
+        raise ValueError(f"{csv}: needs columns ID,Label (has {list(df.columns)})")
+    label_matrix(df)  # fail before any work on a bad label, naming the row
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    sources = [Path(s) for s in sources]
+    ids = df["ID"].astype(str).tolist()
+    dests = [out / "images" / f"{i}.npy" for i in ids]
+    jobs = (delayed(cache_one)(i, sources, d, size, overwrite) for i, d in zip(ids, dests))
+    runner = Parallel(n_jobs=max(1, workers), return_as="generator")
+    results = list(tqdm(runner(jobs), total=len(ids), desc="prepare", unit="img", disable=not progress))
+
+    summary = PrepareSummary(index_path=out / "index.csv")
+    keep = []
+    for image_id, (status, detail) in zip(ids, results):
+        if status == "skipped":
+            logger.warning("skipped %s: %s", image_id, detail)
+            summary.skipped.append((image_id, detail))
+            keep.append(False)
+        else:
+            summary.written += status == "written"
+            summary.reused += status == "reused"
+            keep.append(True)
+    index = df.loc[keep, ["ID", "Label"]].reset_index(drop=True)
+    index["path"] = [str(Path("images") / f"{i}.npy") for i in index["ID"].astype(str)]
+    if n_folds and n_folds >= 2:
+        index = assign_folds(index, n_folds=n_folds, seed=seed)
+        summary.fold_table = format_fold_table(index)
+    index.to_csv(summary.index_path, index=False)
+    logger.info("%s", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hpa_kernel.train.prepare", description=__doc__.splitlines()[0])
+    ap.add_argument("--csv", required=True, type=Path, help="CSV with ID,Label")
+    ap.add_argument("--src", required=True, action="append", type=Path, help="folder of <ID>_<channel>.png (repeat)")
+    ap.add_argument("--out", required=True, type=Path, help="cache folder")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--folds", type=int, default=4, help="folds to assign (0 = none)")
+    ap.add_argument("--seed", type=int, default=0, help="fold seed")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = prepare_cache(
+            args.csv, args.src, args.out, args.size, args.workers, args.folds, args.seed, args.overwrite
+        )
+    except (FoldError, ValueError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 2
+    if summary.fold_table:
+        print(summary.fold_table)
+    print(summary)
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)}: " + ", ".join(i for i, _ in summary.skipped[:20]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("iterstrat")
+
+from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.train.folds import FoldError
+from hpa_kernel.train.prepare import main, prepare_cache
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """8 tiny synthetic images (8- and 16-bit) split over two source folders."""
+    root = tmp_path_factory.mktemp("prep")
+    write_dataset(root / "a", 8, seed=1001, sizes=(96, 80), depth="mixed", split="train", progress=False)
+    df = pd.read_csv(root / "a" / "train.csv")
+    (root / "b").mkdir()
+    for iid in df["ID"][6:]:
+        for ch in ("red", "green", "blue", "yellow"):
+            shutil.move(root / "a" / "train" / f"{iid}_{ch}.png", root / "b" / f"{iid}_{ch}.png")
+    return root, df
+
+
+def test_prepare_merges_sources_and_skips_bad_rows(two_sources, tmp_path):
+    root, df = two_sources
+    bad = root / "bad"
+    bad.mkdir(exist_ok=True)
+    for ch in ("red", "green", "blue", "yellow"):
+        (bad / f"broken_{ch}.png").write_bytes(b"not a png")
+    rows = pd.concat(
+        [df, pd.DataFrame({"ID": ["missing", "broken"], "Label": ["0", "1"]})], ignore_index=True
+    )
+    csv = tmp_path / "train.csv"
+    rows.to_csv(csv, index=False)
+    s = prepare_cache(csv, [root / "a" / "train", root / "b", bad], tmp_path / "cache", size=64, workers=1,
+                      n_folds=2, progress=False)
+    assert s.written == 8 and s.reused == 0
+    assert sorted(i for i, _ in s.skipped) == ["broken", "missing"]
+    index = pd.read_csv(s.index_path)
+    assert list(index.columns) == ["ID", "Label", "path", "fold"]
+    assert index["ID"].tolist() == df["ID"].tolist()
+    assert set(index["fold"]) == {0, 1}
+    for p in index["path"]:
+        a = np.load(tmp_path / "cache" / p)
+        assert a.shape == (64, 64, 4) and a.dtype == np.uint8 and a.max() > 0
+    # a second run reuses the cache
+    s2 = prepare_cache(csv, [root / "a" / "train", root / "b", bad], tmp_path / "cache", size=64, workers=1,
+                       n_folds=0, progress=False)
+    assert s2.reused == 8 and s2.written == 0 and "fold" not in pd.read_csv(s2.index_path).columns
+
+
+def test_prepare_matches_the_kernel_resize(two_sources, tmp_path):
+    from hpa_kernel.io import read_rgby, resize_rgby
+
+    root, df = two_sources
+    csv = tmp_path / "one.csv"
+    df.iloc[:2].to_csv(csv, index=False)  # one 8-bit and one 16-bit image
+    s = prepare_cache(csv, [root / "a" / "train"], tmp_path / "c", size=32, workers=1, n_folds=0, progress=False)
+    for iid in df["ID"][:2]:
+        want = resize_rgby(read_rgby(root / "a" / "train", iid), 32)
+        got = np.load(tmp_path / "c" / "images" / f"{iid}.npy").astype(np.float32) / 255
+        assert np.abs(got - want).max() <= 0.5 / 255 + 1e-6
+    assert s.written == 2
+
+
+def test_prepare_bad_label_names_the_row(two_sources, tmp_path):
+    root, df = two_sources
+    csv = tmp_path / "bad.csv"
+    bad = df.copy()
+    bad.loc[3, "Label"] = "2|20"
+    bad.to_csv(csv, index=False)
+    with pytest.raises(FoldError, match=f"row 3 \\(ID '{bad.loc[3, 'ID']}'\\)"):
+        prepare_cache(csv, [root / "a" / "train"], tmp_path / "c", size=32, workers=1, progress=False)
+    assert main(["--csv", str(csv), "--src", str(root / "a" / "train"), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_prepare_cli_parallel(two_sources, tmp_path, capsys):
+    root, df = two_sources
+    code = main(["--csv", str(root / "a" / "train.csv"), "--src", str(root / "a" / "train"), "--src",
+                 str(root / "b"), "--out", str(tmp_path / "cache"), "--size", "32", "--workers", "2",
+                 "--folds", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "8 image(s) cached" in out and "class counts per fold" in out
+    assert len(pd.read_csv(tmp_path / "cache" / "index.csv")) == 8
