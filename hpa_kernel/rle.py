@@ -255,8 +255,8 @@ def _check_counts(
     if n == 0:
         return areas, errors
     lens = np.fromiter((len(c) for c in counts_list), dtype=np.int64, count=n)
-    buf = np.frombuffer(b"".join(counts_list), dtype=np.uint8).astype(np.int64) - 48
-    mask_of_byte = np.repeat(np.arange(n), lens)
+    raw = np.frombuffer(b"".join(counts_list), dtype=np.uint8)
+    string_start = np.cumsum(lens) - lens  # byte offset of each string
     bad = np.zeros(n, dtype=bool)
 
     def flag(where: np.ndarray, message: str) -> None:
@@ -264,30 +264,41 @@ def _check_counts(
             errors[i] = message
         bad[:] |= where
 
-    flag(lens == 0, "empty RLE counts")
-    badchar = (buf < 0) | (buf > 63)
-    flag(np.bincount(mask_of_byte[badchar], minlength=n) > 0, "RLE counts has a character outside '0'..'o'")
-    buf = np.clip(buf, 0, 63)
+    def strings_of(byte_pos: np.ndarray) -> np.ndarray:
+        hit = np.zeros(n, dtype=bool)
+        hit[np.searchsorted(string_start, byte_pos, side="right") - 1] = True
+        return hit
 
-    if buf.size == 0:
+    flag(lens == 0, "empty RLE counts")
+    if raw.size == 0:
         return areas, errors
+    badchar = np.flatnonzero((raw < 48) | (raw > 111))
+    if badchar.size:
+        flag(strings_of(badchar), "RLE counts has a character outside '0'..'o'")
+    buf = (raw - np.uint8(48)) & np.uint8(0x3F)  # 6-bit chunks (bad characters already flagged)
+
     term = (buf & 0x20) == 0
     nonempty = lens > 0
-    string_end = (np.cumsum(lens) - 1)[nonempty]
+    string_end = (string_start + lens - 1)[nonempty]
     truncated = np.zeros(n, dtype=bool)
     truncated[nonempty] = ~term[string_end]
     flag(truncated, "RLE counts is truncated (last value has its continuation bit set)")
     term[string_end] = True  # values never span two strings
 
-    tpos = np.flatnonzero(term)
-    vstarts = np.concatenate(([0], tpos[:-1] + 1))
-    chunk = np.arange(buf.size) - np.repeat(vstarts, tpos - vstarts + 1)
-    mask_of_value = mask_of_byte[tpos]
-    nchunks = chunk[tpos] + 1
-    flag(np.bincount(mask_of_value[nchunks > _MAX_CHUNKS], minlength=n) > 0, "RLE counts value is too long")
-    chunk = np.minimum(chunk, _MAX_CHUNKS)
-    vals = np.add.reduceat((buf & 0x1F) << (5 * chunk), vstarts)
-    negative = (buf[tpos] & 0x10) != 0
+    tpos = np.flatnonzero(term)  # last byte of each value
+    vstarts = np.empty_like(tpos)
+    vstarts[0] = 0
+    vstarts[1:] = tpos[:-1] + 1
+    nchunks = tpos - vstarts + 1
+    mask_of_value = np.searchsorted(string_start, tpos, side="right") - 1
+    too_long = nchunks > _MAX_CHUNKS
+    if too_long.any():
+        flag(strings_of(tpos[too_long]), "RLE counts value is too long")
+    vals = (buf[vstarts] & 0x1F).astype(np.int64)
+    for k in range(1, int(min(nchunks.max(), _MAX_CHUNKS))):
+        sel = np.flatnonzero(nchunks > k)
+        vals[sel] |= (buf[vstarts[sel] + k] & 0x1F).astype(np.int64) << (5 * k)
+    negative = np.flatnonzero((buf[tpos] & 0x10) != 0)
     vals[negative] -= np.int64(1) << (5 * np.minimum(nchunks[negative], _MAX_CHUNKS))
 
     # Undo the delta coding: value j (j >= 3) += value j-2. Chains per string: {0}, odd j,
