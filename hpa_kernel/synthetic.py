@@ -118,11 +118,12 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], corr: float)
 
 def _sample_points(rng: np.random.Generator, weight: np.ndarray, n: int) -> np.ndarray:
     """``n`` sub-pixel points (y, x) drawn with probability proportional to ``weight``."""
-    flat = weight.ravel().astype(np.float64)
-    total = flat.sum()
-    if n <= 0 or total <= 0:
+    flat = weight.ravel()
+    nz = np.flatnonzero(flat > 0)
+    if n <= 0 or nz.size == 0:
         return np.zeros((0, 2), np.float32)
-    idx = rng.choice(flat.size, size=n, p=flat / total)
+    w = flat[nz].astype(np.float64)
+    idx = nz[rng.choice(nz.size, size=n, p=w / w.sum())]
     yx = np.stack(np.unravel_index(idx, weight.shape), axis=1).astype(np.float32)
     return yx + rng.uniform(-0.5, 0.5, size=yx.shape).astype(np.float32)
 
@@ -169,6 +170,18 @@ def _draw_paths(shape: tuple[int, int], paths: np.ndarray, thickness: int) -> np
 def _distance_inside(mask: np.ndarray) -> np.ndarray:
     """Euclidean distance of each mask pixel to the nearest pixel outside the mask."""
     padded = np.pad(mask.astype(np.uint8), 1)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+
+
+def _distance_outside(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each pixel outside the mask to the mask (0 inside).
+
+    Pixels beyond the crop count as outside, so the crop edge is not mistaken for the
+    mask's edge.
+    """
+    padded = np.pad((~mask).astype(np.uint8), 1, constant_values=1)
+    if not mask.any():
+        return np.full(mask.shape, np.float32(1e6), np.float32)
     return cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
 
 
@@ -301,10 +314,33 @@ def _bbox(cy: float, cx: float, ext: float, shape: tuple[int, int]) -> tuple[sli
     return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
 
 
-def _grid(sl: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
-    yy = np.arange(sl[0].start, sl[0].stop, dtype=np.float32)[:, None]
-    xx = np.arange(sl[1].start, sl[1].stop, dtype=np.float32)[None, :]
-    return yy, xx
+def _waves(rng: np.random.Generator, n: int, wavelength: float) -> np.ndarray:
+    """Parameters (n, 4) of a sum of plane waves: ky, kx, phase, amplitude."""
+    ang = rng.uniform(0, math.pi, n)
+    k = 2 * math.pi / (wavelength * rng.uniform(0.7, 1.4, n))
+    return np.stack([k * np.sin(ang), k * np.cos(ang), rng.uniform(0, 2 * math.pi, n), np.full(n, 1 / math.sqrt(n))], 1)
+
+
+def _eval_waves(waves: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    out = np.zeros(np.broadcast_shapes(yy.shape, xx.shape), np.float32)
+    for ky, kx, ph, a in waves:
+        out += np.float32(a) * np.cos(ky * yy + kx * xx + ph, dtype=np.float32)
+    return out
+
+
+def _coarse_field(sl: tuple[slice, slice], step: int, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Evaluate a smooth field ``fn(yy, xx)`` on a ``step``-coarse grid of the box and
+    upsample it bilinearly to full resolution (pixel centres aligned)."""
+    h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+    if step <= 1:
+        yy = np.arange(sl[0].start, sl[0].stop, dtype=np.float32)[:, None]
+        xx = np.arange(sl[1].start, sl[1].stop, dtype=np.float32)[None, :]
+        return fn(yy, xx)
+    nh, nw = -(-h // step), -(-w // step)
+    yy = (sl[0].start + (np.arange(nh, dtype=np.float32) + 0.5) * step - 0.5)[:, None]
+    xx = (sl[1].start + (np.arange(nw, dtype=np.float32) + 0.5) * step - 0.5)[None, :]
+    coarse = np.ascontiguousarray(fn(yy, xx), dtype=np.float32)
+    return cv2.resize(coarse, (nw * step, nh * step), interpolation=cv2.INTER_LINEAR)[:h, :w]
 
 
 def _rasterise(
@@ -314,25 +350,28 @@ def _rasterise(
 
     Nuclei are irregular ellipses; cells are a multiplicatively weighted Voronoi
     partition limited to each cell's own noisy outline (cost < 1), so dense cells touch
-    and sparse ones leave background between them.
+    and sparse ones leave background between them. A shared wavy field bends the
+    boundaries. The smooth cost fields are computed on a coarse grid and upsampled.
     """
     best = np.full(shape, np.inf, np.float32)
     owner = np.zeros(shape, np.int32)
     nuclei = np.zeros(shape, np.int32)
-    wiggle = 0.07 * _smooth_noise(rng, shape, 40.0 * s)
+    waves = _waves(rng, 8, 90.0 * s)
+    step = max(int(3 * s), 1)
     for i, c in enumerate(cells, start=1):
         # nucleus
         n_ext = c.rn * math.sqrt(c.n_aniso) * 1.3 + 2
         sl = _bbox(c.y, c.x, n_ext, shape)
-        yy, xx = _grid(sl)
-        ncost = _radial_cost(yy, xx, c.y, c.x, c.rn, c.n_aniso, c.n_angle, c.n_harm)
-        nmask = ncost < 1.0
-        nuclei[sl][nmask] = i
+        ncost = _coarse_field(sl, step, lambda yy, xx: _radial_cost(yy, xx, c.y, c.x, c.rn, c.n_aniso, c.n_angle, c.n_harm))
+        nuclei[sl][ncost < 1.0] = i
         # cell territory (the nucleus always belongs to its cell)
         ext = c.r * math.sqrt(c.aniso) * 1.6 + 2
         sl = _bbox(c.cy, c.cx, ext, shape)
-        yy, xx = _grid(sl)
-        cost = _radial_cost(yy, xx, c.cy, c.cx, c.r, c.aniso, c.angle, c.harm) + wiggle[sl]
+
+        def cost_fn(yy, xx, c=c):
+            return _radial_cost(yy, xx, c.cy, c.cx, c.r, c.aniso, c.angle, c.harm) + 0.07 * _eval_waves(waves, yy, xx)
+
+        cost = _coarse_field(sl, step, cost_fn)
         cost[nuclei[sl] == i] = -1.0
         sub_best, sub_owner = best[sl], owner[sl]
         better = cost < sub_best
@@ -382,7 +421,7 @@ class _Ctx:
         self.xx = np.arange(self.shape[1], dtype=np.float32)[None, :]
         self.d_edge = _distance_inside(cell_mask)
         d_in = _distance_inside(nuc_mask)
-        d_out = _distance_inside(~nuc_mask)
+        d_out = _distance_outside(nuc_mask)
         self.d_nuc = np.where(nuc_mask, -d_in, d_out)  # signed distance to the nuclear rim
         self.rn = cell.rn
         self.r = cell.r
@@ -432,22 +471,23 @@ class _Ctx:
             pa = np.array([math.sin(a), math.cos(a)])  # (y, x) along the plate
             pp = np.array([math.cos(a), -math.sin(a)])  # perpendicular: spindle axis
             centre = np.array([self.cy, self.cx])
-            half = 1.5 * c.rn * math.sqrt(c.n_aniso)
+            semi = c.rn * math.sqrt(c.n_aniso)  # plate half-length
+            half = 0.95 * semi  # pole distance from the plate
             paths = []
             for sign in (-1.0, 1.0):
                 pole = centre + sign * pp * half
-                for t in np.linspace(-0.8, 0.8, 14):
-                    end = centre + pa * t * c.rn * 1.2 - sign * pp * rng.uniform(0, 0.2) * c.rn
-                    mid = (pole + end) / 2 + pa * t * 0.25 * c.rn
+                for t in np.linspace(-0.85, 0.85, 9) + rng.normal(0, 0.05, 9):
+                    end = centre + pa * t * semi - sign * pp * rng.uniform(-0.05, 0.15) * half
+                    mid = (pole + end) / 2 + pa * t * 0.15 * semi
                     paths.append(np.stack([pole, mid, end])[:, ::-1])
                 # astral microtubules
-                for b in rng.uniform(0, 2 * math.pi, 8):
-                    end = pole + np.array([math.sin(b), math.cos(b)]) * rng.uniform(0.3, 0.7) * c.rn
+                for b in rng.uniform(0, 2 * math.pi, 6):
+                    end = pole + np.array([math.sin(b), math.cos(b)]) * rng.uniform(0.2, 0.45) * semi
                     paths.append(np.stack([pole, (pole + end) / 2, end])[:, ::-1])
-            tex = _draw_paths(self.shape, np.asarray(paths), self.thick(3))
+            tex = 0.8 * _draw_paths(self.shape, np.asarray(paths), self.thick(2))
             poles = np.stack([centre - pp * half, centre + pp * half])
-            tex = tex + _spots(self.shape, poles, 1.5, self.px(7))
-            self._spindle = np.clip(cv2.GaussianBlur(tex, (0, 0), max(self.px(2), 0.6)) * 1.4, 0, 1) * self.mf
+            tex = np.maximum(tex, _spots(self.shape, poles, 1.0, self.px(6)))
+            self._spindle = np.clip(cv2.GaussianBlur(tex, (0, 0), max(self.px(2), 0.6)), 0, 1) * self.mf
         return self._spindle
 
     @property
@@ -456,18 +496,24 @@ class _Ctx:
         if self._red is None:
             rng = self.rng
             if self.cell.mitotic:
-                tex = self.spindle * 1.2 + 0.15 * self.cf
+                tex = self.spindle + 0.15 * self.cf
             else:
-                n = int(rng.integers(45, 80))
-                starts = np.repeat(self.mtoc[None], n, axis=0) + rng.normal(0, 0.15 * self.rn, (n, 2))
-                length = rng.uniform(0.8, 1.6, n) * self.r
-                paths = _random_walks(rng, starts, rng.uniform(0, 2 * math.pi, n), 12, length / 12, 0.12)
-                fil = _draw_paths(self.shape, paths, self.thick(3)) * rng.uniform(0.5, 1.0)
+                # a few fibres from the MTOC, most spread through the cytoplasm
+                n1, n2 = int(rng.integers(10, 25)), int(rng.integers(50, 90))
+                starts1 = np.repeat(self.mtoc[None], n1, axis=0) + rng.normal(0, 0.15 * self.rn, (n1, 2))
+                starts2 = _sample_points(rng, self.cf * (0.3 + np.exp(-np.maximum(self.d_nuc, 0) / self.r)), n2)
+                starts = np.concatenate([starts1, starts2])
+                n = len(starts)
+                length = rng.uniform(0.5, 1.2, n) * self.r
+                paths = _random_walks(rng, starts, rng.uniform(0, 2 * math.pi, n), 10, length / 10, 0.2)
+                fil = np.zeros(self.shape, np.float32)
+                for part in np.array_split(np.arange(n), 3):  # three brightness groups
+                    fil = np.maximum(fil, _draw_paths(self.shape, paths[part], self.thick(2.5)) * rng.uniform(0.4, 1.0))
                 fil = cv2.GaussianBlur(fil, (0, 0), max(self.px(1.5), 0.5))
-                diffuse = 0.25 * (1.0 + 0.3 * _smooth_noise(rng, self.shape, self.px(60)))
+                diffuse = 0.3 * (1.0 + 0.3 * _smooth_noise(rng, self.shape, self.px(60)))
                 edge_fall = 1.0 - np.exp(-self.d_edge / self.px(25))
-                tex = (fil * 0.9 + diffuse) * edge_fall
-                tex = tex * (1.0 - 0.55 * self.nf)
+                tex = (fil * 0.6 + diffuse) * edge_fall
+                tex = tex * (1.0 - 0.6 * self.nf)
             self._red = np.clip(tex, 0, 1.5) * self.mf
         return self._red
 
@@ -811,19 +857,18 @@ def make_image(
     keep.sort(key=lambda i: (round(cells[i - 1].y), round(cells[i - 1].x)))
     lut = np.zeros(n + 1, np.int32)
     lut[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
-    owner = lut[owner]
-    nuclei = lut[nuclei]
     kept = [cells[i - 1] for i in keep]
     _assign_classes(rng, kept, cell_vis[keep].astype(float), requested)
 
-    # paint the channels, cell by cell on bounding boxes
-    chans = np.zeros((4,) + shape, np.float32)
+    # paint the channels, cell by cell on bounding boxes of the padded canvas (so that
+    # cells cut by the border keep their true edges), adding only what is in the image
+    img = np.zeros((height, width, 4), np.float32)
+    objects = ndimage.find_objects(owner, max_label=n)
     g_img = rng.uniform(0.35, 1.0)
-    for lab, sl in enumerate(ndimage.find_objects(owner, max_label=len(kept)), start=1):
-        if sl is None:
-            continue
-        c = kept[lab - 1]
-        ctx = _Ctx(rng, c, sl, owner[sl] == lab, nuclei[sl] == lab, s)
+    for i in keep:
+        sl = objects[i - 1]
+        c = cells[i - 1]
+        ctx = _Ctx(rng, c, sl, owner[sl] == i, nuclei[sl] == i, s)
         red = ctx.red * rng.lognormal(0.0, 0.25) * 0.7
         yellow = ctx.yellow * rng.lognormal(0.0, 0.25) * 0.65
         blue = _blue(ctx) * rng.lognormal(0.0, 0.2) * 0.7
@@ -831,33 +876,50 @@ def make_image(
         for k in c.classes:
             green += _PATTERNS[k](ctx) * rng.uniform(0.6, 1.0)
         green *= g_img * rng.lognormal(0.0, 0.35) * 0.75
-        for ch, tex in ((0, red), (1, green), (2, blue), (3, yellow)):
-            chans[ch][sl] += tex.astype(np.float32, copy=False)
+        # intersection of the box with the image, in box and image coordinates
+        y0, y1 = max(sl[0].start, pad), min(sl[0].stop, pad + height)
+        x0, x1 = max(sl[1].start, pad), min(sl[1].stop, pad + width)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        box = (slice(y0 - sl[0].start, y1 - sl[0].start), slice(x0 - sl[1].start, x1 - sl[1].start))
+        dst = img[y0 - pad : y1 - pad, x0 - pad : x1 - pad]
+        for ch, tex in enumerate((red, green, blue, yellow)):
+            dst[..., ch] += tex[box]
 
-    chans = chans[:, crop[0], crop[1]]
-    rgby = _acquire(rng, chans, depth, s)
-    owner = np.ascontiguousarray(owner[crop])
-    nuclei = np.ascontiguousarray(nuclei[crop])
-    cell_classes = {i + 1: list(c.classes) for i, c in enumerate(kept)}
+    rgby = _acquire(rng, img, depth, s)
+    cell_labels = lut[owner[crop]]
+    nuclei_labels = lut[nuclei[crop]]
+    cell_classes = {j + 1: list(c.classes) for j, c in enumerate(kept)}
     union = sorted({k for v in cell_classes.values() for k in v})
-    return SyntheticImage(rgby=rgby, cell_labels=owner, nuclei_labels=nuclei, cell_classes=cell_classes, image_labels=union)
+    return SyntheticImage(
+        rgby=rgby, cell_labels=cell_labels, nuclei_labels=nuclei_labels, cell_classes=cell_classes, image_labels=union
+    )
 
 
-def _acquire(rng: np.random.Generator, chans: np.ndarray, depth: int, s: float) -> np.ndarray:
-    """Optics blur, background, shot and read noise, quantisation -> (H, W, 4)."""
-    _, h, w = chans.shape
-    img = np.moveaxis(chans, 0, -1)  # (H, W, 4) view
-    img = cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), max(1.2 * s, 0.5))
+def _acquire(rng: np.random.Generator, img: np.ndarray, depth: int, s: float) -> np.ndarray:
+    """Optics blur, background, shot and read noise, quantisation of (H, W, 4) float."""
+    h, w, _ = img.shape
+    img = cv2.GaussianBlur(img, (0, 0), max(1.2 * s, 0.5))
     bg_level = rng.uniform(0.01, 0.04, 4).astype(np.float32)
     vignette = 1.0 + 0.25 * _smooth_noise(rng, (h, w), 500.0 * s)
     img += bg_level * vignette[..., None]
     gain = np.float32(rng.uniform(0.01, 0.02))
-    noise = rng.standard_normal(img.shape, dtype=np.float32)
-    img += noise * (np.float32(0.004) + gain * np.sqrt(np.maximum(img, 0)))
-    maxval = 255.0 if depth == 8 else 65535.0
-    np.clip(img, 0.0, 1.0, out=img)
-    img *= np.float32(maxval)
-    return np.rint(img).astype(np.uint8 if depth == 8 else np.uint16)
+    sd = cv2.sqrt(np.maximum(img, 0, out=img))
+    sd *= gain
+    sd += np.float32(0.004)
+    # triangular noise of unit variance (sum of two uniform bytes): close enough to
+    # Gaussian and much cheaper to draw
+    noise = rng.integers(0, 256, img.shape, dtype=np.uint8).astype(np.float32)
+    noise += rng.integers(0, 256, img.shape, dtype=np.uint8)
+    noise -= np.float32(255.0)
+    noise *= np.float32(1.0 / 104.5)
+    sd *= noise
+    img += sd
+    maxval = np.float32(255.0 if depth == 8 else 65535.0)
+    img *= maxval
+    img += np.float32(0.5)
+    np.clip(img, 0.0, maxval, out=img)
+    return img.astype(np.uint8 if depth == 8 else np.uint16)
 
 
 # --------------------------------------------------------------------------------------
