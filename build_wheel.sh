@@ -101,10 +101,6 @@ while [[ $# -gt 0 ]]; do
 done
 
 # ---------------------------------------------------------------- checks
-command -v "$PY" >/dev/null 2>&1 || die "python interpreter '$PY' not found (set PYTHON=...)"
-"$PY" -c 'import sys; assert sys.version_info >= (3, 9)' 2>/dev/null || die "'$PY' must be Python >= 3.9"
-"$PY" -m pip --version >/dev/null 2>&1 || die "'$PY -m pip' does not work: install pip"
-"$PY" -c 'import setuptools' 2>/dev/null || die "setuptools is needed to build the wheel: $PY -m pip install setuptools wheel"
 [[ "$PY_VERSION" =~ ^3\.[0-9]+$ ]] || die "--python wants X.Y (e.g. 3.10), not '$PY_VERSION'"
 [[ "$DATASET_ID" =~ ^[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]{1,48}[a-z0-9]$ ]] \
     || die "--dataset-id wants OWNER/slug (slug: 3-50 lowercase letters, digits, '-'), not '$DATASET_ID'"
@@ -133,10 +129,24 @@ case "$OUT/" in
     "$WEIGHTS"/*) die "--out ($OUT) must not be inside the weights folder ($WEIGHTS)" ;;
 esac
 
+DEP_LIST=()
+read -r -a DEP_LIST <<< "${DEPS//,/ }" || true
+for req in ${DEP_LIST[@]+"${DEP_LIST[@]}"}; do  # refused before anything slow runs
+    base="$(echo "${req%%[<>=!~;[ ]*}" | tr '[:upper:]_.' '[:lower:]--')"
+    for bad in "${FORBIDDEN_DEPS[@]}"; do
+        [[ "$base" != "$bad" ]] || die "--deps must not name $bad: the Kaggle image brings its own CUDA build"
+    done
+done
+
+command -v "$PY" >/dev/null 2>&1 || die "python interpreter '$PY' not found (set PYTHON=...)"
+"$PY" -c 'import sys; assert sys.version_info >= (3, 9)' 2>/dev/null || die "'$PY' must be Python >= 3.9"
+"$PY" -m pip --version >/dev/null 2>&1 || die "'$PY -m pip' does not work: install pip"
+"$PY" -c 'import setuptools' 2>/dev/null || die "setuptools is needed to build the wheel: $PY -m pip install setuptools wheel"
+
 # Wheelhouse requirements.
 REQS=()
 if [[ "$DEPS_SET" == 1 ]]; then
-    read -r -a REQS <<< "${DEPS//,/ }" || true
+    REQS=(${DEP_LIST[@]+"${DEP_LIST[@]}"})
 else
     for name in "${DEFAULT_DEPS[@]}"; do
         ver="$("$PY" -c 'import sys, importlib.metadata as m
@@ -147,12 +157,6 @@ except m.PackageNotFoundError:
         if [[ -n "$ver" ]]; then REQS+=("$name==$ver"); else REQS+=("$name"); fi
     done
 fi
-for req in ${REQS[@]+"${REQS[@]}"}; do
-    base="$(echo "${req%%[<>=!~;[ ]*}" | tr '[:upper:]_.' '[:lower:]--')"
-    for bad in "${FORBIDDEN_DEPS[@]}"; do
-        [[ "$base" != "$bad" ]] || die "--deps must not name $bad: the Kaggle image brings its own CUDA build"
-    done
-done
 
 # ---------------------------------------------------------------- staging
 STAGE="$(mktemp -d "$OUT/.build_wheel.XXXXXX")" || die "cannot create a staging folder in $OUT"
