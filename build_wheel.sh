@@ -12,7 +12,7 @@
 # wheels and folders of earlier runs are removed. The wheel is reproducible
 # (SOURCE_DATE_EPOCH = time of the last commit unless set).
 #
-# Usage: bash build_wheel.sh [--python 3.10] [--platform manylinux2014_x86_64] [--out dist]
+# Usage: bash build_wheel.sh [--python 3.10[,3.11]] [--platform manylinux2014_x86_64] [--out dist]
 #                            [--deps "timm pycocotools"] [--no-wheelhouse]
 #                            [--weights weights] [--dataset-id USERNAME/hpa-kernel]
 #                            [--title TITLE] [--license other] [--kernel-id USER/hpa-kernel-submit]
@@ -33,7 +33,8 @@ dataset folder (wheel + wheelhouse + weights + dataset-metadata.json).
 
 Options:
   --out DIR            output folder (default: <repo>/dist)
-  --python X.Y         Python version of the Kaggle image, for the wheelhouse (default 3.10)
+  --python X.Y[,X.Z]   Python version(s) of the Kaggle image, for the wheelhouse
+                       (default 3.10,3.11,3.12: compiled wheels exist once per version)
   --platform TAG       platform tag for the wheelhouse (default manylinux2014_x86_64)
   --deps "A B==1.0"    wheelhouse requirements, space or comma separated, replacing the default
                        list (timm pycocotools, pinned to the versions installed here when they
@@ -58,7 +59,7 @@ EOF
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-python3}"
-PY_VERSION="3.10"
+PY_VERSIONS="3.10,3.11,3.12"
 PLATFORM="manylinux2014_x86_64"
 OUT="$REPO/dist"
 DEPS=""
@@ -83,7 +84,7 @@ while [[ $# -gt 0 ]]; do
         arg="$1"
     fi
     case "$arg" in
-        --python) need_value "$@"; PY_VERSION="$2"; shift 2 ;;
+        --python) need_value "$@"; PY_VERSIONS="$2"; shift 2 ;;
         --platform) need_value "$@"; PLATFORM="$2"; shift 2 ;;
         --out) need_value "$@"; OUT="$2"; shift 2 ;;
         --deps) [[ $# -ge 2 ]] || die "--deps needs a value"; DEPS="$2"; DEPS_SET=1; shift 2 ;;
@@ -101,7 +102,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 # ---------------------------------------------------------------- checks
-[[ "$PY_VERSION" =~ ^3\.[0-9]+$ ]] || die "--python wants X.Y (e.g. 3.10), not '$PY_VERSION'"
+[[ "$PY_VERSIONS" =~ ^3\.[0-9]+(,3\.[0-9]+)*$ ]] || die "--python wants X.Y or a list X.Y,X.Z (e.g. 3.10,3.11), not '$PY_VERSIONS'"
+IFS=, read -r -a PY_LIST <<< "$PY_VERSIONS"
 [[ "$DATASET_ID" =~ ^[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]{1,48}[a-z0-9]$ ]] \
     || die "--dataset-id wants OWNER/slug (slug: 3-50 lowercase letters, digits, '-'), not '$DATASET_ID'"
 OWNER="${DATASET_ID%%/*}"
@@ -219,13 +221,15 @@ PYEOF
 
 # 4. The wheelhouse.
 if [[ "$WHEELHOUSE" == 1 && ${#REQS[@]} -gt 0 ]]; then
-    log "wheelhouse for Python $PY_VERSION / $PLATFORM: ${REQS[*]}"
-    if ! "$PY" -m pip download --only-binary=:all: --no-deps --disable-pip-version-check \
-            --python-version "$PY_VERSION" --platform "$PLATFORM" --implementation cp \
-            -d "$STAGE/wheelhouse" "${REQS[@]}" >"$STAGE/download.log" 2>&1; then
-        tail -n 30 "$STAGE/download.log" >&2
-        die "downloading the wheelhouse failed (log above); without network use --no-wheelhouse"
-    fi
+    for pyv in "${PY_LIST[@]}"; do
+        log "wheelhouse for Python $pyv / $PLATFORM: ${REQS[*]}"
+        if ! "$PY" -m pip download --only-binary=:all: --no-deps --disable-pip-version-check \
+                --python-version "$pyv" --platform "$PLATFORM" --implementation cp \
+                -d "$STAGE/wheelhouse" "${REQS[@]}" >"$STAGE/download.log" 2>&1; then
+            tail -n 30 "$STAGE/download.log" >&2
+            die "downloading the wheelhouse for Python $pyv failed (log above); without network use --no-wheelhouse"
+        fi
+    done
 elif [[ "$WHEELHOUSE" == 1 ]]; then
     log "wheelhouse: --deps is empty, nothing to download"
 else

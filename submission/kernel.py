@@ -38,6 +38,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -213,11 +214,17 @@ def submit_command(
     return cmd + extra
 
 
-def exit_status(submit_rc: int, out: Path | None) -> int:
-    """The kernel's exit status: submit's 1 (file complete, some images failed) is success."""
-    if submit_rc == 1 and (out is None or out.exists()):
-        logger.warning("some images failed (listed above); the submission is complete")
-        return 0
+def exit_status(submit_rc: int, out: Path | None, started: float | None = None) -> int:
+    """The kernel's exit status: submit's 1 (file complete, some images failed) is success.
+
+    Python also exits with 1 on an uncaught exception, so 1 counts as success only when
+    the submission file exists and was written after ``started`` (a time.time() value).
+    """
+    if submit_rc == 1 and out is not None and out.exists():
+        if started is None or out.stat().st_mtime >= started - 1.0:
+            logger.warning("some images failed (listed above); the submission is complete")
+            return 0
+        logger.error("%s is older than this run: not written by it", out)
     return submit_rc
 
 
@@ -239,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel: %(message)s", datefmt="%H:%M:%S", force=True)
     args = parse_args(argv)
     python = sys.executable
+    logger.info("python %s (%s)", sys.version.split()[0], python)
     try:
         dataset_dir = find_dataset_dir(args.dataset_dir)
         logger.info("dataset: %s", dataset_dir)
@@ -253,9 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = [*SUBMIT_ARGS, *shlex.split(os.environ.get("HPA_SUBMIT_ARGS", "")), *args.submit_args]
     cmd = submit_command(python, manifest, args.data_dir, args.out, extra)
     logger.info("$ %s", " ".join(shlex.quote(c) for c in cmd))
+    started = time.time()
     rc = subprocess.call(cmd)
     out = Path(args.out) if args.out else (KAGGLE_WORKING / "submission.csv" if KAGGLE_WORKING.is_dir() else None)
-    status = exit_status(rc, out)
+    status = exit_status(rc, out, started)
     logger.info("hpa_kernel.submit exited with %d; kernel exit status %d", rc, status)
     return status
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from types import ModuleType
@@ -157,9 +158,12 @@ def test_exit_status_treats_complete_file_as_success(tmp_path: Path) -> None:
     k = load_kernel()
     out = tmp_path / "submission.csv"
     assert k.exit_status(0, out) == 0
-    assert k.exit_status(1, out) == 1  # no file: a real failure
+    assert k.exit_status(1, out) == 1  # no file: a real failure (or a traceback)
+    assert k.exit_status(1, None) == 1
     out.write_text("ID,ImageWidth,ImageHeight,PredictionString\n")
-    assert k.exit_status(1, out) == 0
+    assert k.exit_status(1, out, started=time.time()) == 0
+    os.utime(out, (1_000_000_000, 1_000_000_000))  # a file left by an earlier run
+    assert k.exit_status(1, out, started=time.time()) == 1
     assert k.exit_status(2, out) == 2
 
 
@@ -198,6 +202,7 @@ def test_kernel_reports_a_missing_dataset(tmp_path: Path) -> None:
         (["--dataset-id", "no-owner"], "--dataset-id wants OWNER/slug"),
         (["--title", "abc"], "6 to 50 characters"),
         (["--python", "three"], "--python wants X.Y"),
+        (["--python", "3.10,"], "--python wants X.Y"),
         (["--bogus"], "unknown argument '--bogus'"),
         (["--out"], "--out needs a value"),
     ],
