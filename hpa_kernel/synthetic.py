@@ -404,7 +404,16 @@ def _keep_main_component(owner: np.ndarray, nuclei: np.ndarray, n: int) -> None:
 class _Ctx:
     """What the texture painters of one cell need, on its bounding-box crop."""
 
-    def __init__(self, rng: np.random.Generator, cell: _Cell, sl: tuple[slice, slice], cell_mask, nuc_mask, s: float):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        cell: _Cell,
+        sl: tuple[slice, slice],
+        cell_mask: np.ndarray,
+        nuc_mask: np.ndarray,
+        s: float,
+        visible: tuple[slice, slice] | None = None,
+    ):
         self.rng = rng
         self.cell = cell
         self.s = s
@@ -425,9 +434,16 @@ class _Ctx:
         self.d_nuc = np.where(nuc_mask, -d_in, d_out)  # signed distance to the nuclear rim
         self.rn = cell.rn
         self.r = cell.r
+        # point-like structures are placed preferably in the part of the crop that is
+        # inside the image, so that border cells still show their pattern
+        if visible is None:
+            self.vis = np.ones(self.shape, np.float32)
+        else:
+            self.vis = np.full(self.shape, np.float32(0.02))
+            self.vis[visible] = 1.0
         # the microtubule organising centre, next to the nucleus
-        a = rng.uniform(0, 2 * math.pi)
-        self.mtoc = np.array([self.cy + 1.15 * self.rn * math.sin(a), self.cx + 1.15 * self.rn * math.cos(a)])
+        pts = _sample_points(rng, self.perinuclear(0.15 * self.rn), 1)
+        self.mtoc = pts[0] if len(pts) else np.array([self.cy, self.cx], np.float32)
         self._nucleoli: np.ndarray | None = None
         self._red: np.ndarray | None = None
         self._yellow: np.ndarray | None = None
@@ -440,16 +456,24 @@ class _Ctx:
     def thick(self, ref: float) -> int:
         return max(int(round(ref * self.s)), 1)
 
+    def perinuclear(self, width: float) -> np.ndarray:
+        """Sampling weight: cytoplasm, decaying with the distance from the nucleus."""
+        return self.cf * np.exp(-np.maximum(self.d_nuc, 0) / max(width, 0.5)) * self.vis
+
+    def nuclear_interior(self, margin: float) -> np.ndarray:
+        """Sampling weight: nucleus pixels at least ``margin`` px from its rim."""
+        inner = (self.d_nuc < -margin).astype(np.float32)
+        if not inner.any():
+            inner = self.nf
+        return inner * self.vis
+
     # shared structures -----------------------------------------------------------
     @property
     def nucleoli(self) -> np.ndarray:
         """(k, 3) nucleoli (y, x, radius) inside the nucleus."""
         if self._nucleoli is None:
             k = int(self.rng.integers(1, 5)) if not self.cell.mitotic else 0
-            inner = (self.d_nuc < -0.25 * self.rn).astype(np.float32)
-            if inner.sum() == 0:
-                inner = self.nf
-            pts = _sample_points(self.rng, inner, k)
+            pts = _sample_points(self.rng, self.nuclear_interior(0.25 * self.rn), k)
             rad = self.rng.uniform(0.12, 0.22, len(pts)) * self.rn
             self._nucleoli = np.concatenate([pts, rad[:, None].astype(np.float32)], axis=1)
         return self._nucleoli
@@ -541,8 +565,8 @@ def _p_nucleoplasm(c: _Ctx) -> np.ndarray:
 
 
 def _p_nuclear_membrane(c: _Ctx) -> np.ndarray:
-    rim = np.exp(-((c.d_nuc / c.px(4)) ** 2))
-    return rim * (0.85 + 0.15 * _smooth_noise(c.rng, c.shape, c.px(20))) * c.mf
+    rim = np.exp(-((c.d_nuc / max(c.px(5), 0.8)) ** 2))
+    return np.clip(1.5 * rim * (0.85 + 0.15 * _smooth_noise(c.rng, c.shape, c.px(20))), 0, 1.2) * c.mf
 
 
 def _p_nucleoli(c: _Ctx) -> np.ndarray:
@@ -562,9 +586,9 @@ def _p_fibrillar_center(c: _Ctx) -> np.ndarray:
 
 
 def _p_speckles(c: _Ctx) -> np.ndarray:
-    inner = (c.d_nuc < -c.px(4)) & ~(c.nucleoli_mask() > 0.3)
+    inner = c.nuclear_interior(c.px(4)) * (c.nucleoli_mask() < 0.3)
     k = int(c.rng.integers(20, 45))
-    pts = _sample_points(c.rng, inner.astype(np.float32), k)
+    pts = _sample_points(c.rng, inner, k)
     sp = _spots(c.shape, pts, c.rng.uniform(0.5, 1.0, len(pts)), c.px(7))
     sp = sp * (0.7 + 0.3 * np.clip(_smooth_noise(c.rng, c.shape, c.px(5)), -1, 1))
     return (np.clip(sp, 0, 1.2) + 0.1) * c.nf
@@ -572,7 +596,7 @@ def _p_speckles(c: _Ctx) -> np.ndarray:
 
 def _p_nuclear_bodies(c: _Ctx) -> np.ndarray:
     k = int(c.rng.integers(2, 8))
-    pts = _sample_points(c.rng, (c.d_nuc < -c.px(6)).astype(np.float32), k)
+    pts = _sample_points(c.rng, c.nuclear_interior(c.px(6)), k)
     return np.clip(_spots(c.shape, pts, c.rng.uniform(0.7, 1.0, len(pts)), c.px(4.5)), 0, 1.2) * c.nf
 
 
@@ -582,11 +606,15 @@ def _p_er(c: _Ctx) -> np.ndarray:
 
 def _p_golgi(c: _Ctx) -> np.ndarray:
     rng = c.rng
-    phi = rng.uniform(0, 2 * math.pi)
+    anchor = _sample_points(rng, c.perinuclear(0.15 * c.rn), 1)
+    if len(anchor) == 0:
+        return np.zeros(c.shape, np.float32)
+    radial = anchor[0] - np.array([c.cy, c.cx])
+    radial = radial / max(float(np.hypot(*radial)), 1e-6)
+    tangent = np.array([-radial[1], radial[0]])
     k = int(rng.integers(6, 14))
-    ang = phi + rng.normal(0, 0.45, k)
-    dist = c.rn * rng.uniform(1.05, 1.5, k)
-    pts = np.stack([c.cy + dist * np.sin(ang), c.cx + dist * np.cos(ang)], axis=1)
+    # a ribbon of small stacks along the nuclear rim, on one side
+    pts = anchor + np.outer(rng.normal(0, 0.45 * c.rn, k), tangent) + np.outer(rng.normal(0.1, 0.1, k) * c.rn, radial)
     blob = _spots(c.shape, pts, rng.uniform(0.5, 1.0, k), 0.09 * c.r)
     return np.clip(_norm(blob), 0, 1.2) * c.cf
 
@@ -629,19 +657,19 @@ def _p_mitotic_spindle(c: _Ctx) -> np.ndarray:
 
 def _p_centrosome(c: _Ctx) -> np.ndarray:
     k = int(c.rng.integers(1, 3))
-    pts = c.mtoc[None] + c.rng.normal(0, c.px(6), (k, 2))
+    pts = c.mtoc[None] + c.rng.normal(0, c.px(5), (k, 2))
     sp = _spots(c.shape, pts, 1.0, c.px(5))
     return np.clip(sp, 0, 1.2) * c.mf + 0.04 * c.cf
 
 
 def _p_plasma_membrane(c: _Ctx) -> np.ndarray:
-    band = np.exp(-c.d_edge / c.px(5))
-    return band * (0.8 + 0.2 * _smooth_noise(c.rng, c.shape, c.px(15))) * c.mf
+    band = np.exp(-c.d_edge / max(c.px(7), 0.8))
+    return np.clip(1.6 * band * (0.8 + 0.2 * _smooth_noise(c.rng, c.shape, c.px(15))), 0, 1.2) * c.mf
 
 
 def _p_mitochondria(c: _Ctx) -> np.ndarray:
     rng = c.rng
-    weight = c.cf * np.exp(-np.maximum(c.d_nuc, 0) / (0.7 * c.r))
+    weight = c.perinuclear(0.7 * c.r)
     n = int(rng.integers(120, 220))
     starts = _sample_points(rng, weight, n)
     paths = _random_walks(rng, starts, rng.uniform(0, 2 * math.pi, len(starts)), 3, c.px(rng.uniform(6, 14)), 0.4)
@@ -651,10 +679,10 @@ def _p_mitochondria(c: _Ctx) -> np.ndarray:
 
 def _p_aggresome(c: _Ctx) -> np.ndarray:
     rng = c.rng
-    phi = rng.uniform(0, 2 * math.pi)
-    d = c.rn * rng.uniform(1.1, 1.35)
-    pts = np.array([[c.cy + d * math.sin(phi), c.cx + d * math.cos(phi)]])
-    pts = pts + rng.normal(0, 0.06 * c.rn, (4, 2))
+    anchor = _sample_points(rng, c.perinuclear(0.2 * c.rn) * (c.d_nuc > 0.1 * c.rn), 1)
+    if len(anchor) == 0:
+        anchor = _sample_points(rng, c.perinuclear(0.2 * c.rn), 1)
+    pts = anchor + rng.normal(0, 0.06 * c.rn, (4, 2)) if len(anchor) else anchor
     blob = _spots(c.shape, pts, 1.0, 0.12 * c.rn)
     return np.clip(_norm(blob, 99.9) * 1.3, 0, 1.3) * c.mf * (1.0 - 0.8 * c.nf) + 0.03 * c.cf
 
@@ -667,7 +695,7 @@ def _p_cytosol(c: _Ctx) -> np.ndarray:
 def _p_vesicles(c: _Ctx) -> np.ndarray:
     rng = c.rng
     n = int(rng.integers(60, 160))
-    pts = _sample_points(rng, c.cf, n)
+    pts = _sample_points(rng, c.cf * c.vis, n)
     sp = _spots(c.shape, pts, rng.uniform(0.4, 1.0, len(pts)), c.px(4))
     return np.clip(sp, 0, 1.2) * c.cf
 
@@ -711,6 +739,9 @@ def _blue(c: _Ctx) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Classes per cell
 # --------------------------------------------------------------------------------------
+_NOT_IN_MITOSIS = frozenset({1, 2, 3, 4, 5})
+
+
 def _random_image_labels(rng: np.random.Generator) -> list[int]:
     if rng.random() < 0.05:
         return [NEGATIVE]
@@ -739,8 +770,12 @@ def _assign_classes(
     for rank, i in enumerate(order):
         c = cells[i]
         if c.mitotic:
-            extra = [k for k in interphase if k >= 6 and rng.random() < 0.5]
-            c.classes = sorted({11, *extra}) if 11 in pattern else (interphase or [NEGATIVE])
+            # a dividing cell has no nuclear envelope, nucleoli or nuclear bodies to show
+            drawable = [k for k in interphase if k not in _NOT_IN_MITOSIS]
+            if 11 in pattern:
+                c.classes = sorted({11, *(k for k in drawable if rng.random() < 0.5)})
+            else:
+                c.classes = drawable or [NEGATIVE]
             continue
         if not interphase:
             c.classes = [NEGATIVE]
@@ -868,7 +903,11 @@ def make_image(
     for i in keep:
         sl = objects[i - 1]
         c = cells[i - 1]
-        ctx = _Ctx(rng, c, sl, owner[sl] == i, nuclei[sl] == i, s)
+        vis = (
+            slice(max(pad - sl[0].start, 0), max(pad + height - sl[0].start, 0)),
+            slice(max(pad - sl[1].start, 0), max(pad + width - sl[1].start, 0)),
+        )
+        ctx = _Ctx(rng, c, sl, owner[sl] == i, nuclei[sl] == i, s, visible=vis)
         red = ctx.red * rng.lognormal(0.0, 0.25) * 0.7
         yellow = ctx.yellow * rng.lognormal(0.0, 0.25) * 0.65
         blue = _blue(ctx) * rng.lognormal(0.0, 0.2) * 0.7
