@@ -213,6 +213,14 @@ for m in missing:
     print(f"  not in the wheel: {m}", file=sys.stderr)
 if missing:
     print("  (a subpackage without __init__.py, or a data file outside hpa_kernel/data/?)", file=sys.stderr)
+others = sorted(
+    p.relative_to(src).as_posix()
+    for p in pkg.rglob("*")
+    if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".py"
+    and "data" not in p.relative_to(pkg).parts[:1]
+)
+for o in sorted(set(others) - names):
+    print(f"  warning: not in the wheel (package_data covers hpa_kernel/data/ only): {o}", file=sys.stderr)
 stray = sorted(n for n in names if n.startswith("weights/") or n.endswith((".pt", ".pth")))
 for s in stray:
     print(f"  must not be in the wheel: {s}", file=sys.stderr)
