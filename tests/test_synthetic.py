@@ -361,3 +361,47 @@ def test_sample_dataset_generated_once(tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert sample_dataset(tmp_path / "s") == out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+
+
+# ------------------------------------------------------------------ acceptance: truth scores 1.0
+
+
+def _truth_submission(out: Path, path: Path, assign) -> Path:
+    """A submission of every true cell (its truth mask) with classes ``assign(id, cells)``, conf 1."""
+    from hpa_kernel.rle import encode_label_image
+    from hpa_kernel.submission import prediction_string, write_submission
+
+    sample = pd.read_csv(out / "sample_submission.csv")
+    cells = pd.read_csv(out / "truth" / "cells.csv", dtype={"Label": str})
+    rows = {}
+    for iid, w, h in zip(sample.ID, sample.ImageWidth, sample.ImageHeight):
+        lab = cv2.imread(str(out / "truth" / "labels" / f"{iid}.png"), cv2.IMREAD_UNCHANGED).astype(np.int32)
+        mine = cells[cells.ID == iid]
+        scores = np.zeros((len(mine), 19), np.float32)
+        for i, label in enumerate(assign(iid, mine)):
+            scores[i, parse_labels(label)] = 1.0
+        rows[iid] = (w, h, prediction_string(encode_label_image(lab, w, h), mine.cell_id.to_numpy(), scores))
+    return write_submission(rows, list(sample.ID), path)
+
+
+def test_truth_as_submission_scores_map_one_and_shuffled_far_lower(tmp_path: Path) -> None:
+    from hpa_kernel.metric import evaluate
+    from hpa_kernel.submission import validate_submission
+
+    out = write_dataset(tmp_path / "d", 6, seed=77, sizes=(256, (192, 288), 320), depth="mixed", progress=False)
+    truth = out / "truth"
+    perfect = _truth_submission(out, tmp_path / "perfect.csv", lambda iid, m: list(m.Label))
+    assert validate_submission(perfect, out / "sample_submission.csv") == []
+    for iou in ("mask", "box"):
+        res = evaluate(perfect, truth, iou=iou)
+        assert res.mAP == pytest.approx(1.0)
+        assert len(res.per_class) >= 5  # several classes really scored
+
+    # cells given other cells' classes: across images, and within each image (a roll)
+    cells = pd.read_csv(truth / "cells.csv", dtype={"Label": str})
+    perm = np.random.default_rng(0).permutation(len(cells))
+    other = dict(zip(zip(cells.ID, cells.cell_id), cells.Label.to_numpy()[perm]))
+    shuffled = _truth_submission(out, tmp_path / "shuffled.csv", lambda iid, m: [other[(iid, c)] for c in m.cell_id])
+    assert evaluate(shuffled, truth).mAP < 0.5
+    rolled = _truth_submission(out, tmp_path / "rolled.csv", lambda iid, m: list(np.roll(m.Label.to_numpy(), 1)))
+    assert evaluate(rolled, truth).mAP < 0.9
