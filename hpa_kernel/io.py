@@ -140,6 +140,19 @@ def list_test_ids(data_dir: str | os.PathLike) -> list[str]:
 # ----------------------------------------------------------------------------------------
 
 
+def png_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's header without decoding it; ``None`` if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return (width, height) if width > 0 and height > 0 else None
+
+
 def channel_path(folder: str | os.PathLike, image_id: str, channel: str) -> Path:
     """Path of one channel file: ``folder/<image_id>_<channel>.png``."""
     return Path(folder) / f"{image_id}_{channel}.png"

@@ -396,21 +396,21 @@ class Budget:
 
 def read_sample(data_dir: Path) -> tuple[dict[str, tuple[int, int]], list[str]]:
     """Sizes ``ID -> (width, height)`` that ``sample_submission.csv`` gives (> 0), and its duplicate IDs."""
-    import pandas as pd
+    from .io import SAMPLE_NAME, read_sample_sizes
 
-    path = Path(data_dir) / "sample_submission.csv"
+    path = Path(data_dir) / SAMPLE_NAME
     if not path.exists():
         return {}, []
     try:
-        df = pd.read_csv(path, dtype={"ID": str})
-        w = pd.to_numeric(df.get("ImageWidth"), errors="coerce").fillna(0).astype(int)
-        h = pd.to_numeric(df.get("ImageHeight"), errors="coerce").fillna(0).astype(int)
-    except Exception as e:  # a broken sample only costs the fallback sizes
+        with open(path) as f:
+            ids = [line.split(",", 1)[0].strip() for line in f.read().splitlines()[1:] if line.strip()]
+        sizes = read_sample_sizes(path)
+    except (OSError, ValueError) as e:  # a broken sample only costs the fallback sizes
         logger.warning("could not read sizes from %s: %s", path, e)
         return {}, []
-    dups = sorted(set(df["ID"][df["ID"].duplicated()]))
-    sizes = {i: (int(a), int(b)) for i, a, b in zip(df["ID"], w, h) if a > 0 and b > 0}
-    return sizes, dups
+    seen: set[str] = set()
+    dups = sorted({i for i in ids if i in seen or seen.add(i)})
+    return {i: wh for i, wh in sizes.items() if wh[0] > 0 and wh[1] > 0}, dups
 
 
 def fallback_size(test_dir: Path, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:

@@ -305,3 +305,36 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
         for what, where in faults.items():
             problems.append(_summarise(label, what, where))
     return problems
+
+
+# ----------------------------------------------------------------------------------------
+# Merging shard outputs
+# ----------------------------------------------------------------------------------------
+
+
+def merge_submissions(
+    parts: Sequence[str | os.PathLike], sample_path: str | os.PathLike, out: str | os.PathLike
+) -> int:
+    """Join the CSVs of ``--shard I/N`` runs into one submission in the sample's order.
+
+    Every sample ID must appear in exactly one part (``ValueError`` naming the missing or
+    repeated IDs otherwise). Writes ``out`` atomically and returns its number of rows.
+    """
+    rows: dict[str, Row] = {}
+    seen_in: dict[str, str] = {}
+    for part in parts:
+        header, body = _read_rows(Path(part))
+        if header is None or list(header) != list(COLUMNS):
+            raise ValueError(f"{part}: not a submission (columns {header})")
+        for r in body:
+            image_id = r[0]
+            if image_id in rows:
+                raise ValueError(f"{part}: ID {image_id} is also in {seen_in[image_id]}")
+            rows[image_id] = (int(r[1]), int(r[2]), r[3])
+            seen_in[image_id] = str(part)
+    sample_ids = list(read_sample_sizes(sample_path))
+    missing = [i for i in sample_ids if i not in rows]
+    if missing:
+        raise ValueError(f"{len(missing)} sample ID(s) in no part, e.g. {missing[:5]}")
+    write_submission(rows, sample_ids, out)
+    return len(sample_ids)
