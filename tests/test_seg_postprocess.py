@@ -10,6 +10,7 @@ from hpa_kernel.segmentation.postprocess import (
     best_match_iou,
     closing_radius,
     label_cell,
+    label_cell_stock,
     label_nuclei,
     predictions_from_labels,
     remove_small_holes,
@@ -146,6 +147,30 @@ def test_fast_path_agrees_with_full_resolution_flow() -> None:
     fast_full = cv2.resize(fast, (full, full), interpolation=cv2.INTER_NEAREST)
     assert fast.max() == stock.max() >= 10
     assert best_match_iou(stock, fast_full).mean() > 0.9
+
+
+def voronoi_labels(rng: np.random.Generator, shape: tuple[int, int], n: int, r_cell: float, r_nuc: float):
+    pts = rng.uniform(0.1, 0.9, (n, 2)) * np.array(shape)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d2 = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
+    dmin = np.sqrt(d2.min(axis=-1))
+    cells = np.where(dmin <= r_cell, np.argmin(d2, axis=-1) + 1, 0).astype(np.int32)
+    return cells, np.where(dmin <= r_nuc, cells, 0).astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_masks_as_the_stock_call_sequence(seed: int) -> None:
+    """At scale 1, label_cell == hpacellseg's label_cell written out call by call."""
+    rng = np.random.default_rng(seed)
+    cells, nuclei = voronoi_labels(rng, (560, 640), 9, 130, 34)
+    nuc_pred = predictions_from_labels(nuclei, sigma=2.0)
+    cell_pred = predictions_from_labels(cells, border_width=2.0, sigma=2.0)
+    cell_pred[..., 1] = np.clip(cell_pred[..., 1].astype(int) + rng.integers(0, 30, cells.shape), 0, 255)
+    ours = label_cell(nuc_pred, cell_pred, scale=1.0)
+    stock = label_cell_stock(nuc_pred, cell_pred)
+    assert ours[1].max() >= 5
+    assert np.array_equal(ours[1], stock[1])
+    assert np.array_equal(ours[0], stock[0])
 
 
 def test_float_maps_and_bad_shapes() -> None:

@@ -11,12 +11,16 @@ full-resolution flow; ``scale=512 / 2048`` runs the same chain on maps at
 512 px (the fast path of DESIGN 2.1).
 
 Two stock quirks that shape the masks are kept on purpose (the network
-weights were tuned together with them); each is marked ``QUIRK`` below:
+weights were tuned together with them); each is marked ``QUIRK`` below.
+:func:`label_cell_stock` is the stock function written out call by call;
+at scale 1 (below 256 cells) :func:`label_cell` gives the same label images.
 
 * the border term ``nuc[..., 1] + cell[..., 1]`` is a ``uint8`` addition
   that wraps around 256;
 * ``np.invert`` on an ``int8`` 0/1 array gives -1/-2, both non-zero, so the
-  cell-border channel never really removes anything from the cell region.
+  cell-border channel never really removes anything from the cell region;
+* ``np.clip(x, 255 * threshold, x)`` (upper bound = ``x``) is a no-op, so the
+  watershed landscape is the raw cell-interior map.
 
 One stock behaviour is a plain bug and is *not* reproduced: stock casts the
 cell labels to ``uint8`` after the first watershed, which wraps (and drops
@@ -92,6 +96,18 @@ def remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
     return out
 
 
+def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered 1..n in ascending order of the old labels (int32)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return labels.astype(np.int32)
+    present = np.bincount(labels.ravel()) > 0
+    present[0] = False
+    lut = np.cumsum(present, dtype=np.int32)
+    lut[~present] = 0
+    return lut[labels]
+
+
 def remove_small_components(mask: np.ndarray, min_area: float, connectivity: int = 1) -> np.ndarray:
     """Boolean ``mask`` without its connected components smaller than ``min_area``."""
     mask = np.asarray(mask, dtype=bool)
@@ -109,11 +125,42 @@ def remove_small_holes(mask: np.ndarray, area: float, connectivity: int = 1) -> 
     return ~remove_small_components(~mask, area, connectivity)
 
 
+def thick_boundaries(labels: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.find_boundaries(labels)`` (mode "thick",
+    connectivity 1): pixels with a 4-neighbour of another label; the image
+    edge is no boundary. Done with array shifts (several times faster)."""
+    b = np.zeros(labels.shape, bool)
+    dy = labels[1:] != labels[:-1]
+    b[1:] |= dy
+    b[:-1] |= dy
+    dx = labels[:, 1:] != labels[:, :-1]
+    b[:, 1:] |= dx
+    b[:, :-1] |= dx
+    return b
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` (4-connected background): fill the
+    background components that do not touch the image edge. One labelling
+    instead of scipy's iterated dilations (whose cost grows with the image
+    side)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or min(mask.shape) < 3:
+        return ndi.binary_fill_holes(mask)
+    bg, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    outside = np.zeros(n + 1, bool)
+    for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
+        outside[edge] = True
+    outside[0] = True  # label 0 = the mask itself
+    return ~outside[bg] | mask
+
+
 def _fill_label_holes(labels: np.ndarray) -> np.ndarray:
     """Stock ``__fill_holes``: cut every label along its (thick) boundary,
     fill holes of the foreground and relabel 4-connected components."""
-    boundaries = segmentation.find_boundaries(labels)
-    filled = ndi.binary_fill_holes((labels > 0) & ~boundaries)
+    filled = fill_holes((labels > 0) & ~thick_boundaries(labels))
     return ndi.label(filled)[0]
 
 
@@ -250,7 +297,11 @@ def label_cell(
         np.invert(np.asarray(cell[..., 1] / 255.0 > BORDER_THRESHOLD, dtype=np.int8)),
     )
     region = cell_region != 0
-    distance = np.maximum(cell[..., 2].astype(np.float64), 255.0 * threshold)
+    # QUIRK (kept on purpose): stock writes np.clip(x, 255 * threshold, x);
+    # with the upper bound = x itself the clip is a no-op, so the watershed
+    # landscape is the raw cell-interior map (it matters in the second
+    # watershed, where the mask reaches below the threshold).
+    distance = cell[..., 2].astype(np.float64)
     cells = segmentation.watershed(-distance, nuclei, mask=region)
     # Stock casts to uint8 here (wraps above 255 cells): a bug, not reproduced.
     cells = remove_small_labels(cells, CELL_MIN_AREA * area)
@@ -263,7 +314,7 @@ def label_cell(
     cells = _fill_label_holes(cells)
     cells = measure.label(cells > 0)
     cells = remove_small_labels(cells, CELL_MIN_AREA * area)
-    cells = segmentation.relabel_sequential(cells)[0].astype(np.int32)
+    cells = relabel_consecutive(cells)
 
     kept = measure.label((cells > 0) & (nuclei > 0))
     kept = remove_small_labels(kept, NUCLEUS_MIN_AREA * area)
@@ -334,3 +385,73 @@ def best_match_iou(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarr
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     best = iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
     return best[area_t[1:] > 0]
+
+
+def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """hpacellseg's ``label_cell`` written out step by step with scikit-image /
+    scipy calls as stock makes them (ported to scikit-image 0.26), full
+    resolution only, **including** the ``uint8`` cast of the cell labels.
+
+    A reference for tests and benchmarks, not for the pipeline: use
+    :func:`label_cell` (same masks below 256 cells, any scale, faster, no wrap).
+    Returns ``(nuclei, cells)``.
+    """
+    from skimage.morphology import closing, remove_small_holes as sk_holes
+    from skimage.morphology import remove_small_objects as sk_small
+
+    def small(ar, min_size):  # old `min_size` (remove size < min_size) == new `max_size=min_size-1`
+        return sk_small(ar, max_size=min_size - 1)
+
+    def fill(image):
+        boundaries = segmentation.find_boundaries(image)
+        image = np.multiply(image, np.invert(boundaries))
+        image = ndi.binary_fill_holes(image > 0)
+        return ndi.label(image)[0]
+
+    def wsh(mask_img, threshold, border_img, seeds, threshold_adjustment, small_object_size_cutoff):
+        img_copy = np.copy(mask_img)
+        m = seeds * border_img
+        img_copy[m <= threshold + threshold_adjustment] = 0
+        img_copy[m > threshold + threshold_adjustment] = 1
+        img_copy = small(img_copy.astype(bool), small_object_size_cutoff).astype(np.uint8)
+        mask_img[mask_img <= threshold] = 0
+        mask_img[mask_img > threshold] = 1
+        mask_img = sk_holes(mask_img.astype(bool), max_size=1000 - 1)
+        mask_img = small(mask_img, 8).astype(np.uint8)
+        markers = ndi.label(img_copy, output=np.uint32)[0]
+        return segmentation.watershed(mask_img, markers, mask=mask_img, watershed_line=True)
+
+    nuc, cell = nuclei_pred, cell_pred
+    nuclei_label = wsh(
+        nuc[..., 2] / 255.0, 0.4, 1 - (nuc[..., 1] + cell[..., 1]) / 255.0 > 0.05, nuc[..., 2] / 255,
+        threshold_adjustment=-0.25, small_object_size_cutoff=500,
+    )
+    nuclei_label = small(nuclei_label, 2500)
+    nuclei_label = measure.label(nuclei_label)
+    threshold_value = max(0.22, filters.threshold_otsu(cell[..., 2] / 255) * 0.5)
+    cell_region = np.multiply(
+        cell[..., 2] / 255 > threshold_value,
+        np.invert(np.asarray(cell[..., 1] / 255 > 0.05, dtype=np.int8)),
+    )
+    sk = np.asarray(cell_region, dtype=np.int8)
+    distance = np.clip(cell[..., 2], 255 * threshold_value, cell[..., 2])
+    cell_label = segmentation.watershed(-distance, nuclei_label, mask=sk)
+    cell_label = small(cell_label, 5500).astype(np.uint8)  # the stock wrap
+    cell_label = closing(cell_label, disk(6))
+    cell_label = fill(cell_label)
+    sk = np.asarray(
+        np.add(np.asarray(cell_label > 0, dtype=np.int8), np.asarray(cell[..., 1] / 255 > 0.05, dtype=np.int8)) > 0,
+        dtype=np.int8,
+    )
+    cell_label = segmentation.watershed(-distance, cell_label, mask=sk)
+    cell_label = fill(cell_label)
+    cell_label = np.asarray(cell_label > 0, dtype=np.uint8)
+    cell_label = measure.label(cell_label)
+    cell_label = small(cell_label, 5500)
+    cell_label = measure.label(cell_label)
+    cell_label = np.asarray(cell_label, dtype=np.uint16)
+    nuclei_label = np.multiply(cell_label > 0, nuclei_label) > 0
+    nuclei_label = measure.label(nuclei_label)
+    nuclei_label = small(nuclei_label, 2500)
+    nuclei_label = np.multiply(cell_label, nuclei_label > 0)
+    return nuclei_label, cell_label
