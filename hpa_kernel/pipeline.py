@@ -208,9 +208,9 @@ def classify_full_image(m: LoadedModel, image: np.ndarray, device: str, fp16: bo
     amp = torch.autocast("cuda", dtype=torch.float16) if (fp16 and device.startswith("cuda")) else contextlib.nullcontext()
     with torch.inference_mode(), amp:
         if tta:
-            from .model import tta_forward_with_maps
+            from .model import forward_tta
 
-            logits, maps = tta_forward_with_maps(m.model, x)
+            logits, maps = forward_tta(m.model, x)
         else:
             logits, maps = m.model.forward_with_maps(x)
         cams = m.model.cams(maps.float())
@@ -253,15 +253,11 @@ def predict_image(
             with timer("crops"):
                 crops = crop_cells(image, labels, cell_ids, crop_size=crop)
             with timer("forward_crops"):
-                s2 = predict_crops(
-                    m.model,
-                    crops,
-                    batch_size=batch_size,
-                    device=device,
-                    fp16=fp16,
-                    mean=m.meta.get("mean"),
-                    std=m.meta.get("std"),
-                )
+                kw = dict(batch_size=batch_size, device=device, fp16=fp16, mean=m.meta.get("mean"), std=m.meta.get("std"))
+                s2 = predict_crops(m.model, crops, **kw)
+                if tta:  # flip TTA for Step 2: identity, horizontal and vertical flips averaged
+                    s2 = (s2 + predict_crops(m.model, crops[..., ::-1].copy(), **kw)
+                          + predict_crops(m.model, crops[..., ::-1, :].copy(), **kw)) / 3
         with timer("ensemble"):
             per_model.append(combine_steps(s1, s2, config.step1_weight, config.step2_weight))
         weights.append(m.weight)
