@@ -286,6 +286,11 @@ def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoin
     from hpa_kernel.integrity import update_manifest
 
     update_manifest(weights / "manifest.json")
+    # listed before the build (others may add files to the shared tree meanwhile)
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "--", "hpa_kernel"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, check=True,
+    ).stdout.split()  # fmt: skip
     dist = tmp_path / "dist"
     r = run_build("--no-wheelhouse", "--out", str(dist), "--weights", str(weights), "--dataset-id", "tester/hpa-kernel")
     assert r.returncode == 0, r.stdout
@@ -294,10 +299,6 @@ def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoin
 
     # 2. the wheel holds every module of the package (all subpackages), no weights
     names = set(zipfile.ZipFile(dataset / WHEEL).namelist())
-    tracked = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "--", "hpa_kernel"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True, check=True,
-    ).stdout.split()  # fmt: skip
     modules = {f for f in tracked if f.endswith(".py") and (REPO / f).is_file()}
     assert modules and not modules - names, f"not in the wheel: {sorted(modules - names)}"
     assert {"hpa_kernel/submit.py", "hpa_kernel/pipeline.py", "hpa_kernel/segmentation/__init__.py"} <= names
