@@ -112,8 +112,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], corr: float)
     up = up[off : off + h, off : off + w]
     if up.shape != (h, w):  # rounding at tiny sizes
         up = cv2.resize(up, (w, h), interpolation=cv2.INTER_LINEAR)
-    sd = float(up.std())
-    return (up - float(up.mean())) / (sd if sd > 1e-6 else 1.0)
+    # normalised with the coarse grid's statistics: cheap, and the same for every crop
+    sd = float(low.std())
+    return (up - float(low.mean())) * np.float32(1.0 / (sd if sd > 1e-6 else 1.0))
 
 
 def _sample_points(rng: np.random.Generator, weight: np.ndarray, n: int) -> np.ndarray:
@@ -122,8 +123,9 @@ def _sample_points(rng: np.random.Generator, weight: np.ndarray, n: int) -> np.n
     nz = np.flatnonzero(flat > 0)
     if n <= 0 or nz.size == 0:
         return np.zeros((0, 2), np.float32)
-    w = flat[nz].astype(np.float64)
-    idx = nz[rng.choice(nz.size, size=n, p=w / w.sum())]
+    cdf = np.cumsum(flat[nz], dtype=np.float64)
+    pick = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
+    idx = nz[np.minimum(pick, nz.size - 1)]
     yx = np.stack(np.unravel_index(idx, weight.shape), axis=1).astype(np.float32)
     return yx + rng.uniform(-0.5, 0.5, size=yx.shape).astype(np.float32)
 
@@ -363,7 +365,7 @@ def _rasterise(
         n_ext = c.rn * math.sqrt(c.n_aniso) * 1.3 + 2
         sl = _bbox(c.y, c.x, n_ext, shape)
         ncost = _coarse_field(sl, step, lambda yy, xx: _radial_cost(yy, xx, c.y, c.x, c.rn, c.n_aniso, c.n_angle, c.n_harm))
-        nuclei[sl][ncost < 1.0] = i
+        np.copyto(nuclei[sl], i, where=ncost < 1.0)
         # cell territory (the nucleus always belongs to its cell)
         ext = c.r * math.sqrt(c.aniso) * 1.6 + 2
         sl = _bbox(c.cy, c.cx, ext, shape)
@@ -372,21 +374,25 @@ def _rasterise(
             return _radial_cost(yy, xx, c.cy, c.cx, c.r, c.aniso, c.angle, c.harm) + 0.07 * _eval_waves(waves, yy, xx)
 
         cost = _coarse_field(sl, step, cost_fn)
-        cost[nuclei[sl] == i] = -1.0
-        sub_best, sub_owner = best[sl], owner[sl]
-        better = cost < sub_best
-        sub_best[better] = cost[better]
-        sub_owner[better] = i
+        np.copyto(cost, np.float32(-1.0), where=nuclei[sl] == i)
+        better = cost < best[sl]
+        np.copyto(best[sl], cost, where=better)
+        np.copyto(owner[sl], i, where=better)
     owner[best >= 1.0] = 0
     nuclei[owner != nuclei] = 0
     return owner, nuclei
 
 
-def _keep_main_component(owner: np.ndarray, nuclei: np.ndarray, n: int) -> None:
-    """Per cell, keep only the connected piece that holds its nucleus (in place)."""
+def _keep_main_component(owner: np.ndarray, nuclei: np.ndarray, n: int) -> list:
+    """Per cell, keep only the connected piece that holds its nucleus (in place).
+
+    Returns the cells' bounding boxes (``find_objects`` before the clean-up, so each box
+    still contains its cell).
+    """
     from scipy import ndimage
 
-    for i, sl in enumerate(ndimage.find_objects(owner, max_label=n), start=1):
+    objects = ndimage.find_objects(owner, max_label=n)
+    for i, sl in enumerate(objects, start=1):
         if sl is None:
             continue
         m = owner[sl] == i
@@ -396,6 +402,7 @@ def _keep_main_component(owner: np.ndarray, nuclei: np.ndarray, n: int) -> None:
         nuc = nuclei[sl] == i
         keep_id = np.bincount(comp[nuc], minlength=n_lab)[1:].argmax() + 1 if nuc.any() else 1
         owner[sl][m & (comp != keep_id)] = 0
+    return objects
 
 
 # --------------------------------------------------------------------------------------
@@ -621,13 +628,16 @@ def _p_golgi(c: _Ctx) -> np.ndarray:
 
 def _p_intermediate_filaments(c: _Ctx) -> np.ndarray:
     rng = c.rng
-    n = int(rng.integers(25, 45))
-    ang = rng.uniform(0, 2 * math.pi, n)
-    # start on a ring around the nucleus: a perinuclear cage of long wavy fibres
-    starts = np.stack([c.cy + 1.1 * c.rn * np.sin(ang), c.cx + 1.1 * c.rn * np.cos(ang)], axis=1)
-    heading = ang + math.pi / 2 + rng.normal(0, 0.5, n)
-    paths = _random_walks(rng, starts, heading, 16, rng.uniform(1.2, 2.0, n) * c.r / 16, 0.25)
-    fil = _draw_paths(c.shape, paths, c.thick(4))
+    n = int(rng.integers(30, 50))
+    # start around the nucleus, run roughly tangentially: a perinuclear cage of long,
+    # wavy fibres that spreads into the cytoplasm
+    starts = _sample_points(rng, c.perinuclear(0.3 * c.rn), n)
+    rel = starts - np.array([c.cy, c.cx])
+    heading = np.arctan2(rel[:, 0], rel[:, 1]) + np.where(rng.random(len(starts)) < 0.5, 1, -1) * (
+        math.pi / 2 - rng.uniform(0, 0.6, len(starts))
+    )
+    paths = _random_walks(rng, starts, heading, 16, rng.uniform(1.0, 1.8, len(starts)) * c.r / 16, 0.18)
+    fil = _draw_paths(c.shape, paths, c.thick(3.5))
     return np.clip(cv2.GaussianBlur(fil, (0, 0), max(c.px(2), 0.5)) * 1.3, 0, 1) * c.cf
 
 
@@ -670,10 +680,10 @@ def _p_plasma_membrane(c: _Ctx) -> np.ndarray:
 def _p_mitochondria(c: _Ctx) -> np.ndarray:
     rng = c.rng
     weight = c.perinuclear(0.7 * c.r)
-    n = int(rng.integers(120, 220))
+    n = int(rng.integers(150, 260))
     starts = _sample_points(rng, weight, n)
-    paths = _random_walks(rng, starts, rng.uniform(0, 2 * math.pi, len(starts)), 3, c.px(rng.uniform(6, 14)), 0.4)
-    fil = _draw_paths(c.shape, paths, c.thick(4))
+    paths = _random_walks(rng, starts, rng.uniform(0, 2 * math.pi, len(starts)), 3, c.px(rng.uniform(4, 10)), 0.45)
+    fil = _draw_paths(c.shape, paths, c.thick(3))
     return np.clip(cv2.GaussianBlur(fil, (0, 0), max(c.px(1.5), 0.5)) * 1.2, 0, 1) * c.cf
 
 
@@ -847,7 +857,9 @@ def make_image(
     if n_cells is None:
         n_cells = int(round(rng.integers(10, 41) * (height * width) / (s * REF_SIDE) ** 2))
     n_cells = max(int(n_cells), 0)
-    pad = int(math.ceil(420 * s)) + 4
+    # the canvas extends beyond the image so that border cells are whole: their
+    # edge-dependent textures stay right, and the border cuts them, not the canvas
+    pad = int(math.ceil(240 * s)) + 4
     margin = 90.0 * s
     seeds, inside = _place_seeds(rng, height, width, n_cells, margin, s)
     cells = _make_cells(rng, seeds + pad, inside, s)
@@ -873,7 +885,7 @@ def make_image(
 
     shape = (height + 2 * pad, width + 2 * pad)
     owner, nuclei = _rasterise(rng, cells, shape, s)
-    _keep_main_component(owner, nuclei, len(cells))
+    objects = _keep_main_component(owner, nuclei, len(cells))
 
     # which cells survive the crop to the image
     from scipy import ndimage
@@ -898,7 +910,6 @@ def make_image(
     # paint the channels, cell by cell on bounding boxes of the padded canvas (so that
     # cells cut by the border keep their true edges), adding only what is in the image
     img = np.zeros((height, width, 4), np.float32)
-    objects = ndimage.find_objects(owner, max_label=n)
     g_img = rng.uniform(0.35, 1.0)
     for i in keep:
         sl = objects[i - 1]
