@@ -81,6 +81,20 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
+def snapshot(dest: Path) -> Path:
+    """A copy of what the build needs, outside git (the script's non-git path)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "--", "setup.py", "README.md", "hpa_kernel",
+         "build_wheel.sh", "submission"],  # fmt: skip
+        cwd=REPO, stdout=subprocess.PIPE, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    return dest
+
+
 # ------------------------------------------------------------------ kernel metadata
 
 
@@ -232,16 +246,7 @@ def test_build_is_reproducible_and_removes_stale_files(tmp_path: Path) -> None:
     Runs on a snapshot of the sources (outside git: the script's fallback path), so
     concurrent edits in the working tree cannot change the input between the builds.
     """
-    src = tmp_path / "src"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "--", "setup.py", "README.md", "hpa_kernel",
-         "build_wheel.sh", "submission"],  # fmt: skip
-        cwd=REPO, stdout=subprocess.PIPE, text=True, check=True,
-    ).stdout.split("\n")  # fmt: skip
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, src / f)
+    src = snapshot(tmp_path / "src")
     weights = make_weights(src / "weights")
     out = tmp_path / "dist"
     env = clean_env(SOURCE_DATE_EPOCH="1700000000")
@@ -267,6 +272,16 @@ def test_build_is_reproducible_and_removes_stale_files(tmp_path: Path) -> None:
     assert kmeta["dataset_sources"] == ["tester/hpa-kernel"]
     assert (out / "kaggle_kernel" / "kernel.py").read_bytes() == KERNEL.read_bytes()
     assert (weights / "manifest.json").read_bytes() == (out / "kaggle_dataset" / "weights" / "manifest.json").read_bytes()
+
+
+def test_build_fails_when_a_subpackage_would_be_left_out(tmp_path: Path) -> None:
+    src = snapshot(tmp_path / "src")
+    (src / "hpa_kernel" / "segmentation" / "__init__.py").unlink()  # no longer a package
+    weights = make_weights(src / "weights")
+    r = run_build("--no-wheelhouse", "--out", str(tmp_path / "dist"), script=src / "build_wheel.sh")
+    assert r.returncode != 0 and "not in the wheel: hpa_kernel/segmentation/" in r.stdout, r.stdout
+    assert "the wheel is incomplete" in r.stdout
+    assert not (tmp_path / "dist" / WHEEL).exists() and weights.is_dir()
 
 
 # ------------------------------------------------------------------ end to end
