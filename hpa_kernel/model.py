@@ -13,7 +13,6 @@ never runs code.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -203,21 +202,23 @@ def forward_tta(
 _PLAIN = (str, int, float, bool, type(None))
 
 
-def _check_plain(value: Any, where: str) -> None:
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain Python (numpy scalars/arrays and tuples converted), else TypeError."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    elif isinstance(value, np.ndarray):
+        value = value.tolist()
     if isinstance(value, _PLAIN):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise TypeError(f"checkpoint meta {where}: {value} is not finite")
-        return
+        return value
     if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-        return
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
+        out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"checkpoint meta {where}: key {k!r} is not a string")
-            _check_plain(v, f"{where}.{k}")
-        return
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
     raise TypeError(f"checkpoint meta {where}: {type(value).__name__} is not a plain value (str/int/float/bool/list/dict)")
 
 
@@ -227,7 +228,7 @@ def save_checkpoint(model: PuzzleCAM, path: str | os.PathLike, half: bool = Fals
     ``meta`` gets ``backbone, num_classes, in_chans`` from the model and defaults
     ``image_size=512, crop_size=384, mean, std`` (RGBY), any of which ``meta`` overrides
     (except ``format``); extra keys (``fold``, ``score``...) are kept. Values must be plain
-    (str, int, float, bool, None, lists, dicts). ``half=True`` stores floating tensors as
+    (str, int, float, bool, None, lists, dicts; numpy scalars/arrays are converted). ``half=True`` stores floating tensors as
     fp16 (half the size; loading gives float32 again).
     """
     path = Path(path)
@@ -243,8 +244,8 @@ def save_checkpoint(model: PuzzleCAM, path: str | os.PathLike, half: bool = Fals
     full.update({k: v for k, v in getattr(model, "meta", {}).items() if k not in full and k != "format"})
     full.update(meta)
     full["format"] = CHECKPOINT_FORMAT
+    full = _plain(full, "meta")
     full["mean"], full["std"] = [float(v) for v in full["mean"]], [float(v) for v in full["std"]]
-    _check_plain(full, "meta")
     state = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu()

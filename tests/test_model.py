@@ -186,9 +186,15 @@ def test_checkpoint_half_is_smaller_and_equals_fp16_rounded_weights(model, batch
         torch.testing.assert_close(loaded(batch), model(batch), atol=2e-2, rtol=2e-2)
 
 
-def test_save_refuses_non_plain_meta(model, tmp_path):
+def test_save_meta_plain_values(model, tmp_path):
     with pytest.raises(TypeError):
         save_checkpoint(model, tmp_path / "x.pt", where=tmp_path)
+    path = save_checkpoint(
+        model, tmp_path / "y.pt", val_map=np.float32(0.5), val_loss=float("nan"), sizes=np.array([1, 2]), pair=(1, 2)
+    )
+    _, meta = load_checkpoint(path)
+    assert meta["val_map"] == 0.5 and np.isnan(meta["val_loss"])
+    assert meta["sizes"] == [1, 2] and meta["pair"] == [1, 2]
 
 
 def _assert_refused(path, *words):
