@@ -294,6 +294,19 @@ def _make_cells(rng: np.random.Generator, seeds: np.ndarray, inside: np.ndarray,
     return cells
 
 
+def _fit_nuclei(cells: list[_Cell]) -> None:
+    """Shrink nuclei that could overlap a neighbour's (crowded images), in place."""
+    if len(cells) < 2:
+        return
+    yx = np.array([(c.y, c.x) for c in cells])
+    d = np.sqrt(((yx[:, None, :] - yx[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    nearest = d.min(axis=1)
+    for c, dist in zip(cells, nearest):
+        # the outline reaches about 1.15 * rn * sqrt(n_aniso) from the centre
+        c.rn = min(c.rn, 0.42 * dist / (1.15 * math.sqrt(c.n_aniso)))
+
+
 def _radial_cost(
     yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, aniso: float, angle: float, harm: np.ndarray
 ) -> np.ndarray:
@@ -883,6 +896,7 @@ def make_image(
         c.n_aniso = rng.uniform(3.0, 4.5)  # condensed metaphase plate
         c.rn *= 0.7
 
+    _fit_nuclei(cells)
     shape = (height + 2 * pad, width + 2 * pad)
     owner, nuclei = _rasterise(rng, cells, shape, s)
     objects = _keep_main_component(owner, nuclei, len(cells))
