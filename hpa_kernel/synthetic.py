@@ -261,11 +261,13 @@ def _place_seeds(
 
 
 def _harmonics(rng: np.random.Generator, amp: float, orders: Iterable[int]) -> np.ndarray:
-    rows = [(k, rng.uniform(0.3, 1.0) * amp / math.sqrt(k - 1 if k > 1 else 1), rng.uniform(0, 2 * math.pi)) for k in orders]
+    """Radial outline noise: rows (order k, amplitude, phase), amplitude ~ 1/sqrt(k-1)."""
+    rows = [(k, rng.uniform(0.3, 1.0) * amp / math.sqrt(max(k - 1, 1)), rng.uniform(0, 2 * math.pi)) for k in orders]
     return np.asarray(rows, float)
 
 
 def _make_cells(rng: np.random.Generator, seeds: np.ndarray, inside: np.ndarray, s: float) -> list[_Cell]:
+    """Random cell and nucleus shapes around the seeds (nucleus centre = seed)."""
     cells = []
     for (y, x), ins in zip(seeds, inside):
         r = rng.uniform(100.0, 210.0) * s
@@ -343,7 +345,9 @@ def _eval_waves(waves: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray
     return out
 
 
-def _coarse_field(sl: tuple[slice, slice], step: int, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+def _coarse_field(
+    sl: tuple[slice, slice], step: int, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
     """Evaluate a smooth field ``fn(yy, xx)`` on a ``step``-coarse grid of the box and
     upsample it bilinearly to full resolution (pixel centres aligned)."""
     h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
@@ -377,8 +381,11 @@ def _rasterise(
         # nucleus
         n_ext = c.rn * math.sqrt(c.n_aniso) * 1.3 + 2
         sl = _bbox(c.y, c.x, n_ext, shape)
-        ncost = _coarse_field(sl, step, lambda yy, xx: _radial_cost(yy, xx, c.y, c.x, c.rn, c.n_aniso, c.n_angle, c.n_harm))
-        np.copyto(nuclei[sl], i, where=ncost < 1.0)
+
+        def nuc_fn(yy, xx, c=c):
+            return _radial_cost(yy, xx, c.y, c.x, c.rn, c.n_aniso, c.n_angle, c.n_harm)
+
+        np.copyto(nuclei[sl], i, where=_coarse_field(sl, step, nuc_fn) < 1.0)
         # cell territory (the nucleus always belongs to its cell)
         ext = c.r * math.sqrt(c.aniso) * 1.6 + 2
         sl = _bbox(c.cy, c.cx, ext, shape)
@@ -415,6 +422,7 @@ def _keep_main_component(owner: np.ndarray, nuclei: np.ndarray, n: int) -> list:
         nuc = nuclei[sl] == i
         keep_id = np.bincount(comp[nuc], minlength=n_lab)[1:].argmax() + 1 if nuc.any() else 1
         owner[sl][m & (comp != keep_id)] = 0
+        nuclei[sl][nuc & (comp != keep_id)] = 0
     return objects
 
 
@@ -790,7 +798,7 @@ def _assign_classes(
     p_sub = rng.uniform(0.05, 0.25) if len(interphase) >= 2 else 0.0
     order = np.argsort(-areas, kind="stable")
     full_cell = None
-    for rank, i in enumerate(order):
+    for i in order:
         c = cells[i]
         if c.mitotic:
             # a dividing cell has no nuclear envelope, nucleoli or nuclear bodies to show
