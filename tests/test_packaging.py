@@ -284,6 +284,54 @@ def test_build_fails_when_a_subpackage_would_be_left_out(tmp_path: Path) -> None
     assert not (tmp_path / "dist" / WHEEL).exists() and weights.is_dir()
 
 
+def fake_wheel(folder: Path, version: str, requires: list[str]) -> Path:
+    """A minimal pure-python ``hpa_kernel`` wheel (fast to install) with given requirements."""
+    import base64
+
+    dist = f"hpa_kernel-{version}.dist-info"
+    files = {
+        "hpa_kernel/__init__.py": f'__version__ = "{version}"\n',
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: hpa_kernel\nVersion: {}\n{}".format(
+            version, "".join(f"Requires-Dist: {r}\n" for r in requires)
+        ),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
+    path = folder / f"hpa_kernel-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_install_falls_back_when_a_dependency_is_known_under_another_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pip cannot resolve a requirement (e.g. opencv-python-headless when the image has
+    opencv-python): the kernel installs the wheel alone, then judges by the imports."""
+    k = load_kernel()
+    dataset = tmp_path / "dataset"
+    (dataset / "wheelhouse").mkdir(parents=True)
+    fake_wheel(dataset, "0.0.7", ["json-under-another-name-xyz"])
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    env = clean_env()
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json",))  # importable under its module name
+    assert k.install(dataset, py) == "0.0.7"
+    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json", "module_nobody_has_xyz"))
+    with pytest.raises(k.KernelError, match="module_nobody_has_xyz"):
+        k.install(dataset, py)
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -337,6 +385,7 @@ def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoin
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-6000:]
     assert f"hpa_kernel {hpa_kernel.__version__} installed at {venv}" in r.stdout, r.stdout[-3000:]
+    assert "dependencies satisfied" in r.stdout, r.stdout[-3000:]  # no fallback: pip resolved them
     assert "--no-index" in r.stdout and out.is_file()
 
     # 5. the venv imports the installed wheel, not the editable source tree
