@@ -625,7 +625,7 @@ def _p_speckles(c: _Ctx) -> np.ndarray:
 def _p_nuclear_bodies(c: _Ctx) -> np.ndarray:
     k = int(c.rng.integers(2, 8))
     pts = _sample_points(c.rng, c.nuclear_interior(c.px(6)), k)
-    return np.clip(_spots(c.shape, pts, c.rng.uniform(0.7, 1.0, len(pts)), c.px(4.5)), 0, 1.2) * c.nf
+    return np.clip(_spots(c.shape, pts, c.rng.uniform(0.8, 1.0, len(pts)), c.px(6)), 0, 1.2) * c.nf
 
 
 def _p_er(c: _Ctx) -> np.ndarray:
@@ -932,7 +932,7 @@ def make_image(
     # paint the channels, cell by cell on bounding boxes of the padded canvas (so that
     # cells cut by the border keep their true edges), adding only what is in the image
     img = np.zeros((height, width, 4), np.float32)
-    g_img = rng.uniform(0.35, 1.0)
+    g_img = rng.uniform(0.45, 1.0)  # expression level of the image's protein
     for i in keep:
         sl = objects[i - 1]
         c = cells[i - 1]
@@ -947,7 +947,7 @@ def make_image(
         green = np.zeros(ctx.shape, np.float32)
         for k in c.classes:
             green += _PATTERNS[k](ctx) * rng.uniform(0.6, 1.0)
-        green *= g_img * rng.lognormal(0.0, 0.35) * 0.75
+        green *= g_img * np.clip(rng.lognormal(0.0, 0.35), 0.5, 2.0) * 0.75  # per-cell level
         # intersection of the box with the image, in box and image coordinates
         y0, y1 = max(sl[0].start, pad), min(sl[0].stop, pad + height)
         x0, x1 = max(sl[1].start, pad), min(sl[1].stop, pad + width)
