@@ -37,7 +37,11 @@ NUM_PARAMS = 139_108_867
 
 def _tsv_path() -> Path | None:
     repo = Path(__file__).resolve().parent.parent
-    for cand in (repo / "hpa_kernel" / "data" / TSV_NAME, repo / "data" / TSV_NAME, repo.parent / "shared" / "data" / TSV_NAME):
+    for cand in (
+        repo / "hpa_kernel" / "data" / TSV_NAME,
+        repo / "data" / TSV_NAME,
+        repo.parent / "shared" / "data" / TSV_NAME,
+    ):
         if cand.is_file():
             return cand
     return None
