@@ -86,8 +86,9 @@ def find_wheel(dataset_dir: Path) -> tuple[Path, str]:
 def find_dataset_dir(explicit: str | Path | None, kaggle_input: Path = KAGGLE_INPUT) -> Path:
     """Our dataset folder: the explicit one, else ``<input>/hpa-kernel``, else a search.
 
-    The search looks up to four levels under ``kaggle_input`` for a folder holding an
-    ``hpa_kernel-*.whl`` (Kaggle mounts a dataset under its slug, which users may change).
+    The search looks up to four levels under ``kaggle_input`` (not into the competition's
+    data) for a folder holding an ``hpa_kernel-*-py3-none-any.whl`` (Kaggle mounts a
+    dataset under its slug, which users may change).
     """
     if explicit:
         d = Path(explicit).expanduser()
@@ -97,13 +98,21 @@ def find_dataset_dir(explicit: str | Path | None, kaggle_input: Path = KAGGLE_IN
     default = kaggle_input / DATASET_SLUG
     if default.is_dir() and any(default.glob("hpa_kernel-*.whl")):
         return default
-    if kaggle_input.is_dir():
-        for depth in range(1, 5):
-            hits = sorted(kaggle_input.glob("/".join(["*"] * depth) + "/hpa_kernel-*.whl"))
-            if hits:
-                if len({h.parent for h in hits}) > 1:
-                    logger.warning("hpa_kernel wheels in several folders: %s", sorted({str(h.parent) for h in hits}))
-                return hits[0].parent
+    level = [kaggle_input] if kaggle_input.is_dir() else []
+    for _depth in range(4):  # breadth first, shallowest match wins
+        hits = sorted(d for d in level if any(WHEEL_RE.match(p.name) for p in d.glob("hpa_kernel-*.whl")))
+        if hits:
+            if len(hits) > 1:
+                logger.warning("hpa_kernel wheels in several folders %s; using %s", [str(h) for h in hits], hits[0])
+            return hits[0]
+        nxt = []
+        for d in level:
+            try:
+                with os.scandir(d) as it:
+                    nxt += [Path(e.path) for e in it if e.is_dir() and e.name != COMPETITION]
+            except OSError:
+                continue
+        level = sorted(nxt)
     raise KernelError(
         f"hpa_kernel dataset not found: attach it (it holds hpa_kernel-*.whl) or set HPA_DATASET_DIR;"
         f" looked in {default} and under {kaggle_input}"
@@ -120,6 +129,8 @@ def manifest_needs_outside_paths(manifest: Path, kaggle_input: Path = KAGGLE_INP
         raw = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return False  # submit reports the problem with the manifest itself
+    if not isinstance(raw, dict):
+        return False
     paths: list[str] = []
     seg = raw.get("segmentation")
     if isinstance(seg, dict):

@@ -132,8 +132,16 @@ def test_find_dataset_dir_explicit_default_and_search(tmp_path: Path) -> None:
     nested = inp / "datasets" / "alice" / "renamed-slug"
     nested.mkdir(parents=True)
     (nested / WHEEL).write_bytes(b"")
-    (inp / "hpa-single-cell-image-classification").mkdir()
+    comp = inp / "hpa-single-cell-image-classification"
+    comp.mkdir()
+    (comp / WHEEL).write_bytes(b"")  # never searched: the competition's data
     assert k.find_dataset_dir(None, inp) == nested  # found by its wheel
+    too_deep = inp / "a" / "b" / "c" / "d" / "e"
+    too_deep.mkdir(parents=True)
+    (too_deep / WHEEL).write_bytes(b"")
+    assert k.find_dataset_dir(None, inp) == nested
+    with pytest.raises(k.KernelError, match="not found"):
+        k.find_dataset_dir(None, inp / "a")  # only deeper than four levels
     default = inp / "hpa-kernel"
     default.mkdir()
     (default / WHEEL).write_bytes(b"")
@@ -155,6 +163,8 @@ def test_outside_paths_flag_only_for_kaggle_input(tmp_path: Path) -> None:
     assert "--allow-outside-paths" not in cmd({"classifiers": [{"path": "demo/model.pt"}]})
     assert "--allow-outside-paths" not in cmd({"classifiers": [{"path": "/etc/model.pt"}]})
     m.write_text("{broken")
+    assert not k.manifest_needs_outside_paths(m, inp)
+    m.write_text("[1, 2]")
     assert not k.manifest_needs_outside_paths(m, inp)
 
 
