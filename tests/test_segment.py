@@ -188,3 +188,15 @@ def test_full_scale_relabel_keeps_more_than_255_cells() -> None:
     assert np.array_equal(np.unique(res.cells), np.arange(300))
     inside = res.nuclei > 0
     assert np.array_equal(res.nuclei[inside], res.cells[inside])
+
+
+def test_predict_hpa_with_the_real_network_shape() -> None:
+    """The DPN U-Net (random weights) through predict_hpa on a small odd-sized image."""
+    network = pytest.importorskip("hpa_kernel.segmentation.network")
+    torch.manual_seed(0)
+    net = network.build_dpn_unet()
+    images = np.random.default_rng(0).random((1, 24, 24, 4), dtype=np.float32)  # padded to 32
+    nuc, cell = predict_hpa(net, net, images)
+    assert nuc.shape == cell.shape == (1, 24, 24, 3) and nuc.dtype == np.uint8
+    # softmax x 255: the three channels sum to 255 up to rounding
+    assert np.abs(nuc.astype(int).sum(-1) - 255).max() <= 2

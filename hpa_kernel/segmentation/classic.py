@@ -197,7 +197,7 @@ def segment_classic(
     small = sizes < min_cell_fraction * typical
     small[0] = False
     cells[small[cells]] = 0
-    cells, fwd, _ = segmentation.relabel_sequential(cells)
+    cells = segmentation.relabel_sequential(cells)[0]
     nuclei = np.where(cells > 0, cells, 0) * (nuclei > 0)
     logger.debug("segment_classic: %d cells (nucleus radius %.1f px)", cells.max(), radius)
     return cells.astype(np.int32), nuclei.astype(np.int32)
