@@ -337,6 +337,29 @@ def test_refusal_names_unknown_module_class(tmp_path) -> None:
         read_weight_file(path)
 
 
+class _Bare:
+    """Pickles as a bare ``pytorch_zoo.dpn.CatBnAct()`` call, with no state."""
+
+    def __reduce__(self):
+        return CatBnAct, ()
+
+
+def test_malformed_module_records(tmp_path) -> None:
+    path = save_public({"model": _Bare()}, tmp_path / "bare.pth")
+    with pytest.raises(WeightFileError, match="CatBnAct at '<root>' has no state"):
+        read_weight_file(path)
+    tree = small_public_tree()
+    tree.final[0]._parameters["weight"] = "not a tensor"
+    path = save_public(tree, tmp_path / "str.pth", "legacy")
+    with pytest.raises(WeightFileError, match="non-tensor entry final.0.weight"):
+        read_weight_file(path)
+    tree = small_public_tree()
+    tree.final._modules["0"] = {"weight": torch.zeros(1)}
+    path = save_public(tree, tmp_path / "dict.pth")
+    with pytest.raises(WeightFileError, match="submodule final.0 of torch.nn.modules.container.Sequential"):
+        read_weight_file(path)
+
+
 # --------------------------------------------------------------------------- wrong files
 def _fake_dpn_state(
     drop: int = 0, wrong: str | None = None, counters: bool = True
