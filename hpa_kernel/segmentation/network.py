@@ -264,7 +264,7 @@ class DPNUnet(nn.Module):
         x = enc[-1]
         n = len(self.bottlenecks)
         for k, bottleneck in enumerate(self.bottlenecks):
-            i = n - k  # encoder level being decoded into: 4, 3, 2, 1
+            i = n - k  # 4, 3, 2, 1: up from level i, joined with encoder level i - 1
             x = self.decoder_stages[i - 1](x)
             x = bottleneck(x, enc[i - 1])
         x = self.last_upsample(x)
