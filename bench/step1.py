@@ -1,8 +1,10 @@
 """Step 1 benchmark: vectorised ``step1_scores`` vs a straightforward per-class, per-cell loop.
 
-    python bench/step1.py [--cells 40] [--size 512] [--cam 32] [--repeats 3] [--seed 0]
+    python bench/step1.py [--cells 40] [--size 512] [--cam 32] [--kind uniform|smooth]
+                          [--repeats 3] [--seed 0]
 
-Both run on the same inputs (random Voronoi cells, random CAMs, random probabilities);
+Both run on the same inputs (random Voronoi cells, random CAMs — uniform noise or smooth
+blobs like real CAMs — and random probabilities);
 the script asserts identical numbers (allclose, atol 1e-6) and prints best-of-N times.
 ``step1_scores_reference`` is also the oracle of ``tests/test_step1.py``.
 """
@@ -10,6 +12,7 @@ the script asserts identical numbers (allclose, atol 1e-6) and prints best-of-N 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import cv2
@@ -90,10 +93,24 @@ def voronoi_labels(rng: np.random.Generator, size: int, cells: int, radius: floa
     return labels
 
 
-def make_inputs(seed: int = 0, size: int = 512, cells: int = 40, cam: int = 32):
+def make_inputs(seed: int = 0, size: int = 512, cells: int = 40, cam: int = 32, kind: str = "uniform"):
+    """``(cams (19, cam, cam), probs (19,), labels (size, size))``; ``kind`` of CAM:
+    ``uniform`` noise or ``smooth`` Gaussian blobs (1-3 per class, relu-like zeros)."""
     rng = np.random.default_rng(seed)
     labels = voronoi_labels(rng, size, cells)
-    cams = rng.random((NUM_CLASSES, cam, cam), dtype=np.float32)
+    if kind == "uniform":
+        cams = rng.random((NUM_CLASSES, cam, cam), dtype=np.float32)
+    elif kind == "smooth":
+        yy, xx = np.mgrid[:cam, :cam].astype(np.float32)
+        cams = np.zeros((NUM_CLASSES, cam, cam), np.float32)
+        for c in range(NUM_CLASSES):  # test data only
+            for _ in range(rng.integers(1, 4)):
+                cy, cx = rng.random(2) * cam
+                r2 = (0.05 + 0.1 * rng.random()) * cam**2
+                cams[c] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r2)
+        cams = np.maximum(cams - 0.1, 0) / np.maximum(cams.max(axis=(1, 2), keepdims=True) - 0.1, 1e-6)
+    else:
+        raise ValueError(f"unknown CAM kind {kind!r}")
     probs = rng.random(NUM_CLASSES).astype(np.float32)
     return cams, probs, labels
 
@@ -112,16 +129,17 @@ def main(argv=None) -> None:
     ap.add_argument("--cells", type=int, default=40)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--cam", type=int, default=32)
+    ap.add_argument("--kind", choices=("uniform", "smooth"), default="uniform")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     cv2.setNumThreads(1)
-    cams, probs, labels = make_inputs(args.seed, args.size, args.cells, args.cam)
+    cams, probs, labels = make_inputs(args.seed, args.size, args.cells, args.cam, args.kind)
     n_active = int((probs > 0.01).sum())
     print(
         f"labels {args.size}x{args.size}, {len(np.unique(labels)) - 1} cells, "
-        f"{(labels > 0).mean():.0%} foreground; CAMs {NUM_CLASSES}x{args.cam}x{args.cam}; "
-        f"{n_active} classes with p > 0.01"
+        f"{(labels > 0).mean():.0%} foreground; CAMs {NUM_CLASSES}x{args.cam}x{args.cam} {args.kind}; "
+        f"{n_active} classes with p > 0.01; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     t_ref, ref = _best(lambda: step1_scores_reference(cams, probs, labels), args.repeats)
     t_vec, vec = _best(lambda: step1_scores(cams, probs, labels), args.repeats)

@@ -32,7 +32,7 @@ from .classes import NEGATIVE, NUM_CLASSES
 __all__ = ["step1_scores", "resize_maps", "grouped_quantiles", "present_ids"]
 
 _CV_MAX_CHANNELS = 512  # cv2.resize handles at most CV_CN_MAX channels at once
-_BUCKETS = 64
+_BUCKETS = 256
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -43,19 +43,16 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize ``(k, h, w)`` maps to ``(height * width, k)`` float32 with ``cv2.INTER_LINEAR``.
+    """Resize ``(k, h, w)`` maps to class-major ``(k, height * width)`` float32 (``cv2.INTER_LINEAR``).
 
-    All maps go through ``cv2.resize`` together as one ``(h, w, k)`` image, in chunks of
-    at most 512 channels (OpenCV's limit).
+    One ``cv2.resize`` per map: each output (1 MB at 512²) stays in cache for the work
+    that follows, which matters more on a busy machine than the call overhead.
     """
     maps = np.asarray(maps, dtype=np.float32)
-    k = maps.shape[0]
-    chunks = []
-    for s in range(0, k, _CV_MAX_CHANNELS):
-        chunk = np.ascontiguousarray(maps[s : s + _CV_MAX_CHANNELS].transpose(1, 2, 0))
-        r = cv2.resize(chunk, (width, height), interpolation=cv2.INTER_LINEAR)
-        chunks.append(r.reshape(height * width, chunk.shape[2]))
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=1)
+    out = np.empty((maps.shape[0], height * width), dtype=np.float32)
+    for c in range(maps.shape[0]):
+        out[c] = cv2.resize(np.ascontiguousarray(maps[c]), (width, height), interpolation=cv2.INTER_LINEAR).ravel()
+    return out
 
 
 def _ordered_bits(v: np.ndarray) -> np.ndarray:
@@ -90,61 +87,68 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 def _select_sorted(
     keys_group: np.ndarray, values: np.ndarray, n_groups: int, rank: np.ndarray
 ) -> np.ndarray:
-    """``rank[j]``-th smallest (0-based, may be an array of columns) value of each group.
+    """``rank[g, j]``-th smallest (0-based) value of each group ``g``, float32 ``(n_groups, j)``.
 
-    ``keys_group`` (m,) group of each value; every group is assumed to hold more than
-    ``rank`` values. One sort of packed ``(group, ordered float bits)`` uint64 keys.
+    ``keys_group`` (m,) group of each value. One sort of packed ``(group, ordered float
+    bits)`` uint64 keys. Ranks beyond a group's values give unspecified numbers (the
+    caller masks them); no values at all give zeros.
     """
+    if len(values) == 0:
+        return np.zeros(rank.shape, dtype=np.float32)
     packed = (keys_group.astype(np.uint64) << np.uint64(32)) | _ordered_bits(values).astype(np.uint64)
     packed.sort()
     start = np.zeros(n_groups + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys_group, minlength=n_groups), out=start[1:])
-    pos = start[:n_groups, None] + rank
+    pos = np.minimum(start[:n_groups, None] + rank, len(packed) - 1)
     bits = (packed[pos] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     return _from_ordered_bits(bits)
 
 
-def _subsample_thresholds(
-    values: np.ndarray,
-    group: np.ndarray,
+def _guess_thresholds(
+    sub: np.ndarray,
+    gsub: np.ndarray,
     n_groups: int,
     need: np.ndarray,
     need_all: int,
-    lo_v: np.ndarray,
-    hi_v: np.ndarray,
+    bounds: np.ndarray,
     stride: int,
     buckets: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Guess value thresholds that leave at least ``need`` values above them, per group
-    and column, from a strided subsample (a histogram of coarse buckets; cheap).
+    """Thresholds expected to leave at least ``need`` values above them, per class and
+    group (and per class over all values), guessed from a strided subsample.
 
-    Only a guess: the caller checks the counts on the full data and falls back to
-    ``-inf`` where a guess was too high. Returns ``(T (n_groups, k), T_all (k,))`` float32.
+    Args:
+        sub: ``(k, s)`` subsample of every class plane; ``gsub`` ``(s,)`` their groups.
+        need: ``(n_groups,)`` values wanted at or above the threshold; ``need_all`` for all.
+        bounds: ``(k, 2)`` min/max per class: the range of the ``buckets`` coarse buckets.
+
+    One histogram per (class, group); the chosen edge has about ``1.5 * need / stride``
+    (+ margin) subsample values above it. Only a guess: the caller proves it on the full
+    data and falls back to ``-inf`` where it was too high.
+    Returns ``(T (k, n_groups), T_all (k,))`` float32.
     """
-    k = values.shape[1]
-    sub = values[::stride]
-    gsub = group[::stride]
-    lo_v = np.asarray(lo_v, dtype=np.float64)
-    span = np.asarray(hi_v, dtype=np.float64) - lo_v
-    scale = np.where(span > 0, buckets / np.where(span > 0, span, 1.0), 0.0)
-    b = np.clip(((sub - lo_v) * scale).astype(np.int64), 0, buckets - 1)  # (s, k)
+    k = sub.shape[0]
     G = n_groups + 1
-    key = (gsub.astype(np.int64)[:, None] * k + np.arange(k)) * buckets + b
-    hist = np.bincount(key.ravel(), minlength=G * k * buckets).reshape(G, k, buckets)
-    edges = lo_v[None, :] + np.arange(buckets)[:, None] / np.where(scale > 0, scale, 1.0)[None, :]  # (B, k)
+    lo_v = bounds[:, 0].astype(np.float64)
+    span = bounds[:, 1].astype(np.float64) - lo_v
+    scale = np.where(span > 0, buckets / np.where(span > 0, span, 1.0), 0.0)
+    b = ((sub - lo_v[:, None].astype(np.float32)) * scale[:, None].astype(np.float32)).astype(np.int32)
+    np.clip(b, 0, buckets - 1, out=b)
+    b += (np.arange(k, dtype=np.int32)[:, None] * G + gsub[None, :]) * buckets
+    hist = np.bincount(b.ravel(), minlength=k * G * buckets).reshape(k, G, buckets)
+    edges = lo_v[:, None] + np.arange(buckets)[None, :] / np.where(scale > 0, scale, 1.0)[:, None]  # (k, B)
 
     def pick(h: np.ndarray, want: np.ndarray) -> np.ndarray:
-        # h (..., k, B) subsample counts; want (..., 1) values wanted above the threshold
-        # in the full data -> the subsample needs about want / stride, plus a safety margin
+        # h (k, m, B) histograms, want (m,) -> (k, m) thresholds
         want_sub = want / stride
         want_sub = 1.5 * want_sub + 3.0 * np.sqrt(want_sub) + 2.0
-        from_top = np.cumsum(h[..., ::-1], axis=-1)[..., ::-1]  # values at or above bucket
-        b_thr = (from_top >= want_sub[..., None]).sum(axis=-1) - 1  # highest bucket with enough
-        e = edges.T[np.arange(k), np.maximum(b_thr, 0)]  # (..., k)
+        from_top = np.cumsum(h[..., ::-1], axis=-1)[..., ::-1]  # values at or above each bucket
+        b_thr = (from_top >= want_sub[None, :, None]).sum(axis=-1) - 1  # highest bucket with enough
+        e = np.take_along_axis(edges, np.maximum(b_thr, 0), axis=1)
         return np.where(b_thr > 0, e, -np.inf).astype(np.float32)
 
-    T = pick(hist[:n_groups], need[:, None].astype(np.float64))
-    T_all = pick(hist.sum(axis=0), np.array([float(need_all)]))
+    T = pick(hist[:, :n_groups], need.astype(np.float64))
+    T_all = pick(hist.sum(axis=1, keepdims=True), np.array([float(need_all)]))[:, 0]
     return T, T_all
 
 
@@ -153,83 +157,111 @@ def grouped_quantiles(
     group: np.ndarray,
     n_groups: int,
     quantile: float = 0.99,
-    bounds: tuple[np.ndarray, np.ndarray] | None = None,
-    stride: int = 8,
+    bounds: np.ndarray | None = None,
+    stride: int = 7,
     buckets: int = _BUCKETS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-group and whole-array quantiles of every column, exactly as ``np.quantile``.
+    """Per-group and whole-row quantiles of every row of ``values``, exactly as ``np.quantile``.
 
     Args:
-        values: ``(P, k)`` float32, one row per pixel, one column per class.
-        group: ``(P,)`` int group of each row in ``0..n_groups``; ``n_groups`` marks rows
-            that belong to no group (they still count for the whole-array quantile).
-        n_groups: number of real groups.
+        values: class-major ``(k, P)`` float32: one row per class, one column per pixel.
+        group: ``(P,)`` int group of each pixel in ``0..n_groups``; ``n_groups`` marks
+            pixels in no group (they still count for the whole-image quantile).
+        n_groups: number of real groups (cells).
         quantile: in [0, 1].
-        bounds: ``(min, max)`` per column, if known (e.g. of the maps before resizing);
-            only used to lay out the guessing histogram: any values are exact.
+        bounds: ``(k, 2)`` min/max per row if known (e.g. of the maps before resizing);
+            only used to lay out the guessing histogram: the results are exact anyway.
         stride, buckets: subsample step and histogram size used to guess thresholds.
 
     Returns:
         ``(q_group (n_groups, k) float64, q_all (k,) float64, counts (n_groups,) int64)``;
         empty groups get quantile 0.
 
-    Method (exact): only the values at or above rank ``lo`` of their group matter. A
-    threshold per (group, column) is guessed from a subsample; one pass over the data
-    keeps the values at or above it (typically 2-3 % of them); their counts per group
-    prove the guess (``count >= n - lo``; otherwise that group is redone without a
-    threshold); the kept values are sorted once by packed ``(group, column, value)``
-    keys and ranks ``lo``/``hi`` are read off at ``start + rank - (n - count)``.
+    Method, per class (all groups at once, exact): only the values at or above rank
+    ``lo`` of each group matter (1 % of them at q = 0.99). A threshold per group is guessed
+    from a strided subsample; one vectorised pass keeps the values at or above it (a few
+    %); their exact counts prove each guess (``count >= n - lo``, else that group is redone
+    without a threshold); the kept values are sorted by packed ``(group, value)`` keys and
+    ranks ``lo``/``hi`` are read at ``start + rank - (n - count)``. The whole-image
+    quantile is a partition of its own kept values.
     """
-    P, k = values.shape
+    values = np.asarray(values, dtype=np.float32)
+    k, P = values.shape
     G = n_groups + 1
-    counts = np.bincount(group, minlength=G)[:n_groups].astype(np.int64)
+    group = np.asarray(group, dtype=np.int32)
+    counts_all = np.bincount(group, minlength=G)
+    counts = counts_all[:n_groups].astype(np.int64)
     lo, hi, gamma = _rank_positions(counts, quantile)
-    lo_a, hi_a, gamma_a = _rank_positions(np.array([P]), quantile)
-    need = np.where(counts > 0, counts - lo, 0)  # values at or above rank lo
-    need_all = int(P - lo_a[0])
-    if bounds is None:
-        bounds = (values.min(axis=0), values.max(axis=0))
-    T, T_all = _subsample_thresholds(values, group, n_groups, need, need_all, *bounds, stride, buckets)
-
-    for _attempt in range(3):
-        thr = np.empty((G, k), dtype=np.float32)
-        thr[:n_groups] = np.minimum(T, T_all[None, :])
-        thr[n_groups] = T_all
-        idx = np.flatnonzero(values >= np.take(thr, group, axis=0))
-        col = idx % k
-        g = group[idx // k].astype(np.int64)
-        vals = values.ravel()[idx]
-        in_g = (g < n_groups) & (vals >= T[np.minimum(g, n_groups - 1), col]) if n_groups else np.zeros(len(idx), bool)
-        in_a = vals >= T_all[col]
-        gc = g[in_g] * k + col[in_g]
-        cnt = np.bincount(gc, minlength=n_groups * k).reshape(n_groups, k)
-        cnt_a = np.bincount(col[in_a], minlength=k)
-        bad = (cnt < need[:, None]) & (counts[:, None] > 0)
-        bad_a = cnt_a < need_all
-        if not bad.any() and not bad_a.any():
-            break
-        T = np.where(bad, -np.inf, T).astype(np.float32)  # guessed too high: take all
-        T_all = np.where(bad_a, -np.inf, T_all).astype(np.float32)
-
-    q_group = np.zeros((n_groups, k), dtype=np.float64)
+    la, ha, ga = _rank_positions(np.array([P]), quantile)
+    lo_a, hi_a, gamma_a = int(la[0]), int(ha[0]), float(ga[0])
+    need = np.where(counts > 0, counts - lo, 0)  # values at or above rank lo, per group
+    need_all = P - lo_a
     ok = counts > 0
-    if ok.any():
-        skipped = counts[:, None] - cnt  # values below the threshold, per (group, column)
-        ranks = np.stack([lo[:, None] - skipped, hi[:, None] - skipped], axis=-1)  # (n, k, 2)
-        ranks = np.where(ok[:, None, None], ranks, 0).reshape(n_groups * k, 2)
-        v_g = vals[in_g]
-        empty = np.repeat(~ok, k)  # empty groups: one dummy value keeps indexing valid
-        if empty.any():
-            gc = np.concatenate([gc, np.flatnonzero(empty)])
-            v_g = np.concatenate([v_g, np.zeros(int(empty.sum()), np.float32)])
-        sel = _select_sorted(gc, v_g, n_groups * k, ranks).astype(np.float64).reshape(n_groups, k, 2)
-        q_group = _lerp(sel[..., 0], sel[..., 1], gamma[:, None])
-        q_group[~ok] = 0.0
-
-    skipped_a = P - cnt_a
-    ranks_a = np.stack([lo_a[0] - skipped_a, hi_a[0] - skipped_a], axis=-1)  # (k, 2)
-    sel_a = _select_sorted(col[in_a], vals[in_a], k, ranks_a).astype(np.float64)
-    q_all = _lerp(sel_a[:, 0], sel_a[:, 1], gamma_a[0])
+    if bounds is None:
+        bounds = np.stack([values.min(axis=1), values.max(axis=1)], axis=1)
+    bounds = np.asarray(bounds, dtype=np.float64)
+    T_k, T_all_k = _guess_thresholds(
+        values[:, ::stride], group[::stride], n_groups, need, need_all, bounds, stride, buckets
+    )
+    # runs of equal group along the raster: per-pixel thresholds by np.repeat, not a gather
+    run_start = np.flatnonzero(np.diff(group, prepend=-1))
+    run_len = np.diff(np.append(run_start, P))
+    run_group = group[run_start]
+    inf_row = np.float32(np.inf)
+    q_group = np.zeros((n_groups, k), dtype=np.float64)
+    q_all = np.zeros(k, dtype=np.float64)
+    for c in range(k):  # per class: every array below is one image plane (cache-sized)
+        v = values[c]
+        T, T_all = T_k[c].copy(), np.float32(T_all_k[c])
+        # relu-like maps (min 0): every resized value is >= 0 (non-negative weights) and
+        # many are exactly 0. Zeros are counted per group, never sorted.
+        zero_floor = bounds[c, 0] == 0.0
+        zeros = np.zeros(G, dtype=np.int64)
+        if zero_floor:
+            not_zero = v != 0
+            np.maximum(T, 0, out=T)
+            T_all = max(T_all, np.float32(0))
+        for _attempt in range(2):
+            thr = np.empty(G, dtype=np.float32)
+            np.minimum(T, T_all, out=thr[:n_groups])
+            thr[n_groups] = T_all
+            t_min = thr.min()
+            if zero_floor and t_min <= 0 and not zeros.any():  # zeros counted once, when needed
+                n_zero = P - int(np.count_nonzero(not_zero))
+                if 2 * n_zero < P:
+                    zeros = np.bincount(group[~not_zero], minlength=G)
+                else:
+                    zeros = counts_all - np.bincount(group[not_zero], minlength=G)
+            mask = v >= np.repeat(thr[run_group], run_len)  # each pixel's threshold, run by run
+            if zero_floor:
+                mask &= not_zero
+            idx = np.flatnonzero(mask)
+            vc, gc = v[idx], group[idx]
+            in_g = vc >= np.append(T, inf_row)[gc]  # the no-group pixels never
+            in_a = vc >= T_all
+            z_g = np.where(T <= 0, zeros[:n_groups], 0)  # zeros at or above the threshold
+            z_a = int(zeros.sum()) if T_all <= 0 else 0
+            cnt = np.bincount(gc[in_g], minlength=G)[:n_groups] + z_g
+            cnt_a = int(np.count_nonzero(in_a)) + z_a
+            bad = (cnt < need) & ok
+            if not bad.any() and cnt_a >= need_all:
+                break
+            fallback = np.float32(0 if zero_floor else -np.inf)  # guessed too high: take all
+            T = np.where(bad, fallback, T).astype(np.float32)
+            T_all = fallback if cnt_a < need_all else T_all
+        if ok.any():
+            # rank r of a group: skip the (n - cnt) values below the threshold, then z_g zeros
+            skipped = (counts - cnt)[:, None]
+            r = np.stack([lo, hi], axis=1) - skipped - z_g[:, None]
+            sel = _select_sorted(gc[in_g], vc[in_g], n_groups, np.maximum(r, 0)).astype(np.float64)
+            sel = np.where(r < 0, 0.0, sel)
+            q_group[:, c] = np.where(ok, _lerp(sel[:, 0], sel[:, 1], gamma), 0.0)
+        va = vc[in_a]
+        r_a = [lo_a - (P - cnt_a) - z_a, hi_a - (P - cnt_a) - z_a]
+        kth = sorted({x for x in r_a if x >= 0})
+        part = np.partition(va, kth) if kth else va
+        lo_v, hi_v = (np.float64(part[x]) if x >= 0 else 0.0 for x in r_a)
+        q_all[c] = _lerp(lo_v, hi_v, gamma_a)
     return q_group, q_all, counts
 
 
@@ -319,11 +351,15 @@ def step1_scores(
     kept = np.zeros((n, NUM_CLASSES), dtype=bool)
     if len(active):
         H, W = labels.shape
-        group_sorted = _cell_index(labels.astype(np.int64, copy=False), sorted_ids)
+        group_sorted = _cell_index(labels, sorted_ids)
         maps = cams[active]
         values = resize_maps(maps, H, W)
         q_cell, q_img, counts = grouped_quantiles(
-            values, group_sorted, n, quantile=quantile, bounds=(maps.min(axis=(1, 2)), maps.max(axis=(1, 2)))
+            values,
+            group_sorted,
+            n,
+            quantile=quantile,
+            bounds=np.stack([maps.min(axis=(1, 2)), maps.max(axis=(1, 2))], axis=1),
         )
         # back to the caller's cell order (duplicates in cell_ids share one group)
         first = np.searchsorted(sorted_ids, cell_ids)

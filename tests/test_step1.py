@@ -189,7 +189,7 @@ def test_grouped_quantiles_equal_numpy_quantile():
     group = rng.integers(0, n + 1, P).astype(np.int32)  # n = no group
     group[group == 4] = n  # group 4 empty
     for q in (0.99, 0.5, 0.0, 1.0):
-        qg, qa, counts = grouped_quantiles(values, group, n, quantile=q)
+        qg, qa, counts = grouped_quantiles(np.ascontiguousarray(values.T), group, n, quantile=q)
         np.testing.assert_allclose(qa, np.quantile(values, q, axis=0), rtol=0, atol=1e-6)
         for g in range(n):
             if counts[g] == 0:
@@ -207,15 +207,15 @@ def test_grouped_quantiles_redo_wrong_guesses(monkeypatch):
     P, k, n = 2000, 3, 7
     values = rng.random((P, k), dtype=np.float32)
     group = rng.integers(0, n + 1, P).astype(np.int32)
-    real = step1._subsample_thresholds
+    real = step1._guess_thresholds
 
     def too_high(*args, **kw):
         T, T_all = real(*args, **kw)
-        T[::2] = 0.999  # far too few values above this
+        T[:, ::2] = 0.999  # far too few values above this
         return T, np.full_like(T_all, 0.999)
 
-    monkeypatch.setattr(step1, "_subsample_thresholds", too_high)
-    qg, qa, _ = grouped_quantiles(values, group, n, quantile=0.9)
+    monkeypatch.setattr(step1, "_guess_thresholds", too_high)
+    qg, qa, _ = grouped_quantiles(np.ascontiguousarray(values.T), group, n, quantile=0.9)
     np.testing.assert_allclose(qa, np.quantile(values, 0.9, axis=0), atol=1e-6)
     for g in range(n):
         np.testing.assert_allclose(qg[g], np.quantile(values[group == g], 0.9, axis=0), atol=1e-6)
