@@ -33,6 +33,8 @@ __all__ = ["step1_scores", "resize_maps", "grouped_quantiles", "present_ids"]
 
 _CV_MAX_CHANNELS = 512  # cv2.resize handles at most CV_CN_MAX channels at once
 _BUCKETS = 256
+_MAX_PLANE_BYTES = 128 << 20  # resized maps held at once (19 x 512² float32 = 20 MB)
+_MAX_HIST_BINS = 1 << 22  # (class, cell, bucket) histogram of the threshold guess
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -129,6 +131,7 @@ def _guess_thresholds(
     """
     k = sub.shape[0]
     G = n_groups + 1
+    buckets = int(max(16, min(buckets, _MAX_HIST_BINS // (k * G))))  # many cells: coarser
     lo_v = bounds[:, 0].astype(np.float64)
     span = bounds[:, 1].astype(np.float64) - lo_v
     scale = np.where(span > 0, buckets / np.where(span > 0, span, 1.0), 0.0)
@@ -353,14 +356,18 @@ def step1_scores(
         H, W = labels.shape
         group_sorted = _cell_index(labels, sorted_ids)
         maps = cams[active]
-        values = resize_maps(maps, H, W)
-        q_cell, q_img, counts = grouped_quantiles(
-            values,
-            group_sorted,
-            n,
-            quantile=quantile,
-            bounds=np.stack([maps.min(axis=(1, 2)), maps.max(axis=(1, 2))], axis=1),
-        )
+        bounds = np.stack([maps.min(axis=(1, 2)), maps.max(axis=(1, 2))], axis=1)
+        q_cell = np.zeros((n, len(active)), dtype=np.float64)
+        q_img = np.zeros(len(active), dtype=np.float64)
+        chunk = max(1, _MAX_PLANE_BYTES // (4 * H * W))  # bounded memory at any label size
+        for c0 in range(0, len(active), chunk):
+            q_cell[:, c0 : c0 + chunk], q_img[c0 : c0 + chunk], counts = grouped_quantiles(
+                resize_maps(maps[c0 : c0 + chunk], H, W),
+                group_sorted,
+                n,
+                quantile=quantile,
+                bounds=bounds[c0 : c0 + chunk],
+            )
         # back to the caller's cell order (duplicates in cell_ids share one group)
         first = np.searchsorted(sorted_ids, cell_ids)
         q_cell, counts = q_cell[first], counts[first]

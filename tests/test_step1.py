@@ -248,3 +248,16 @@ def test_vectorised_equals_reference_on_random_inputs(seed, size, cam, kind, kwa
     assert len(got) == len(np.unique(labels)) - 1
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert (got > 0).sum() > len(got)  # not trivially empty
+
+
+def test_class_chunks_and_coarse_histograms_give_the_same_scores(monkeypatch):
+    import hpa_kernel.step1 as step1
+
+    rng = np.random.default_rng(7)
+    labels = bench.voronoi_labels(rng, 64, 30)
+    cams = rng.random((19, 8, 8), dtype=np.float32)
+    probs = rng.random(19).astype(np.float32)
+    whole = step1_scores(cams, probs, labels)
+    monkeypatch.setattr(step1, "_MAX_PLANE_BYTES", 3 * 64 * 64 * 4)  # 3 classes at a time
+    monkeypatch.setattr(step1, "_MAX_HIST_BINS", 1)  # the coarsest guesses
+    np.testing.assert_array_equal(step1_scores(cams, probs, labels), whole)
