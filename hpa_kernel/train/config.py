@@ -47,7 +47,9 @@ class TrainConfig:
     fold: int = 0  # validation fold; the others train. -1 = train on all, validate on none
     n_folds: int = 4
     cells_csv: str | None = None  # optional cell-crop table (see hpa_kernel.train.cells)
-    cell_batch_every: int = 0  # one cell-crop batch after every N image batches (0 = never)
+    cell_fraction: float = 0.0  # share of training samples drawn as Step-2 cell crops
+    val_cells_max: int = 512  # validation cell crops scored per epoch (first N of the fold)
+    train_patch: int | None = None  # train on random patches of this side (None = whole image)
     # model
     backbone: str = "resnet10t"
     pretrained: bool = False
@@ -91,6 +93,19 @@ class TrainConfig:
             )
         if self.crop_size % (32 * self.puzzle_grid):
             raise TrainConfigError(f"crop_size {self.crop_size} must be a multiple of {32 * self.puzzle_grid}")
+        side = self.train_patch or self.image_size
+        if side % (32 * self.puzzle_grid) or side > self.image_size:
+            raise TrainConfigError(f"train_patch {side} must be <= image_size and a multiple of {32 * self.puzzle_grid}")
+        if not 0.0 <= self.cell_fraction < 1.0:
+            raise TrainConfigError(f"cell_fraction must be in [0, 1), not {self.cell_fraction}")
+        if self.cell_fraction > 0:
+            if not self.cells_csv:
+                raise TrainConfigError("cell_fraction > 0 needs cells_csv")
+            if side != self.crop_size:
+                raise TrainConfigError(
+                    f"cell crops ({self.crop_size}) and image samples ({side}) share batches: "
+                    "set train_patch (or image_size) equal to crop_size"
+                )
         if self.epochs < 1 or self.batch_size < 1:
             raise TrainConfigError("epochs and batch_size must be >= 1")
         if self.sampler not in ("weighted", "uniform"):

@@ -1,0 +1,61 @@
+"""``python -m hpa_kernel.train --config CONFIG [--epochs N] [--out DIR] [--resume PATH] ...``
+
+Single process, or one rank of ``torchrun --nproc_per_node N -m hpa_kernel.train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hpa_kernel.train.config import TrainConfigError, load_train_config, parse_override
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m hpa_kernel.train", description="Train a Puzzle-CAM classifier.")
+    ap.add_argument("--config", type=Path, help="JSON or YAML TrainConfig")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--batch-size", dest="batch_size", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--out", type=str)
+    ap.add_argument("--resume", type=str, help="last.pt of an earlier run")
+    ap.add_argument("--fold", type=int)
+    ap.add_argument("--index-csv", dest="index_csv", type=str)
+    ap.add_argument("--backbone", type=str)
+    ap.add_argument("--image-size", dest="image_size", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--max-batches", dest="max_batches", type=int, help="cap batches per epoch (smoke runs)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. augment.p=0.5")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "verbose")}
+    try:
+        sets = [parse_override(item) for item in args.set]
+        cfg = load_train_config(args.config, overrides, sets)
+    except TrainConfigError as e:
+        logging.getLogger("hpa_kernel.train").error("%s", e)
+        return 2
+    from hpa_kernel.train.engine import train
+
+    history = train(cfg)
+    if rank == 0 and history:
+        best = [h for h in history if h.best][-1:] or history[-1:]
+        print(f"done: {len(history)} epoch(s) in {cfg.out}; best: {best[0].line(cfg.epochs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The training loop on a handful of tiny synthetic images (timm's test_resnet)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("iterstrat")
+pytest.importorskip("albumentations")
+
+from hpa_kernel.model import load_checkpoint
+from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.train.cells import build_cell_table
+from hpa_kernel.train.config import TrainConfig
+from hpa_kernel.train.engine import Trainer
+from hpa_kernel.train.prepare import prepare_cache
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    write_dataset(root / "data", 12, seed=1002, sizes=96, depth=8, split="train", progress=False)
+    s = prepare_cache(root / "data" / "train.csv", [root / "data" / "train"], root / "cache", size=128,
+                      workers=1, n_folds=4, progress=False)
+    build_cell_table(s.index_path, truth=root / "data" / "truth", max_per_image=3, min_area=4, progress=False)
+    return root / "cache"
+
+
+def _cfg(cache, tmp_path, **kw) -> TrainConfig:
+    base = dict(index_csv=str(cache / "index.csv"), backbone="test_resnet", image_size=64, crop_size=64,
+                epochs=2, batch_size=4, workers=0, out=str(tmp_path / "run"), seed=0, threads=1,
+                plateau_patience=1, augment={"level": "light"})
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def test_fit_writes_metrics_best_and_last(cache, tmp_path):
+    cfg = _cfg(cache, tmp_path)
+    history = Trainer(cfg).fit()
+    assert [h.epoch for h in history] == [0, 1]
+    assert all(math.isfinite(h.train_loss) and math.isfinite(h.val_loss) for h in history)
+    assert all(0.0 <= h.val_map <= 1.0 and 0.0 <= h.val_f1 <= 1.0 for h in history)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(metrics) == 2 and {"train_loss", "val_loss", "val_f1", "val_map", "lr"} <= set(metrics.columns)
+    model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert meta["backbone"] == "test_resnet" and meta["image_size"] == 64 and meta["crop_size"] == 64
+    assert len(meta["mean"]) == 4 and meta["epoch"] in (1, 2) and meta["fold"] == 0
+    best = [h for h in history if h.best][-1]
+    assert meta["val_loss"] == pytest.approx(best.val_loss)
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 4, 64, 64))
+    assert logits.shape == (1, 19)
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "config.json").exists()
+
+
+def test_resume_continues_where_it_stopped(cache, tmp_path):
+    Trainer(_cfg(cache, tmp_path, epochs=1)).fit()
+    t = Trainer(_cfg(cache, tmp_path, epochs=2, resume=str(tmp_path / "run" / "last.pt")))
+    assert t.start_epoch == 1 and len(t.history) == 1
+    history = t.fit()
+    assert [h.epoch for h in history] == [0, 1]
+    assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 2
+
+
+def test_patches_cell_crops_and_fp16_checkpoint(cache, tmp_path):
+    cfg = _cfg(cache, tmp_path, image_size=128, train_patch=64, crop_size=64, cells_csv=str(cache / "cells.csv"),
+               cell_fraction=0.5, epochs=1, save_fp16=True, max_batches=2)
+    t = Trainer(cfg)
+    assert len(t.train_set) > len(t.train_set.datasets[0])  # images + cells
+    x, y = next(iter(t.train_loader))
+    assert x.shape == (4, 4, 64, 64) and y.shape == (4, 19)
+    (h,) = t.fit()
+    assert math.isfinite(h.val_cell_map)
+    sd = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert meta["image_size"] == 128 and next(model.parameters()).dtype == torch.float32
+
+
+def test_training_is_deterministic(cache, tmp_path):
+    a = Trainer(_cfg(cache, tmp_path / "a", epochs=1, max_batches=2)).fit()[0]
+    b = Trainer(_cfg(cache, tmp_path / "b", epochs=1, max_batches=2)).fit()[0]
+    assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+    assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+
+
+def test_cell_table(cache):
+    cells = pd.read_csv(cache / "cells.csv")
+    assert list(cells.columns) == ["ID", "cell_id", "Label", "path", "mask", "fold"]
+    assert cells.groupby("ID").size().max() <= 3
+    m = np.load(cache / cells["mask"][0])
+    assert m.shape == (128, 128) and cells["cell_id"][0] in m
