@@ -167,7 +167,7 @@ def grouped_quantiles(
     """Per-group and whole-row quantiles of every row of ``values``, exactly as ``np.quantile``.
 
     Args:
-        values: class-major ``(k, P)`` float32: one row per class, one column per pixel.
+        values: class-major ``(k, P)`` finite float32: one row per class, one column per pixel.
         group: ``(P,)`` int group of each pixel in ``0..n_groups``; ``n_groups`` marks
             pixels in no group (they still count for the whole-image quantile).
         n_groups: number of real groups (cells).
@@ -218,7 +218,7 @@ def grouped_quantiles(
         T, T_all = T_k[c].copy(), np.float32(T_all_k[c])
         # relu-like maps (min 0): every resized value is >= 0 (non-negative weights) and
         # many are exactly 0. Zeros are counted per group, never sorted.
-        zero_floor = bounds[c, 0] == 0.0
+        zero_floor = bounds[c, 0] == 0.0 and v.min() >= 0
         zeros = np.zeros(G, dtype=np.int64)
         if zero_floor:
             not_zero = v != 0

@@ -198,6 +198,25 @@ def test_grouped_quantiles_equal_numpy_quantile():
             np.testing.assert_allclose(qg[g], np.quantile(values[group == g], q, axis=0), rtol=0, atol=1e-6)
 
 
+def test_grouped_quantiles_relu_zeros_and_wrong_bounds():
+    rng = np.random.default_rng(8)
+    P, n = 5000, 9
+    values = np.maximum(rng.standard_normal((3, P)).astype(np.float32), 0)  # half exact zeros
+    values[2, :4000] = 0  # a class that is mostly zero
+    group = rng.integers(0, n + 1, P).astype(np.int32)
+    for bounds in (None, np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 0.5]])):
+        for q in (0.99, 0.5, 0.1):
+            qg, qa, _ = grouped_quantiles(values, group, n, quantile=q, bounds=bounds)
+            np.testing.assert_allclose(qa, np.quantile(values, q, axis=1), atol=1e-6)
+            for g in range(n):
+                np.testing.assert_allclose(qg[g], np.quantile(values[:, group == g], q, axis=1), atol=1e-6)
+    # bounds claiming a floor of 0 while values go negative: still exact
+    neg = values - 0.25
+    qg, qa, _ = grouped_quantiles(neg, group, n, quantile=0.5, bounds=np.array([[0.0, 1.0]] * 3))
+    np.testing.assert_allclose(qa, np.quantile(neg, 0.5, axis=1), atol=1e-6)
+    np.testing.assert_allclose(qg[3], np.quantile(neg[:, group == 3], 0.5, axis=1), atol=1e-6)
+
+
 def test_grouped_quantiles_redo_wrong_guesses(monkeypatch):
     """Thresholds guessed too high (for some groups, and for the whole array) are detected
     by the exact counts and redone: the result is still exact."""
