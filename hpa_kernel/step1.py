@@ -314,6 +314,8 @@ def step1_scores(
         min_ratio: a (cell, class) is kept only if ``conf / p_c > min_ratio``.
         top_classes: at most this many classes per image (the found classes ranked by
             ``p_c``, ties by class index); the others are zeroed before the Negative rule.
+            (The write-up's code ranks by the best cell confidence instead; the two differ
+            only when a class's best cell stays below ``p_c``.)
         quantile: the per-cell and per-image quantile (numpy's linear definition).
 
     Returns:
