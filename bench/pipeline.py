@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-NETWORK = ("forward_full", "forward_crops")
+NETWORK = ("seg_network", "forward_full", "forward_crops")
 CH = ("red", "green", "blue", "yellow")
 
 

@@ -19,6 +19,7 @@ images; the pipeline scales them to the original size when it encodes them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -125,6 +126,8 @@ class Segmenter:
         self.device = device
         self.fp16 = fp16
         self.nuc_model = self.cell_model = None
+        #: seconds spent in the U-Net forwards so far (callers split network vs. post-processing)
+        self.network_seconds = 0.0
         method = self.config.method
         if self.config.scale not in ("512", "full"):
             raise ValueError(f"segmentation scale must be '512' or 'full', not {self.config.scale!r}")
@@ -184,9 +187,11 @@ class Segmenter:
         results: list[SegResult] = []
         step = max(1, int(self.config.batch_size))
         for start in range(0, images.shape[0], step):
+            t0 = time.perf_counter()
             nuc, cell = predict_hpa(
                 self.nuc_model, self.cell_model, images[start : start + step], self.device, self.fp16
             )
+            self.network_seconds += time.perf_counter() - t0  # predict_hpa returns host arrays: synced
             for i in range(nuc.shape[0]):
                 results.append(self._label(nuc[i], cell[i], orig_sizes[start + i]))
         return results
