@@ -40,7 +40,8 @@ def test_prepare_merges_sources_and_skips_bad_rows(two_sources, tmp_path):
     assert s.written == 8 and s.reused == 0
     assert sorted(i for i, _ in s.skipped) == ["broken", "missing"]
     index = pd.read_csv(s.index_path)
-    assert list(index.columns) == ["ID", "Label", "path", "fold"]
+    assert list(index.columns) == ["ID", "Label", "path", "width", "height", "fold"]
+    assert set(zip(index["width"], index["height"])) == {(96, 96), (80, 80)}
     assert index["ID"].tolist() == df["ID"].tolist()
     assert set(index["fold"]) == {0, 1}
     for p in index["path"]:
@@ -49,7 +50,9 @@ def test_prepare_merges_sources_and_skips_bad_rows(two_sources, tmp_path):
     # a second run reuses the cache
     s2 = prepare_cache(csv, [root / "a" / "train", root / "b", bad], tmp_path / "cache", size=64, workers=1,
                        n_folds=0, progress=False)
-    assert s2.reused == 8 and s2.written == 0 and "fold" not in pd.read_csv(s2.index_path).columns
+    index2 = pd.read_csv(s2.index_path)
+    assert s2.reused == 8 and s2.written == 0 and "fold" not in index2.columns
+    assert index2["width"].tolist() == index["width"].tolist()  # sizes kept from the first run
 
 
 def test_prepare_matches_the_kernel_resize(two_sources, tmp_path):

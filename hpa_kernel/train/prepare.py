@@ -4,7 +4,8 @@
         --out cache/ [--size 512] [--workers 2] [--folds 4]
 
 Writes ``OUT/images/<ID>.npy`` (uint8 ``(size, size, 4)``, R G B Y) and
-``OUT/index.csv`` (``ID,Label,path[,fold]``, ``path`` relative to ``OUT``). An image is
+``OUT/index.csv`` (``ID,Label,path,width,height[,fold]``, ``path`` relative to ``OUT``,
+``width/height`` the original size, 0 when unknown). An image is
 looked up in each ``--src`` folder in turn; a row whose PNGs are missing or unreadable is
 skipped with a warning and counted in the summary. Labels are checked before any image
 is read (a class outside 0..18 stops the run, naming the row). Cached files that already
@@ -61,26 +62,38 @@ def find_source(image_id: str, sources: Sequence[Path]) -> Path | None:
     return None
 
 
-def cache_one(image_id: str, sources: Sequence[Path], dest: Path, size: int, overwrite: bool) -> tuple[str, str]:
-    """Read, resize and save one image. Returns ``(status, detail)`` with status
-    ``written``/``reused``/``skipped``; never raises for a bad image."""
+def cache_one(
+    image_id: str, sources: Sequence[Path], dest: Path, size: int, overwrite: bool
+) -> tuple[str, str, tuple[int, int]]:
+    """Read, resize and save one image. Returns ``(status, detail, (width, height))`` with
+    status ``written``/``reused``/``skipped``; never raises for a bad image."""
     if dest.exists() and not overwrite:
-        return "reused", ""
+        return "reused", "", (0, 0)
     src = find_source(image_id, sources)
     if src is None:
-        return "skipped", f"no {image_id}_red.png in {', '.join(map(str, sources))}"
+        return "skipped", f"no {image_id}_red.png in {', '.join(map(str, sources))}", (0, 0)
     from hpa_kernel.io import read_rgby, resize_rgby
 
     try:
         rgby = read_rgby(src, image_id)
         small = resize_rgby(rgby, size)
     except Exception as e:  # ImageReadError, or a decoder failure
-        return "skipped", f"{type(e).__name__}: {e}"
+        return "skipped", f"{type(e).__name__}: {e}", (0, 0)
     arr = np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
     tmp = dest.with_name(dest.stem + ".tmp.npy")
     np.save(tmp, arr)
     tmp.replace(dest)  # atomic: a killed run leaves no half-written cache file
-    return "written", ""
+    return "written", "", (int(rgby.shape[1]), int(rgby.shape[0]))
+
+
+def _known_sizes(index_path: Path) -> dict[str, tuple[int, int]]:
+    """Original sizes recorded by an earlier run (for images whose cache is reused)."""
+    if not index_path.exists():
+        return {}
+    old = pd.read_csv(index_path)
+    if not {"ID", "width", "height"} <= set(old.columns):
+        return {}
+    return {str(i): (int(w), int(h)) for i, w, h in zip(old["ID"], old["width"], old["height"])}
 
 
 def prepare_cache(
@@ -113,8 +126,10 @@ def prepare_cache(
     results = list(tqdm(runner(jobs), total=len(ids), desc="prepare", unit="img", disable=not progress))
 
     summary = PrepareSummary(index_path=out / "index.csv")
-    keep = []
-    for image_id, (status, detail) in zip(ids, results):
+    known = _known_sizes(summary.index_path)
+    keep, sizes = [], []
+    for image_id, (status, detail, wh) in zip(ids, results):
+        sizes.append(wh if status == "written" else known.get(image_id, (0, 0)))
         if status == "skipped":
             logger.warning("skipped %s: %s", image_id, detail)
             summary.skipped.append((image_id, detail))
@@ -125,6 +140,9 @@ def prepare_cache(
             keep.append(True)
     index = df.loc[keep, ["ID", "Label"]].reset_index(drop=True)
     index["path"] = [str(Path("images") / f"{i}.npy") for i in index["ID"].astype(str)]
+    kept_sizes = [wh for wh, k in zip(sizes, keep) if k]
+    index["width"] = [w for w, _ in kept_sizes]
+    index["height"] = [h for _, h in kept_sizes]
     if n_folds and n_folds >= 2:
         index = assign_folds(index, n_folds=n_folds, seed=seed)
         summary.fold_table = format_fold_table(index)
