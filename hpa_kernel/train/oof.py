@@ -1,0 +1,196 @@
+"""Out-of-fold export: per cell, per class Step 1 and Step 2 predictions of one fold.
+
+    python -m hpa_kernel.train.oof --config configs/demo.json --checkpoint runs/demo/best.pt \\
+        --fold 0 --out oof.csv [--src DIR ...] [--size 512] [--limit N]
+
+For every validation image of fold K (from the config's ``index_csv``) this runs what the
+kernel runs: the 512 px image (from the RGBY cache, or from the original PNGs with
+``--src``), segmentation (weight-free classic unless ``--nuclei/--cell`` weights are
+given), the full-image forward + Step 1 (CAM ∩ cells) and Step 2 (cell crops through the
+same model). One row per cell: ``ID, fold, cell_id, y0, x0, y1, x1`` (bounding box in the
+``size`` image, half-open), ``width, height`` (original size, 0 if unknown), ``Label``
+(the image labels), ``step1_0..step1_18``, ``step2_0..step2_18``. Written as CSV, or as
+Parquet when ``--out`` ends in ``.parquet`` (needs pyarrow), for ensembling with other
+teams' models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.train.config import load_train_config
+from hpa_kernel.train.dataset import load_index
+
+__all__ = ["OOFOptions", "classify_full", "predict_cells", "export_oof", "write_table", "main"]
+
+logger = logging.getLogger(__name__)
+STEP1_COLS = [f"step1_{c}" for c in range(NUM_CLASSES)]
+STEP2_COLS = [f"step2_{c}" for c in range(NUM_CLASSES)]
+
+
+@dataclass
+class OOFOptions:
+    size: int = 512  # the kernel's working size (segmentation, crops)
+    batch_size: int = 16  # crops per forward
+    device: str = "cpu"
+    fp16: bool = False
+    limit: int | None = None  # first N images of the fold only
+
+
+def classify_full(model, meta: dict[str, Any], image: np.ndarray, device: str, fp16: bool = False):
+    """Image-level probabilities ``(19,)`` and CAMs ``(19, h, w)`` of a ``(S, S, 4)`` float image,
+    the way the kernel does it: INTER_AREA resize to ``meta["image_size"]``, normalise, forward."""
+    from hpa_kernel.model import normalize
+
+    size = int(meta["image_size"])
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
+    x = normalize(x, meta["mean"], meta["std"])
+    amp = fp16 and str(device).startswith("cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        logits, maps = model.forward_with_maps(x)
+        cams = model.cams(maps.float())
+    return torch.sigmoid(logits.float())[0].cpu().numpy(), cams[0].cpu().numpy()
+
+
+def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.ndarray, opts: OOFOptions):
+    """``(cell_ids, boxes (n,4), step1 (n,19), step2 (n,19))`` for one image and its cell labels."""
+    from hpa_kernel.step1 import present_ids, step1_scores
+    from hpa_kernel.step2 import cell_boxes, crop_cells, predict_crops
+
+    cell_ids = present_ids(labels)
+    n = len(cell_ids)
+    if n == 0:
+        z = np.zeros((0, NUM_CLASSES), np.float32)
+        return cell_ids, np.zeros((0, 4), np.int64), z, z
+    probs, cams = classify_full(model, meta, image, opts.device, opts.fp16)
+    s1 = step1_scores(cams, probs, labels, cell_ids)
+    crops = crop_cells(image, labels, cell_ids, crop_size=int(meta["crop_size"]))
+    s2 = predict_crops(model, crops, mean=meta["mean"], std=meta["std"], batch_size=opts.batch_size,
+                       device=opts.device, fp16=opts.fp16)
+    return cell_ids, cell_boxes(labels, cell_ids), s1, s2
+
+
+def _load_512(row, sources: Sequence[Path], size: int) -> np.ndarray:
+    """The fold image at ``size`` as float32 [0, 1]: from the PNGs if ``sources``, else the cache."""
+    if sources:
+        from hpa_kernel.io import read_rgby, resize_rgby
+        from hpa_kernel.train.prepare import find_source
+
+        src = find_source(str(row.ID), sources)
+        if src is None:
+            raise FileNotFoundError(f"{row.ID}: not in any --src folder")
+        return resize_rgby(read_rgby(src, str(row.ID)), size)
+    arr = np.load(row.path)
+    img = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 65535.0)
+    if img.shape[:2] != (size, size):
+        interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    return img
+
+
+def export_oof(
+    index_csv: str | Path,
+    checkpoint: str | Path,
+    fold: int,
+    segmenter=None,
+    sources: Sequence[str | Path] = (),
+    opts: OOFOptions | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The OOF table of ``fold`` (see the module docstring)."""
+    from hpa_kernel.model import load_checkpoint
+
+    opts = opts or OOFOptions()
+    if segmenter is None:
+        from hpa_kernel.segmentation import Segmenter
+
+        segmenter = Segmenter(device=opts.device)
+    model, meta = load_checkpoint(checkpoint, device=opts.device)
+    index = load_index(index_csv)
+    if "fold" not in index.columns:
+        raise ValueError(f"{index_csv} has no fold column")
+    rows = index[index["fold"] == fold].reset_index(drop=True)
+    if len(rows) == 0:
+        raise ValueError(f"fold {fold} has no images in {index_csv}")
+    if opts.limit:
+        rows = rows.iloc[: opts.limit]
+    sources = [Path(s) for s in sources]
+    parts = []
+    for row in tqdm(rows.itertuples(index=False), total=len(rows), desc=f"oof fold {fold}", disable=not progress):
+        image = _load_512(row, sources, opts.size)
+        w, h = int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0)
+        seg = segmenter.segment(image[None], [(w or opts.size, h or opts.size)])[0]
+        cell_ids, boxes, s1, s2 = predict_cells(model, meta, image, seg.cells, opts)
+        part = pd.DataFrame({"ID": str(row.ID), "fold": fold, "cell_id": cell_ids.astype(int),
+                             "y0": boxes[:, 0], "x0": boxes[:, 1], "y1": boxes[:, 2], "x1": boxes[:, 3],
+                             "width": w, "height": h, "Label": str(row.Label)})
+        parts.append(pd.concat([part, pd.DataFrame(s1, columns=STEP1_COLS), pd.DataFrame(s2, columns=STEP2_COLS)],
+                               axis=1))
+    table = pd.concat(parts, ignore_index=True)
+    logger.info("fold %d: %d cells in %d images", fold, len(table), len(rows))
+    return table
+
+
+def write_table(table: pd.DataFrame, out: str | Path) -> Path:
+    """CSV, or Parquet for a ``.parquet`` path (a clear error when pyarrow is missing)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise RuntimeError(f"{out}: Parquet needs pyarrow (pip install pyarrow) or use a .csv path") from None
+        table.to_parquet(out, index=False)
+    else:
+        table.to_csv(out, index=False, float_format="%.6g")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hpa_kernel.train.oof", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, help="training config (for index_csv)")
+    ap.add_argument("--index-csv", type=Path, help="index.csv (overrides the config's)")
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--fold", required=True, type=int)
+    ap.add_argument("--out", required=True, type=Path, help=".csv or .parquet")
+    ap.add_argument("--src", action="append", default=[], type=Path, help="read the original PNGs from here")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--nuclei", type=Path, help="hpacellseg nuclei U-Net (with --cell; default: classic)")
+    ap.add_argument("--cell", type=Path, help="hpacellseg cell U-Net")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    index_csv = args.index_csv or (load_train_config(args.config).index_csv if args.config else None)
+    if index_csv is None:
+        ap.error("give --config or --index-csv")
+    from hpa_kernel.config import SegmentationConfig
+    from hpa_kernel.segmentation import Segmenter
+
+    if (args.nuclei is None) != (args.cell is None):
+        ap.error("--nuclei and --cell go together")
+    seg_cfg = SegmentationConfig(method="hpa", nuclei=args.nuclei, cell=args.cell) if args.cell else SegmentationConfig()
+    opts = OOFOptions(size=args.size, batch_size=args.batch_size, device=args.device, fp16=args.fp16, limit=args.limit)
+    table = export_oof(index_csv, args.checkpoint, args.fold, Segmenter(seg_cfg, device=args.device), args.src, opts)
+    out = write_table(table, args.out)
+    print(f"{len(table)} cells of {table['ID'].nunique()} images -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

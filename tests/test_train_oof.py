@@ -1,0 +1,80 @@
+"""Out-of-fold export: segmentation + Step 1 + Step 2 per cell on a fold's images."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("iterstrat")
+
+from hpa_kernel.model import PuzzleCAM, save_checkpoint
+from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.train.oof import STEP1_COLS, STEP2_COLS, OOFOptions, export_oof, main
+from hpa_kernel.train.prepare import prepare_cache
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("oof")
+    write_dataset(root / "data", 8, seed=1005, sizes=192, depth=8, split="train", progress=False)
+    s = prepare_cache(root / "data" / "train.csv", [root / "data" / "train"], root / "cache", size=192,
+                      workers=1, n_folds=2, progress=False)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(PuzzleCAM("test_resnet"), root / "m.pt", image_size=128, crop_size=64)
+    return root, s.index_path, ckpt
+
+
+def test_export_rows_per_cell(setup):
+    root, index, ckpt = setup
+    t = export_oof(index, ckpt, fold=1, opts=OOFOptions(size=192), progress=False)
+    ids = set(pd.read_csv(index).query("fold == 1")["ID"])
+    assert set(t["ID"]) <= ids and len(t) > 0
+    assert list(t.columns[:10]) == ["ID", "fold", "cell_id", "y0", "x0", "y1", "x1", "width", "height", "Label"]
+    assert t.columns[10:].tolist() == STEP1_COLS + STEP2_COLS
+    s1, s2 = t[STEP1_COLS].to_numpy(), t[STEP2_COLS].to_numpy()
+    assert np.isfinite(s1).all() and (s1 >= 0).all() and (s1 <= 1).all()
+    assert ((s2 > 0) & (s2 < 1)).all()  # sigmoid of a real forward
+    assert (t["y1"] > t["y0"]).all() and (t["x1"] > t["x0"]).all() and (t[["y1", "x1"]] <= 192).all().all()
+    assert (t["width"] == 192).all()
+    assert not t.duplicated(["ID", "cell_id"]).any()
+
+
+def test_step2_matches_the_kernel_functions(setup):
+    from hpa_kernel.model import load_checkpoint
+    from hpa_kernel.segmentation import Segmenter
+    from hpa_kernel.step2 import crop_cells, predict_crops
+    from hpa_kernel.train.oof import _load_512
+
+    root, index, ckpt = setup
+    t = export_oof(index, ckpt, fold=0, opts=OOFOptions(size=192, limit=1), progress=False)
+    row = next(pd.read_csv(index).query("fold == 0").assign(path=lambda d: str(root / "cache") + "/" + d["path"])
+               .itertuples(index=False))
+    image = _load_512(row, [], 192)
+    labels = Segmenter().segment(image[None], [(192, 192)])[0].cells
+    model, meta = load_checkpoint(ckpt)
+    ids = t["cell_id"].to_numpy()
+    want = predict_crops(model, crop_cells(image, labels, ids, 64), mean=meta["mean"], std=meta["std"])
+    assert np.allclose(t[STEP2_COLS].to_numpy(), want, atol=1e-5)
+
+
+def test_cli_csv_and_parquet(setup, tmp_path, capsys):
+    root, index, ckpt = setup
+    args = ["--index-csv", str(index), "--checkpoint", str(ckpt), "--fold", "0", "--size", "192", "--limit", "2"]
+    assert main(args + ["--out", str(tmp_path / "oof.csv")]) == 0
+    t = pd.read_csv(tmp_path / "oof.csv")
+    assert t["ID"].nunique() <= 2 and "cells of" in capsys.readouterr().out
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pyarrow"):
+            main(args + ["--out", str(tmp_path / "oof.parquet")])
+    else:
+        assert main(args + ["--out", str(tmp_path / "oof.parquet")]) == 0
+        assert len(pd.read_parquet(tmp_path / "oof.parquet")) == len(t)
+
+
+def test_empty_fold_is_an_error(setup):
+    root, index, ckpt = setup
+    with pytest.raises(ValueError, match="fold 3 has no images"):
+        export_oof(index, ckpt, fold=3, progress=False)
