@@ -68,6 +68,7 @@ class TrainConfig:
     gamma: float = 0.25  # weight of L1(F, F_re) in the ComboLoss
     puzzle_grid: int = 2
     amp: bool = True  # fp16 autocast + GradScaler, used on CUDA only
+    sync_bn: bool = True  # SyncBatchNorm under multi-GPU DDP (CUDA only)
     # sampling
     sampler: str = "weighted"  # "weighted" or "uniform"
     sampler_reduce: str = "max"  # how an image's class weights combine: "max" or "mean"

@@ -40,7 +40,7 @@ from hpa_kernel.train.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from hpa_kernel.train.folds import label_matrix
+from hpa_kernel.train.folds import format_fold_table, label_matrix
 from hpa_kernel.train.losses import ComboLoss
 from hpa_kernel.train.metrics import macro_f1, macro_map
 from hpa_kernel.train.puzzle import PuzzleSiamese
@@ -120,6 +120,8 @@ class Trainer:
         self.meta = _model_meta(cfg, self.model)
         net: nn.Module = PuzzleSiamese(self.model, cfg.puzzle_grid)
         if self.info.enabled:
+            if cfg.sync_bn and self.device.type == "cuda":
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
         self.net = net
@@ -192,6 +194,8 @@ class Trainer:
         self.val_loader = self._shard_loader(self.val_set, common)
         self.val_cell_loader = self._shard_loader(self.val_cells, common)
         if info.is_main:
+            if "fold" in index.columns:
+                logger.info("%s", format_fold_table(index))
             logger.info(
                 "fold %d: %d train / %d val images, %d train cells (%.0f%% of samples) / %d val cells, "
                 "%d samples per epoch (%s sampler), world size %d, device %s%s",
