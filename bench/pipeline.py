@@ -38,7 +38,7 @@ def make_data(root: Path, n_ids: int, unique: int, size: int, seed: int) -> Path
 
     base = root / "base"
     if not (base / "sample_submission.csv").exists():
-        write_dataset(base, images=unique, seed=seed, sizes=(size,), depth=8, split="test")
+        write_dataset(base, images=unique, seed=seed, sizes=(size,), depth=8, split="test", progress=False)
     ids = list(pd.read_csv(base / "sample_submission.csv")["ID"])
     out = root / f"n{n_ids}"
     (out / "test").mkdir(parents=True, exist_ok=True)
