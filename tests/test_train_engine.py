@@ -92,3 +92,9 @@ def test_cell_table(cache):
     assert cells.groupby("ID").size().max() <= 3
     m = np.load(cache / cells["mask"][0])
     assert m.shape == (128, 128) and cells["cell_id"][0] in m
+
+
+def test_time_budget_stops_early(cache, tmp_path):
+    history = Trainer(_cfg(cache, tmp_path, epochs=5, max_batches=1, time_budget_min=1e-6)).fit()
+    assert len(history) == 1  # the first epoch always runs, then the budget is spent
+    assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 1

@@ -84,6 +84,7 @@ class TrainConfig:
     resume: str | None = None
     save_fp16: bool = False  # store best.pt weights as fp16 (shipping size)
     max_batches: int | None = None  # cap batches per epoch (smoke tests)
+    time_budget_min: float | None = None  # stop before an epoch that would end past this many minutes
 
     def validate(self) -> "TrainConfig":
         """Check value ranges; returns ``self`` so calls chain."""

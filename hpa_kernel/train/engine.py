@@ -351,7 +351,10 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        t_start = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):
+            if self._out_of_time(t_start, epoch):
+                break
             t0 = time.perf_counter()
             tr = self.train_epoch(epoch)
             va = self.validate()
@@ -375,6 +378,25 @@ class Trainer:
                 self._write_metrics()
                 logger.info("%s", stats.line(cfg.epochs))
         return self.history
+
+    def _out_of_time(self, t_start: float, epoch: int) -> bool:
+        """True when ``time_budget_min`` is set and one more (average) epoch would pass it.
+
+        Every rank takes the decision of rank 0, so they stop together.
+        """
+        budget = self.cfg.time_budget_min
+        done = [h.seconds for h in self.history[-(epoch - self.start_epoch) :]] if epoch > self.start_epoch else []
+        if budget is None or not done:
+            return False
+        elapsed = time.perf_counter() - t_start
+        stop = float(self.info.is_main and elapsed + float(np.mean(done)) > 60.0 * budget)
+        stop = all_reduce_sum([stop], self.info)[0] > 0
+        if stop and self.info.is_main:
+            logger.info(
+                "time budget of %.1f min reached: stopping after %d epoch(s) (%.1f min elapsed)",
+                budget, epoch, elapsed / 60,
+            )
+        return stop
 
 
 def _len(loader: DataLoader, limit: int | None) -> int | None:
