@@ -27,6 +27,8 @@ logger = logging.getLogger("hpa_kernel")
 
 KAGGLE_DATA = Path("/kaggle/input/hpa-single-cell-image-classification")
 KAGGLE_OUT = Path("/kaggle/working/submission.csv")
+#: Default --time-budget on Kaggle: the kernel limit is 9 h; keep half an hour for start-up and writing.
+KAGGLE_BUDGET = 8.5 * 3600
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -117,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import RunOptions, run
 
     data_dir, out = args.data_dir, args.out
+    time_budget = args.time_budget
     if data_dir is None and KAGGLE_DATA.exists():
         data_dir = KAGGLE_DATA
         out = out or KAGGLE_OUT
+        if time_budget is None:
+            time_budget = KAGGLE_BUDGET
+            logger.info("on Kaggle: --time-budget defaults to %.1f h", KAGGLE_BUDGET / 3600)
     elif data_dir is None:
         from .synthetic import sample_dataset
 
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         max_images=args.max_images,
         shard=args.shard,
-        time_budget=args.time_budget,
+        time_budget=time_budget,
         tta=args.tta,
         save_overlays=args.save_overlays,
         verify_weights=not args.no_verify,
