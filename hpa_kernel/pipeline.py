@@ -191,11 +191,11 @@ def _to_tensor(image: np.ndarray, size: int, meta: dict[str, Any], device: str):
     import cv2
     import torch
 
+    from .model import RGBY_MEAN, RGBY_STD, normalize
+
     if image.shape[0] != size or image.shape[1] != size:
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    mean = np.asarray(meta.get("mean", (0.485, 0.456, 0.406, 0.485)), np.float32)
-    std = np.asarray(meta.get("std", (0.229, 0.224, 0.225, 0.229)), np.float32)
-    x = (image - mean) / std
+    x = normalize(image, meta.get("mean", RGBY_MEAN), meta.get("std", RGBY_STD))
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(device)
 
 
@@ -241,13 +241,15 @@ def predict_image(
         return np.zeros((n, NUM_CLASSES), np.float32)
     use = models[:1] if level >= LEVEL_ONE_MODEL else models
     use_step2 = config.use_step2 and level == LEVEL_FULL
+    use_step1 = config.step1_weight > 0 or not use_step2
     per_model, weights = [], []
     for m in use:
-        with timer("forward_full"):
-            probs, cams = classify_full_image(m, image, device, fp16, tta)
-        with timer("step1"):
-            s1 = step1_scores(cams, probs, labels, cell_ids, top_classes=config.top_classes)
-        s2 = None
+        s1 = s2 = None
+        if use_step1:
+            with timer("forward_full"):
+                probs, cams = classify_full_image(m, image, device, fp16, tta)
+            with timer("step1"):
+                s1 = step1_scores(cams, probs, labels, cell_ids, top_classes=config.top_classes)
         if use_step2:
             crop = int(m.meta.get("crop_size", config.crop_size))
             with timer("crops"):
