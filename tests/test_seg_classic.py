@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import cv2
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ def labels_to_512(labels: np.ndarray) -> np.ndarray:
     [(0, 1024, 1024, 8), (7, 2048, 2048, 16), (5, 1024, 1536, 8), (2, 2048, 1536, 8)],
 )
 def test_synthetic_mean_best_match_iou(seed: int, height: int, width: int, depth: int) -> None:
-    synthetic = pytest.importorskip("hpa_kernel.synthetic")
+    synthetic = importlib.import_module("hpa_kernel.synthetic")
     im = synthetic.make_image(np.random.default_rng(seed), height, width, depth=depth)
     cells, nuclei = segment_classic(to_512(im.rgby))
     truth = labels_to_512(im.cell_labels)

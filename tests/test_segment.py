@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import logging
 
 import numpy as np
@@ -168,7 +170,7 @@ def test_segmenter_refuses_bad_arguments() -> None:
 
 
 def test_missing_or_wrong_weight_files_raise_the_loaders_error(tmp_path) -> None:
-    weights = pytest.importorskip("hpa_kernel.segmentation.weights")
+    weights = importlib.import_module("hpa_kernel.segmentation.weights")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a pickle at all")
     for nuclei, cell in [(tmp_path / "missing.pth", tmp_path / "missing2.pth"), (junk, junk)]:
@@ -192,7 +194,7 @@ def test_full_scale_relabel_keeps_more_than_255_cells() -> None:
 
 def test_predict_hpa_with_the_real_network_shape() -> None:
     """The DPN U-Net (random weights) through predict_hpa on a small odd-sized image."""
-    network = pytest.importorskip("hpa_kernel.segmentation.network")
+    network = importlib.import_module("hpa_kernel.segmentation.network")
     torch.manual_seed(0)
     net = network.build_dpn_unet()
     images = np.random.default_rng(0).random((1, 24, 24, 4), dtype=np.float32)  # padded to 32

@@ -5,7 +5,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 import pytest
 
-pytest.importorskip("albumentations")
 
 from hpa_kernel.train.augment import TRANSFORMS, RGBYAugment, apply_transform, build_transforms
 from hpa_kernel.train.config import AugmentConfig

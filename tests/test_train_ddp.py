@@ -8,8 +8,6 @@ import sys
 import pandas as pd
 import pytest
 
-pytest.importorskip("iterstrat")
-pytest.importorskip("albumentations")
 
 from hpa_kernel.synthetic import write_dataset
 from hpa_kernel.train.prepare import prepare_cache

@@ -7,8 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-pytest.importorskip("iterstrat")
-pytest.importorskip("albumentations")
 
 from hpa_kernel.model import load_checkpoint
 from hpa_kernel.synthetic import write_dataset

@@ -2,7 +2,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("iterstrat")
 
 from hpa_kernel.train.folds import FoldError, assign_folds, fold_table, format_fold_table, label_matrix, main
 

@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("iterstrat")
 
 from hpa_kernel.synthetic import write_dataset
 from hpa_kernel.train.folds import FoldError

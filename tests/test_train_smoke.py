@@ -11,8 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-pytest.importorskip("iterstrat")
-pytest.importorskip("albumentations")
 
 REPO = Path(__file__).resolve().parent.parent
 
