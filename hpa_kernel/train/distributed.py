@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_gather_objects", "all_reduce_sum"]
+__all__ = ["DistInfo", "init_distributed", "wait_for_all", "cleanup_distributed", "all_gather_objects", "all_reduce_sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
         logger.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def wait_for_all(info: DistInfo) -> None:
+    """Barrier at the end of a successful run, so that a rank that finished early does not
+    tear gloo down while rank 0 is still writing its checkpoint (that race aborts the early
+    rank with SIGABRT). Not called on the error path, where it could wait forever."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
 
 
 def cleanup_distributed() -> None:

@@ -38,6 +38,7 @@ from hpa_kernel.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     cleanup_distributed,
+    wait_for_all,
     init_distributed,
 )
 from hpa_kernel.train.folds import format_fold_table, label_matrix
@@ -424,6 +425,8 @@ def train(cfg: TrainConfig) -> list[EpochStats]:
     """Run one training (single process or one rank of a ``torchrun`` job)."""
     info = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, info).fit()
+        stats = Trainer(cfg, info).fit()
+        wait_for_all(info)
+        return stats
     finally:
         cleanup_distributed()
