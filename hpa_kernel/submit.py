@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
     p.add_argument("--max-images", type=int, help="only the first N images (after sharding)")
     p.add_argument("--shard", type=_shard, help="I/N: run every N-th image starting at I (merge afterwards)")
-    p.add_argument("--time-budget", type=_duration, help="seconds (or 90m, 8.5h) the whole run may take")
+    p.add_argument("--time-budget", type=_duration, help="seconds (or 90m, 8.5h) the whole run may take (default: none; 8.5h on Kaggle)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)")
