@@ -41,8 +41,7 @@ def main() -> None:
     from hpa_kernel.ensemble import combine_steps
     from hpa_kernel.io import list_test_ids, load_image
     from hpa_kernel.metric import evaluate
-    from hpa_kernel.model import load_checkpoint
-    from hpa_kernel.pipeline import LoadedModel, classify_full_image
+    from hpa_kernel.model import classify_image, load_checkpoint
     from hpa_kernel.rle import encode_label_image, resize_labels
     from hpa_kernel.segmentation import segment_classic
     from hpa_kernel.step1 import step1_scores
@@ -58,7 +57,6 @@ def main() -> None:
     if not (data / "sample_submission.csv").exists():
         write_dataset(data, images=a.images, seed=a.seed, sizes=sizes, depth="mixed", split="test", progress=False)
     model, meta = load_checkpoint(a.checkpoint)
-    m = LoadedModel(model, meta, 1.0, a.checkpoint.name)
     ids = list_test_ids(data)
     truth = pd.read_csv(data / "train.csv", dtype={"ID": str}).set_index("ID")["Label"]
     variants = ("oracle image labels", "broadcast", "step1", "step2", "ensemble")
@@ -71,7 +69,7 @@ def main() -> None:
             "classic": segment_classic(item.image)[0],
             "ground truth": resize_labels(gt_full, 512, 512),
         }
-        probs, cams = classify_full_image(m, item.image, "cpu", False, False)
+        probs, cams = classify_image(model, item.image)
         for seg_name, labels in segs.items():
             cell_ids = np.unique(labels)
             cell_ids = cell_ids[cell_ids > 0]

@@ -34,6 +34,8 @@ __all__ = [
     "LoadedImage",
     "channel_path",
     "list_test_ids",
+    "SampleSubmission",
+    "read_sample",
     "read_sample_sizes",
     "read_channel",
     "read_rgby",
@@ -77,17 +79,43 @@ def _to_size(text: str | None) -> int:
     return int(v) if np.isfinite(v) and v == int(v) and v > 0 else 0
 
 
+@dataclass
+class SampleSubmission:
+    """What ``sample_submission.csv`` says: IDs in order (each once), sizes, repeated IDs."""
+
+    ids: list[str]
+    sizes: dict[str, tuple[int, int]]  # (width, height); 0 where missing or not positive
+    duplicates: list[str]
+
+
+def read_sample(sample_path: str | os.PathLike) -> SampleSubmission:
+    """Read a sample submission once: IDs in its order (an ID listed twice is kept once,
+    with a warning), ``{ID: (width, height)}`` (first of duplicates) and the repeated IDs.
+
+    Raises ``ValueError`` without an ``ID`` column.
+    """
+    sample_path = Path(sample_path)
+    sizes: dict[str, tuple[int, int]] = {}
+    duplicates: list[str] = []
+    for row in _read_sample_rows(sample_path):
+        image_id = (row.get("ID") or "").strip()
+        if not image_id:
+            continue
+        if image_id in sizes:
+            duplicates.append(image_id)
+            continue
+        sizes[image_id] = (_to_size(row.get("ImageWidth")), _to_size(row.get("ImageHeight")))
+    if duplicates:
+        logger.warning("%s lists %d ID(s) more than once, kept once: %s", sample_path, len(duplicates), duplicates[:5])
+    return SampleSubmission(ids=list(sizes), sizes=sizes, duplicates=duplicates)
+
+
 def read_sample_sizes(sample_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """``{ID: (width, height)}`` from a sample submission, in its order (first of duplicates).
 
     Missing, non-numeric or non-positive sizes come back as 0.
     """
-    out: dict[str, tuple[int, int]] = {}
-    for row in _read_sample_rows(Path(sample_path)):
-        image_id = (row.get("ID") or "").strip()
-        if image_id and image_id not in out:
-            out[image_id] = (_to_size(row.get("ImageWidth")), _to_size(row.get("ImageHeight")))
-    return out
+    return read_sample(sample_path).sizes
 
 
 def list_test_ids(data_dir: str | os.PathLike) -> list[str]:
@@ -101,20 +129,10 @@ def list_test_ids(data_dir: str | os.PathLike) -> list[str]:
     data_dir = Path(data_dir)
     sample = data_dir / SAMPLE_NAME
     if sample.is_file():
-        ids: dict[str, None] = {}
-        duplicates: list[str] = []
-        for row in _read_sample_rows(sample):
-            image_id = (row.get("ID") or "").strip()
-            if not image_id:
-                continue
-            if image_id in ids:
-                duplicates.append(image_id)
-            ids[image_id] = None
-        if duplicates:
-            logger.warning("%s lists %d ID(s) more than once, kept once: %s", sample, len(duplicates), duplicates[:5])
+        ids = read_sample(sample).ids
         if not ids:
             raise FileNotFoundError(f"{sample} has no IDs")
-        return list(ids)
+        return ids
 
     test_dir = data_dir / TEST_DIR
     found: dict[str, set[str]] = collections.defaultdict(set)

@@ -45,10 +45,9 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from .classes import CLASS_NAMES, NUM_CLASSES, parse_labels
-from .rle import decode_mask
+from .rle import decode_mask, label_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -171,25 +170,6 @@ def mask_boxes(masks: Sequence[np.ndarray]) -> np.ndarray:
             continue
         cols = np.flatnonzero(m[rows[0] : rows[-1] + 1].any(axis=0))
         boxes[i] = (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
-    return boxes
-
-
-def label_boxes(labels: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
-    """Bounding boxes ``(y0, x0, y1, x1)`` (half-open) of cells of a label image.
-
-    A cell id absent from the image gets an all-zero (empty) box. One pass over the image
-    (``scipy.ndimage.find_objects``).
-    """
-    cell_ids = np.asarray(cell_ids, dtype=np.int64)
-    boxes = np.zeros((cell_ids.size, 4), dtype=np.int64)
-    max_label = int(labels.max(initial=0))
-    if max_label == 0:
-        return boxes
-    slices = ndimage.find_objects(labels, max_label=max_label)
-    for i, cell in enumerate(cell_ids.tolist()):
-        sl = slices[cell - 1] if 1 <= cell <= max_label else None
-        if sl is not None:
-            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
     return boxes
 
 

@@ -197,6 +197,35 @@ def forward_tta(
     return mean_maps.mean(dim=(2, 3)), mean_maps
 
 
+def classify_image(
+    model: PuzzleCAM,
+    image: np.ndarray,
+    device: str | torch.device = "cpu",
+    fp16: bool = False,
+    tta: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The full-image forward of the kernel: ``(probs (C,), cams (C, h, w))`` as numpy.
+
+    ``image`` is the ``(S, S, 4)`` float image in [0, 1]; it is resized (``INTER_AREA``) to
+    the checkpoint's ``image_size`` and normalised with its mean/std (``model.meta``,
+    RGBY defaults). ``fp16`` autocast only on CUDA; ``tta`` averages flips
+    (:func:`forward_tta`). CAMs are :meth:`PuzzleCAM.cams` of the class maps.
+    """
+    import cv2
+
+    meta = getattr(model, "meta", {}) or {}
+    size = int(meta.get("image_size", image.shape[0]))
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    x = normalize(image, meta.get("mean", RGBY_MEAN), meta.get("std", RGBY_STD))
+    x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(device)
+    amp = bool(fp16) and torch.device(device).type == "cuda"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        logits, maps = forward_tta(model, x) if tta else model.forward_with_maps(x)
+        cams = model.cams(maps.float())
+    return torch.sigmoid(logits.float())[0].cpu().numpy(), cams[0].cpu().numpy()
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 _PLAIN = (str, int, float, bool, type(None))

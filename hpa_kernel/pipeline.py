@@ -186,38 +186,6 @@ def build_segmenter(config: KernelConfig, device: str, fp16: bool, summary: RunS
 # ----------------------------------------------------------------------------- stages
 
 
-def _to_tensor(image: np.ndarray, size: int, meta: dict[str, Any], device: str):
-    """512 RGBY float (S,S,4) -> normalised (1,4,size,size) tensor at the model's size."""
-    import cv2
-    import torch
-
-    from .model import RGBY_MEAN, RGBY_STD, normalize
-
-    if image.shape[0] != size or image.shape[1] != size:
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    x = normalize(image, meta.get("mean", RGBY_MEAN), meta.get("std", RGBY_STD))
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(device)
-
-
-def classify_full_image(m: LoadedModel, image: np.ndarray, device: str, fp16: bool, tta: bool):
-    """Full-image forward: image-level probabilities (19,) and CAMs (19,h,w) in [0,1]."""
-    import torch
-
-    size = int(m.meta.get("image_size", image.shape[0]))
-    x = _to_tensor(image, size, m.meta, device)
-    amp = torch.autocast("cuda", dtype=torch.float16) if (fp16 and device.startswith("cuda")) else contextlib.nullcontext()
-    with torch.inference_mode(), amp:
-        if tta:
-            from .model import forward_tta
-
-            logits, maps = forward_tta(m.model, x)
-        else:
-            logits, maps = m.model.forward_with_maps(x)
-        cams = m.model.cams(maps.float())
-    probs = torch.sigmoid(logits.float())[0].cpu().numpy()
-    return probs, cams[0].cpu().numpy()
-
-
 def predict_image(
     image: np.ndarray,
     labels: np.ndarray,
@@ -233,11 +201,12 @@ def predict_image(
 ) -> np.ndarray:
     """Per-cell, per-class scores (n, 19) for one image: Step 1, Step 2, ensemble."""
     from .ensemble import combine_models, combine_steps, select_top_classes
+    from .model import classify_image
     from .step1 import step1_scores
     from .step2 import crop_cells, predict_crops
 
     n = len(cell_ids)
-    if n == 0 or not models or level >= LEVEL_EMPTY:
+    if n == 0 or not models:
         return np.zeros((n, NUM_CLASSES), np.float32)
     use = models[:1] if level >= LEVEL_ONE_MODEL else models
     use_step2 = config.use_step2 and level == LEVEL_FULL
@@ -247,7 +216,7 @@ def predict_image(
         s1 = s2 = None
         if use_step1:
             with timer("forward_full"):
-                probs, cams = classify_full_image(m, image, device, fp16, tta)
+                probs, cams = classify_image(m.model, image, device, fp16, tta)
             with timer("step1"):
                 s1 = step1_scores(cams, probs, labels, cell_ids, top_classes=config.top_classes)
         if use_step2:
@@ -255,7 +224,7 @@ def predict_image(
             with timer("crops"):
                 crops = crop_cells(image, labels, cell_ids, crop_size=crop)
             with timer("forward_crops"):
-                kw = dict(batch_size=batch_size, device=device, fp16=fp16, mean=m.meta.get("mean"), std=m.meta.get("std"))
+                kw = dict(batch_size=batch_size, device=device, fp16=fp16)  # mean/std: the checkpoint's
                 s2 = predict_crops(m.model, crops, **kw)
                 if tta:  # flip TTA for Step 2: identity, horizontal and vertical flips averaged
                     s2 = (s2 + predict_crops(m.model, crops[..., ::-1].copy(), **kw)
@@ -392,25 +361,6 @@ class Budget:
         return level
 
 
-def read_sample(data_dir: Path) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """Sizes ``ID -> (width, height)`` that ``sample_submission.csv`` gives (> 0), and its duplicate IDs."""
-    from .io import SAMPLE_NAME, read_sample_sizes
-
-    path = Path(data_dir) / SAMPLE_NAME
-    if not path.exists():
-        return {}, []
-    try:
-        with open(path) as f:
-            ids = [line.split(",", 1)[0].strip() for line in f.read().splitlines()[1:] if line.strip()]
-        sizes = read_sample_sizes(path)
-    except (OSError, ValueError) as e:  # a broken sample only costs the fallback sizes
-        logger.warning("could not read sizes from %s: %s", path, e)
-        return {}, []
-    seen: set[str] = set()
-    dups = sorted({i for i in ids if i in seen or seen.add(i)})
-    return {i: wh for i, wh in sizes.items() if wh[0] > 0 and wh[1] > 0}, dups
-
-
 def fallback_size(test_dir: Path, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
     """Width and height for a row whose image was not (or could not be) decoded."""
     from .io import png_size
@@ -454,23 +404,23 @@ def process_image(item, segmenter, models, config, opts, device, fp16, level, ti
 
 def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     """Run the kernel over ``opts.data_dir`` and write ``opts.out``; returns the summary."""
-    import torch
     from tqdm.auto import tqdm
 
-    from .io import list_test_ids, load_image, prefetch
+    from .io import SAMPLE_NAME, list_test_ids, load_image, prefetch, read_sample
     from .submission import write_submission
 
     t_start = time.perf_counter()
     out = Path(opts.out)
     summary = RunSummary(out=out)
     data_dir = Path(opts.data_dir)
-    ids = select_ids(list_test_ids(data_dir), opts.shard, opts.max_images)
+    sample = read_sample(data_dir / SAMPLE_NAME) if (data_dir / SAMPLE_NAME).is_file() else None
+    ids = select_ids((sample.ids if sample else None) or list_test_ids(data_dir), opts.shard, opts.max_images)
     summary.n_images = len(ids)
-    sample_sizes, duplicates = read_sample(data_dir)
-    if duplicates:
+    sample_sizes = {i: wh for i, wh in sample.sizes.items() if wh[0] > 0 and wh[1] > 0} if sample else {}
+    if sample and sample.duplicates:
+        dups = sorted(set(sample.duplicates))
         summary.warnings.append(
-            f"sample_submission.csv lists {len(duplicates)} duplicate ID(s), each written once: "
-            + ", ".join(duplicates[:5])
+            f"sample_submission.csv lists {len(dups)} duplicate ID(s), each written once: " + ", ".join(dups[:5])
         )
     test_dir = data_dir / "test"
 

@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 from pycocotools import mask as mask_util
+from scipy import ndimage
 
 __all__ = [
     "encode_mask",
@@ -34,6 +35,7 @@ __all__ = [
     "encode_label_image",
     "resize_labels",
     "label_runs",
+    "label_boxes",
     "check_masks",
 ]
 
@@ -135,6 +137,30 @@ def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
     if arr.shape == (h, w):
         return arr
     return cv2.resize(arr, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def label_boxes(labels: np.ndarray, cell_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    """Bounding boxes ``(n, 4)`` int64 as ``(y0, x0, y1, x1)``, half-open, one per cell id.
+
+    One ``scipy.ndimage.find_objects`` pass over the label image; an id that is absent (or
+    ``<= 0``) gets the empty box ``(0, 0, 0, 0)``.
+    """
+    cell_ids = np.asarray(cell_ids if isinstance(cell_ids, np.ndarray) else list(cell_ids), dtype=np.int64).reshape(-1)
+    boxes = np.zeros((cell_ids.size, 4), dtype=np.int64)
+    lab = np.asarray(labels)
+    if cell_ids.size == 0 or lab.size == 0:
+        return boxes
+    if not np.issubdtype(lab.dtype, np.integer):
+        lab = lab.astype(np.int64)
+    max_label = int(max(cell_ids.max(), 0))
+    if max_label == 0:
+        return boxes
+    objects = ndimage.find_objects(lab, max_label=max_label)
+    for i, cid in enumerate(cell_ids.tolist()):  # n small tuples: no pixel work here
+        sl = objects[cid - 1] if 0 < cid <= len(objects) else None
+        if sl is not None:
+            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return boxes
 
 
 def label_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,33 +12,16 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .classes import NUM_CLASSES
 from .model import RGBY_MEAN, RGBY_STD, normalize
+from .rle import label_boxes
 
 __all__ = ["cell_boxes", "square_boxes", "crop_cells", "predict_crops"]
 
 
-def cell_boxes(labels: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
-    """Bounding boxes ``(n, 4)`` int64 as ``(y0, x0, y1, x1)``, half-open, one per cell id.
-
-    One ``scipy.ndimage.find_objects`` pass over the label image; an id that is absent
-    (or ``<= 0``) gets the empty box ``(0, 0, 0, 0)``.
-    """
-    cell_ids = np.asarray(cell_ids, dtype=np.int64).reshape(-1)
-    boxes = np.zeros((len(cell_ids), 4), dtype=np.int64)
-    if len(cell_ids) == 0 or labels.size == 0:
-        return boxes
-    lab = np.asarray(labels)
-    if not np.issubdtype(lab.dtype, np.integer):
-        lab = lab.astype(np.int64)
-    objects = ndimage.find_objects(lab, max_label=int(max(cell_ids.max(), 0)))
-    for i, cid in enumerate(cell_ids):  # n small tuples: no pixel work here
-        sl = objects[cid - 1] if 0 < cid <= len(objects) else None
-        if sl is not None:
-            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
-    return boxes
+#: Bounding boxes of cells (``(y0, x0, y1, x1)``, half-open): :func:`hpa_kernel.rle.label_boxes`.
+cell_boxes = label_boxes
 
 
 def square_boxes(boxes: np.ndarray) -> np.ndarray:

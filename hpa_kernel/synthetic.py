@@ -910,8 +910,6 @@ def make_image(
     objects = _keep_main_component(owner, nuclei, len(cells))
 
     # which cells survive the crop to the image
-    from scipy import ndimage
-
     crop = (slice(pad, pad + height), slice(pad, pad + width))
     n = len(cells)
     nuc_full = np.bincount(nuclei.ravel(), minlength=n + 1)

@@ -22,17 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.train.config import load_train_config
 from hpa_kernel.train.dataset import load_index
 
-__all__ = ["OOFOptions", "classify_full", "predict_cells", "export_oof", "write_table", "main"]
+__all__ = ["OOFOptions", "predict_cells", "export_oof", "write_table", "main"]
 
 logger = logging.getLogger(__name__)
 STEP1_COLS = [f"step1_{c}" for c in range(NUM_CLASSES)]
@@ -48,23 +46,6 @@ class OOFOptions:
     limit: int | None = None  # first N images of the fold only
 
 
-def classify_full(model, meta: dict[str, Any], image: np.ndarray, device: str, fp16: bool = False):
-    """Image-level probabilities ``(19,)`` and CAMs ``(19, h, w)`` of a ``(S, S, 4)`` float image,
-    the way the kernel does it: INTER_AREA resize to ``meta["image_size"]``, normalise, forward."""
-    from hpa_kernel.model import normalize
-
-    size = int(meta["image_size"])
-    if image.shape[:2] != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
-    x = normalize(x, meta["mean"], meta["std"])
-    amp = fp16 and str(device).startswith("cuda")
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-        logits, maps = model.forward_with_maps(x)
-        cams = model.cams(maps.float())
-    return torch.sigmoid(logits.float())[0].cpu().numpy(), cams[0].cpu().numpy()
-
-
 def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.ndarray, opts: OOFOptions):
     """``(cell_ids, boxes (n,4), step1 (n,19), step2 (n,19))`` for one image and its cell labels."""
     from hpa_kernel.step1 import present_ids, step1_scores
@@ -75,7 +56,9 @@ def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.nda
     if n == 0:
         z = np.zeros((0, NUM_CLASSES), np.float32)
         return cell_ids, np.zeros((0, 4), np.int64), z, z
-    probs, cams = classify_full(model, meta, image, opts.device, opts.fp16)
+    from hpa_kernel.model import classify_image
+
+    probs, cams = classify_image(model, image, opts.device, opts.fp16)
     s1 = step1_scores(cams, probs, labels, cell_ids)
     crops = crop_cells(image, labels, cell_ids, crop_size=int(meta["crop_size"]))
     s2 = predict_crops(model, crops, mean=meta["mean"], std=meta["std"], batch_size=opts.batch_size,
@@ -93,12 +76,9 @@ def _load_512(row, sources: Sequence[Path], size: int) -> np.ndarray:
         if src is None:
             raise FileNotFoundError(f"{row.ID}: not in any --src folder")
         return resize_rgby(read_rgby(src, str(row.ID)), size)
-    arr = np.load(row.path)
-    img = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 65535.0)
-    if img.shape[:2] != (size, size):
-        interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
-        img = cv2.resize(img, (size, size), interpolation=interp)
-    return img
+    from hpa_kernel.io import resize_rgby
+
+    return resize_rgby(np.load(row.path), size)
 
 
 def export_oof(
