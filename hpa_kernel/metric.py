@@ -186,7 +186,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)
 
 
-def mask_iou(masks: Sequence[np.ndarray], labels: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
+def mask_iou(
+    masks: Sequence[np.ndarray], labels: np.ndarray, cell_ids: np.ndarray, boxes: np.ndarray | None = None
+) -> np.ndarray:
     """Pixel IoU matrix (len(masks), len(cell_ids)) of boolean masks vs. labelled cells.
 
     Each mask is cropped to its bounding box and ``np.bincount`` of the labels under it
@@ -198,7 +200,8 @@ def mask_iou(masks: Sequence[np.ndarray], labels: np.ndarray, cell_ids: np.ndarr
     cell_area = np.bincount(labels.ravel(), minlength=n)[cell_ids]
     inter = np.zeros((len(masks), cell_ids.size), dtype=np.int64)
     det_area = np.zeros(len(masks), dtype=np.int64)
-    for i, (m, (y0, x0, y1, x1)) in enumerate(zip(masks, mask_boxes(masks))):
+    boxes = mask_boxes(masks) if boxes is None else boxes  # callers that have them pass them
+    for i, (m, (y0, x0, y1, x1)) in enumerate(zip(masks, boxes)):
         under = labels[y0:y1, x0:x1][m[y0:y1, x0:x1]]
         det_area[i] = under.size
         inter[i] = np.bincount(under, minlength=n)[cell_ids]
@@ -279,7 +282,8 @@ def _score_distinct(
     cell_ids, has = _gt_matrix(cell_classes)
     out = ImageScore(n_gt=has.sum(axis=0).astype(np.int64))
     present = out.n_gt > 0
-    nonempty = np.array([bool(m.any()) for m in masks], dtype=bool)
+    boxes = mask_boxes(masks)  # one pass per distinct mask; an empty mask has an empty box
+    nonempty = boxes[:, 2] > boxes[:, 0]
     keep = present[classes] & nonempty[mask_index] if classes.size else np.zeros(0, bool)
     out.n_dropped = int(classes.size - keep.sum())
     if not keep.any():
@@ -289,9 +293,9 @@ def _score_distinct(
     remap[used] = np.arange(used.size)
     used_masks = [masks[i] for i in used]
     if iou == "mask":
-        iou_matrix = mask_iou(used_masks, labels, cell_ids)
+        iou_matrix = mask_iou(used_masks, labels, cell_ids, boxes=boxes[used])
     else:
-        iou_matrix = box_iou(mask_boxes(used_masks), label_boxes(labels, cell_ids))
+        iou_matrix = box_iou(boxes[used], label_boxes(labels, cell_ids))
     kept = np.flatnonzero(keep)
     kept = kept[np.argsort(-confidences[kept], kind="stable")]
     for c in np.unique(classes[kept]):
