@@ -216,54 +216,58 @@ def grouped_quantiles(
     for c in range(k):  # per class: every array below is one image plane (cache-sized)
         v = values[c]
         T, T_all = T_k[c].copy(), np.float32(T_all_k[c])
-        # relu-like maps (min 0): every resized value is >= 0 (non-negative weights) and
-        # many are exactly 0. Zeros are counted per group, never sorted.
-        zero_floor = bounds[c, 0] == 0.0 and v.min() >= 0
-        zeros = np.zeros(G, dtype=np.int64)
-        if zero_floor:
-            not_zero = v != 0
-            np.maximum(T, 0, out=T)
-            T_all = max(T_all, np.float32(0))
+        # Values equal to the row's minimum ``f`` are counted per group, never sorted:
+        # relu maps (many exact zeros), flat maps (every value equal) and plateaus. A
+        # bilinear resize of a map whose minimum is ``f`` gives values >= f (convex weights)
+        # and exactly ``f`` where all four sources are ``f``; checked, not assumed.
+        f = np.float32(bounds[c, 0])
+        on_floor = bool(np.isfinite(f)) and v.min() >= f
+        n_floor = np.zeros(G, dtype=np.int64)  # values equal to f, per group (+ no group)
+        if on_floor:
+            off_floor = v != f
+            np.maximum(T, f, out=T)
+            T_all = max(T_all, f)
         for _attempt in range(2):
             thr = np.empty(G, dtype=np.float32)
             np.minimum(T, T_all, out=thr[:n_groups])
             thr[n_groups] = T_all
             t_min = thr.min()
-            if zero_floor and t_min <= 0 and not zeros.any():  # zeros counted once, when needed
-                n_zero = P - int(np.count_nonzero(not_zero))
-                if 2 * n_zero < P:
-                    zeros = np.bincount(group[~not_zero], minlength=G)
+            if on_floor and t_min <= f and not n_floor.any():  # counted once, when needed
+                n_on = P - int(np.count_nonzero(off_floor))
+                if 2 * n_on < P:
+                    n_floor = np.bincount(group[~off_floor], minlength=G)
                 else:
-                    zeros = counts_all - np.bincount(group[not_zero], minlength=G)
+                    n_floor = counts_all - np.bincount(group[off_floor], minlength=G)
             mask = v >= np.repeat(thr[run_group], run_len)  # each pixel's threshold, run by run
-            if zero_floor:
-                mask &= not_zero
+            if on_floor:
+                mask &= off_floor
             idx = np.flatnonzero(mask)
             vc, gc = v[idx], group[idx]
             in_g = vc >= np.append(T, inf_row)[gc]  # the no-group pixels never
             in_a = vc >= T_all
-            z_g = np.where(T <= 0, zeros[:n_groups], 0)  # zeros at or above the threshold
-            z_a = int(zeros.sum()) if T_all <= 0 else 0
+            z_g = np.where(T <= f, n_floor[:n_groups], 0)  # all 0 unless on_floor
+            z_a = int(n_floor.sum()) if on_floor and T_all <= f else 0
             cnt = np.bincount(gc[in_g], minlength=G)[:n_groups] + z_g
             cnt_a = int(np.count_nonzero(in_a)) + z_a
             bad = (cnt < need) & ok
             if not bad.any() and cnt_a >= need_all:
                 break
-            fallback = np.float32(0 if zero_floor else -np.inf)  # guessed too high: take all
+            fallback = f if on_floor else np.float32(-np.inf)  # guessed too high: take all
             T = np.where(bad, fallback, T).astype(np.float32)
             T_all = fallback if cnt_a < need_all else T_all
         if ok.any():
-            # rank r of a group: skip the (n - cnt) values below the threshold, then z_g zeros
+            # rank r of a group: skip the (n - cnt) values below the threshold, then the
+            # z_g values equal to f (a negative r lands on them)
             skipped = (counts - cnt)[:, None]
             r = np.stack([lo, hi], axis=1) - skipped - z_g[:, None]
             sel = _select_sorted(gc[in_g], vc[in_g], n_groups, np.maximum(r, 0)).astype(np.float64)
-            sel = np.where(r < 0, 0.0, sel)
+            sel = np.where(r < 0, np.float64(f), sel)
             q_group[:, c] = np.where(ok, _lerp(sel[:, 0], sel[:, 1], gamma), 0.0)
         va = vc[in_a]
         r_a = [lo_a - (P - cnt_a) - z_a, hi_a - (P - cnt_a) - z_a]
         kth = sorted({x for x in r_a if x >= 0})
         part = np.partition(va, kth) if kth else va
-        lo_v, hi_v = (np.float64(part[x]) if x >= 0 else 0.0 for x in r_a)
+        lo_v, hi_v = (np.float64(part[x]) if x >= 0 else np.float64(f) for x in r_a)
         q_all[c] = _lerp(lo_v, hi_v, gamma_a)
     return q_group, q_all, counts
 

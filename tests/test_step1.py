@@ -248,6 +248,7 @@ def test_grouped_quantiles_redo_wrong_guesses(monkeypatch):
         (2, 96, 12, "sparse", {}),
         (3, 128, 16, "smooth", {"quantile": 0.9, "min_ratio": 0.3}),
         (4, 64, 16, "uniform", {"min_prob": 0.5}),
+        (5, 128, 16, "plateau", {}),
     ],
 )
 def test_vectorised_equals_reference_on_random_inputs(seed, size, cam, kind, kwargs):
@@ -260,6 +261,10 @@ def test_vectorised_equals_reference_on_random_inputs(seed, size, cam, kind, kwa
         yy, xx = np.mgrid[:cam, :cam]
         cy, cx = rng.random((2, 19, 1, 1)) * cam
         cams = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.05 * cam**2)).astype(np.float32)
+    elif kind == "plateau":  # floors above zero: flat maps, a raised floor, a flat top
+        cams = np.maximum(cams, 0.6)
+        cams[:4] = 0.5
+        cams[4:8] = np.minimum(rng.random((4, cam, cam), dtype=np.float32), 0.3)
     probs = rng.random(19).astype(np.float32)
     probs[rng.random(19) < 0.3] = 0.005
     got = step1_scores(cams, probs, labels, **kwargs)
@@ -280,3 +285,33 @@ def test_class_chunks_and_coarse_histograms_give_the_same_scores(monkeypatch):
     monkeypatch.setattr(step1, "_MAX_PLANE_BYTES", 3 * 64 * 64 * 4)  # 3 classes at a time
     monkeypatch.setattr(step1, "_MAX_HIST_BINS", 1)  # the coarsest guesses
     np.testing.assert_array_equal(step1_scores(cams, probs, labels), whole)
+
+
+def test_values_on_the_floor_are_counted_not_sorted(monkeypatch):
+    """Values equal to a row's minimum (flat maps, raised floors, relu zeros) are counted
+    per group; only the values above it reach the sort, and the result stays exact."""
+    import hpa_kernel.step1 as step1
+
+    rng = np.random.default_rng(11)
+    P, n = 4000, 6
+    values = np.empty((3, P), dtype=np.float32)
+    values[0] = 0.5  # flat
+    values[1] = np.maximum(rng.random(P, dtype=np.float32), 0.9)  # 90 % on a raised floor
+    values[2] = np.maximum(rng.standard_normal(P).astype(np.float32), -0.2)  # negative floor
+    group = rng.integers(0, n + 1, P).astype(np.int32)
+    sorted_sizes = []
+    real = step1._select_sorted
+
+    def spy(keys_group, vals, n_groups, rank):
+        sorted_sizes.append(len(vals))
+        return real(keys_group, vals, n_groups, rank)
+
+    monkeypatch.setattr(step1, "_select_sorted", spy)
+    for q in (0.99, 0.5):
+        sorted_sizes.clear()
+        qg, qa, _ = grouped_quantiles(values, group, n, quantile=q)
+        np.testing.assert_allclose(qa, np.quantile(values, q, axis=1), rtol=0, atol=1e-6)
+        for g in range(n):
+            np.testing.assert_allclose(qg[g], np.quantile(values[:, group == g], q, axis=1), rtol=0, atol=1e-6)
+        assert sorted_sizes[0] == 0  # the flat row sorts nothing
+        assert sorted_sizes[1] <= 0.1 * P + 50  # only the values above the floor, at most
