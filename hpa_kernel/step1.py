@@ -51,10 +51,10 @@ def resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     that follows, which matters more on a busy machine than the call overhead.
     """
     maps = np.asarray(maps, dtype=np.float32)
-    out = np.empty((maps.shape[0], height * width), dtype=np.float32)
-    for c in range(maps.shape[0]):
-        out[c] = cv2.resize(np.ascontiguousarray(maps[c]), (width, height), interpolation=cv2.INTER_LINEAR).ravel()
-    return out
+    out = np.empty((maps.shape[0], height, width), dtype=np.float32)
+    for c in range(maps.shape[0]):  # written in place: no copy of each plane
+        cv2.resize(np.ascontiguousarray(maps[c]), (width, height), dst=out[c], interpolation=cv2.INTER_LINEAR)
+    return out.reshape(maps.shape[0], height * width)
 
 
 def _ordered_bits(v: np.ndarray) -> np.ndarray:
@@ -288,8 +288,14 @@ def _cell_index(labels: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
     """Row index of every pixel's cell in ``cell_ids``; ``len(cell_ids)`` for the rest."""
     n = len(cell_ids)
     flat = labels.ravel()
-    if n == 0:
+    if n == 0 or flat.size == 0:
         return np.zeros(flat.shape, dtype=np.int32)
+    top = int(flat.max())
+    if np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0 and top <= 4 * flat.size:
+        lut = np.full(top + 1, n, dtype=np.int32)  # one gather through a table
+        ids = cell_ids[(cell_ids > 0) & (cell_ids <= top)]
+        lut[ids] = np.searchsorted(cell_ids, ids)
+        return lut[flat]
     pos = np.searchsorted(cell_ids, flat)
     pos_c = np.minimum(pos, n - 1)
     hit = (cell_ids[pos_c] == flat) & (flat != 0)
