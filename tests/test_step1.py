@@ -315,3 +315,23 @@ def test_values_on_the_floor_are_counted_not_sorted(monkeypatch):
             np.testing.assert_allclose(qg[g], np.quantile(values[:, group == g], q, axis=1), rtol=0, atol=1e-6)
         assert sorted_sizes[0] == 0  # the flat row sorts nothing
         assert sorted_sizes[1] <= 0.1 * P + 50  # only the values above the floor, at most
+
+
+def test_bench_floor_and_tile_share_count_what_they_say():
+    rng = np.random.default_rng(12)
+    labels = bench.voronoi_labels(rng, 64, 10)
+    cams = rng.random((19, 8, 8), dtype=np.float32)
+    probs = np.full(19, 0.5, dtype=np.float32)
+    probs[:4] = 0.001  # not examined
+    f = bench.numpy_floor(cams, probs, labels, repeats=1)
+    counts = np.bincount(labels.ravel())[1:]
+    counts = counts[counts > 0]
+    assert f["classes"] == 15
+    assert f["values"] == 15 * int((counts - np.floor(0.99 * (counts - 1))).sum())
+    share = bench.tile_share(cams, probs, labels)
+    assert 0 < share < 1
+    flat = np.full_like(cams, 0.3)  # every value on the floor: nothing to evaluate
+    assert bench.tile_share(flat, probs, labels) == 0
+    spike = np.zeros_like(cams)
+    spike[:, 0, 0] = 1.0  # only the tiles touching CAM pixel (0, 0) can reach a quantile > 0
+    assert 0 < bench.tile_share(spike, probs, labels) < 0.2
