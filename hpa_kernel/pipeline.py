@@ -28,6 +28,7 @@ import numpy as np
 from . import __version__
 from .classes import NUM_CLASSES
 from .config import KernelConfig
+from .device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +135,6 @@ class LoadedModel:
     meta: dict[str, Any]
     weight: float
     name: str
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but CUDA is not available")
-    return device
 
 
 def load_models(config: KernelConfig, device: str, summary: RunSummary) -> list[LoadedModel]:
@@ -428,7 +419,9 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     from .integrity import verify_files
 
     verify_files(config, check_hash=opts.verify_weights)
-    device = resolve_device(opts.device)
+    device, device_warning = resolve_device(opts.device)
+    if device_warning:
+        summary.warnings.append(device_warning)
     fp16 = device.startswith("cuda") if opts.fp16 is None else bool(opts.fp16)
     summary.device = device + (" fp16" if fp16 and device.startswith("cuda") else "")
     timer = StageTimer(summary.stage_seconds, cuda=device.startswith("cuda"))

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="Kaggle-layout folder (test/ + sample_submission.csv)")
     p.add_argument("--weights", type=Path, help="weights manifest (default: the bundled demo manifest)")
     p.add_argument("--out", type=Path, help="output CSV (default ./submission.csv, on Kaggle /kaggle/working/...)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto: the GPU if this torch can run on it, else the CPU with a warning)")
     fp = p.add_mutually_exclusive_group()
     fp.add_argument("--fp16", dest="fp16", action="store_true", default=None, help="fp16 autocast (default on CUDA)")
     fp.add_argument("--no-fp16", dest="fp16", action="store_false", help="full precision on CUDA")
