@@ -101,6 +101,8 @@ def snapshot(dest: Path) -> Path:
 def test_kernel_metadata_gpu_on_internet_off() -> None:
     meta = json.loads((REPO / "submission" / "kernel-metadata.json").read_text())
     assert meta["enable_gpu"] is True and meta["enable_internet"] is False
+    # without machine_shape a push gets the P100, which the current image's torch cannot use
+    assert meta["machine_shape"] == "NvidiaTeslaT4"
     assert meta["kernel_type"] == "script" and meta["language"] == "python"
     assert meta["code_file"] == "kernel.py" and (REPO / "submission" / meta["code_file"]).is_file()
     assert meta["competition_sources"] == ["hpa-single-cell-image-classification"]
