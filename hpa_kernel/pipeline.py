@@ -256,18 +256,8 @@ class Journal:
 
     def _read(self) -> None:
         try:
-            with open(self.path) as f:
-                lines = f.read().splitlines()
-            if not lines or json.loads(lines[0]).get("fingerprint") != self.fingerprint:
-                logger.info("journal %s belongs to another run; starting afresh", self.path)
-                return
-            for line in lines[1:]:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by the kill: everything before it is good
-                self.rows[r["id"]] = (r["w"], r["h"], r["p"], r.get("e"))
-        except (OSError, json.JSONDecodeError, KeyError) as e:
+            self.rows = read_journal(self.path, self.fingerprint)
+        except (OSError, ValueError, KeyError) as e:
             logger.warning("journal %s unreadable (%s); starting afresh", self.path, e)
             self.rows = {}
 
@@ -284,6 +274,25 @@ class Journal:
         self._fh.close()
         if remove:
             self.path.unlink(missing_ok=True)
+
+
+def read_journal(path: Path, fingerprint: str | None = None) -> dict[str, tuple[int, int, str, str | None]]:
+    """The finished rows of a journal, ``{ID: (width, height, predstring, error)}``: empty
+    when its header names another ``fingerprint`` (``None``: any). A last line cut by a
+    kill ends the reading; everything before it is good."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines or (fingerprint is not None and json.loads(lines[0]).get("fingerprint") != fingerprint):
+        logger.info("journal %s belongs to another run; starting afresh", path)
+        return {}
+    rows = {}
+    for line in lines[1:]:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        rows[r["id"]] = (r["w"], r["h"], r["p"], r.get("e"))
+    return rows
 
 
 def _fingerprint(config: KernelConfig, ids: list[str], opts: RunOptions) -> str:

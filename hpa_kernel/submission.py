@@ -30,6 +30,8 @@ __all__ = [
     "prediction_string",
     "write_submission",
     "validate_submission",
+    "read_rows",
+    "merge_submissions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -312,6 +314,25 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
 # ----------------------------------------------------------------------------------------
 
 
+def read_rows(path: str | os.PathLike) -> dict[str, Row]:
+    """The rows of a submission CSV written by :func:`write_submission`: ``{ID: (width,
+    height, predstring)}``. ``ValueError`` for another header, a repeated ID or a bad size."""
+    header, body = _read_rows(Path(path))
+    if header is None or list(header) != list(COLUMNS):
+        raise ValueError(f"{path}: not a submission (columns {header})")
+    rows: dict[str, Row] = {}
+    for n, r in enumerate(body, 2):
+        if len(r) != len(COLUMNS):
+            raise ValueError(f"{path}, line {n}: {len(r)} fields, expected {len(COLUMNS)}")
+        if r[0] in rows:
+            raise ValueError(f"{path}: ID {r[0]} appears twice")
+        try:
+            rows[r[0]] = (int(r[1]), int(r[2]), r[3])
+        except ValueError:
+            raise ValueError(f"{path}, line {n}: width/height are not integers") from None
+    return rows
+
+
 def merge_submissions(
     parts: Sequence[str | os.PathLike], sample_path: str | os.PathLike, out: str | os.PathLike
 ) -> int:
@@ -323,14 +344,10 @@ def merge_submissions(
     rows: dict[str, Row] = {}
     seen_in: dict[str, str] = {}
     for part in parts:
-        header, body = _read_rows(Path(part))
-        if header is None or list(header) != list(COLUMNS):
-            raise ValueError(f"{part}: not a submission (columns {header})")
-        for r in body:
-            image_id = r[0]
+        for image_id, row in read_rows(part).items():
             if image_id in rows:
                 raise ValueError(f"{part}: ID {image_id} is also in {seen_in[image_id]}")
-            rows[image_id] = (int(r[1]), int(r[2]), r[3])
+            rows[image_id] = row
             seen_in[image_id] = str(part)
     sample_ids = list(read_sample_sizes(sample_path))
     missing = [i for i in sample_ids if i not in rows]

@@ -10,6 +10,9 @@ With no arguments:
 ``python -m hpa_kernel.submit merge PART.csv [PART.csv ...] --sample SAMPLE --out FILE``
 joins the outputs of ``--shard I/N`` runs into one submission.
 
+With several usable GPUs (Kaggle's "GPU T4 x2") the images are split into one shard per
+GPU, run in one process each and joined (``--parallel``, :mod:`hpa_kernel.parallel`).
+
 Exit status: 0 all images done; 1 the file is complete but some images failed (listed
 in the summary); 2 nothing could be run (bad arguments, manifest or data folder).
 """
@@ -51,6 +54,18 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"--time-budget wants seconds or e.g. 90m / 8.5h, not {text!r}") from None
 
 
+def _parallel(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--parallel wants auto or a number >= 1, not {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hpa_kernel.submit",
@@ -68,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
     p.add_argument("--max-images", type=int, help="only the first N images (after sharding)")
     p.add_argument("--shard", type=_shard, help="I/N: run every N-th image starting at I (merge afterwards)")
+    p.add_argument("--parallel", type=_parallel, default="auto",
+                   help="processes, each on its own shard and device (default auto: one per usable GPU when there are several)")
     p.add_argument("--time-budget", type=_duration, help="seconds (or 90m, 8.5h) the whole run may take (default: none; 8.5h on Kaggle)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines")
@@ -138,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.shard is None:
+        from .parallel import plan_devices
+
+        devices = plan_devices(args.device, args.parallel)
+        if len(devices) > 1:
+            return run_parallel(args, devices, Path(data_dir), out, time_budget)
+    elif args.parallel not in ("auto", 1):
+        print("error: --parallel and --shard do not go together (--parallel makes its own shards)", file=sys.stderr)
+        return 2
     opts = RunOptions(
         data_dir=data_dir,
         out=out,
@@ -161,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.format())
+    report(args, Path(data_dir), out)
+    return 1 if summary.n_failed else 0
 
+
+def report(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
+    """Validate the finished file and score it where the data carries ground truth."""
     sample = Path(data_dir) / "sample_submission.csv"
     if sample.exists() and args.shard is None and args.max_images is None:
         from .submission import validate_submission
@@ -176,7 +207,63 @@ def main(argv: list[str] | None = None) -> int:
 
         result = evaluate(out, truth)
         print(f"local mAP@0.6 (mask IoU) against {truth}: {result.mAP:.4f}")
-    return 1 if summary.n_failed else 0
+
+
+def _child_args(args: argparse.Namespace, data_dir: Path, rerun: bool) -> list[str]:
+    """The options a shard process gets from ours (not --out/--device/--shard/--time-budget)."""
+    a = ["--data-dir", str(data_dir), "--workers", str(args.workers), "--parallel", "1", "--no-progress"]
+    if args.weights:
+        a += ["--weights", str(args.weights)]
+    if args.fp16 is not None:
+        a.append("--fp16" if args.fp16 else "--no-fp16")
+    if args.batch_size:
+        a += ["--batch-size", str(args.batch_size)]
+    if args.max_images is not None:
+        a += ["--max-images", str(args.max_images)]
+    if args.save_overlays:
+        a += ["--save-overlays", str(args.save_overlays)]
+    flags = ["tta", "no_verify", "allow_outside_paths", "quiet", "verbose"] + ([] if rerun else ["no_resume"])
+    return a + [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f)]
+
+
+def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None) -> int:
+    """One shard process per device, then the parts joined into ``out``: every ID gets its
+    row. Exit status 0 when every shard finished every image, else 1."""
+    from .io import list_test_ids, read_sample
+    from .parallel import Shard, join_parts, part_path, run_shards
+    from .pipeline import fallback_size, select_ids
+
+    sample_csv = data_dir / "sample_submission.csv"
+    try:
+        sample = read_sample(sample_csv) if sample_csv.is_file() else None
+        ids = (sample.ids if sample else None) or list_test_ids(data_dir)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = len(devices)
+    shards = [Shard(i, n, d, part_path(out, i, n), select_ids(ids, (i, n), args.max_images)) for i, d in enumerate(devices)]
+    logger.info("%d images in %d shard processes on %s", sum(len(s.ids) for s in shards), n, ", ".join(devices))
+
+    def command(s: Shard, seconds_left: float | None) -> list[str]:
+        cmd = [sys.executable, "-m", "hpa_kernel.submit", *_child_args(args, data_dir, rerun=s.attempts > 1),
+               "--shard", f"{s.index}/{s.count}", "--device", s.device, "--out", str(s.out)]
+        return cmd + ([] if seconds_left is None else ["--time-budget", f"{max(seconds_left, 1.0):.0f}"])
+
+    result = run_shards(shards, command, time_budget, progress=not args.no_progress and not args.quiet)
+    for s in shards:
+        if s.stdout.exists():
+            text = s.stdout.read_text().strip()
+            if text:
+                print(f"== shard {s.index}/{s.count} ({s.device})\n{text}")
+            s.stdout.unlink()
+    wanted = set().union(*(s.ids for s in shards))
+    sizes = sample.sizes if sample else {}
+    join_parts(result, [i for i in ids if i in wanted], out,
+               lambda i: fallback_size(data_dir / "test", i, {k: v for k, v in sizes.items() if v[0] > 0 and v[1] > 0}))
+    print(result.format())
+    print(f"wrote {out}")
+    report(args, data_dir, out)
+    return 0 if all(s.rc == 0 for s in shards) and not result.filled else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""--parallel: one shard process per device, parts joined; a dying shard is run again,
+and what it never finished is still written (from its journal, else empty)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import hpa_kernel.parallel as parallel
+from hpa_kernel.parallel import ParallelResult, Shard, join_parts, part_path, plan_devices
+from hpa_kernel.submission import read_rows, validate_submission
+from hpa_kernel.submit import main
+
+
+def gpus(n):
+    return lambda: [f"cuda:{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "device, par, n_gpus, want",
+    [
+        ("auto", "auto", 2, ["cuda:0", "cuda:1"]),  # Kaggle's T4 x2
+        ("cuda", "auto", 2, ["cuda:0", "cuda:1"]),
+        ("auto", "auto", 1, ["auto"]),  # one GPU: one process, as before
+        ("auto", "auto", 0, ["auto"]),
+        ("cpu", "auto", 2, ["cpu"]),  # the CPU asked for: the GPUs are not looked at
+        ("auto", 3, 2, ["cuda:0", "cuda:1", "cuda:0"]),
+        ("auto", 2, 0, ["cpu", "cpu"]),
+        ("cpu", 2, 2, ["cpu", "cpu"]),
+        ("cuda:1", 2, 2, ["cuda:1", "cuda:1"]),
+        ("auto", 1, 2, ["auto"]),
+    ],
+)
+def test_plan_devices(device, par, n_gpus, want):
+    assert plan_devices(device, par, gpus=gpus(n_gpus)) == want
+
+
+def test_plan_devices_refuses_zero():
+    with pytest.raises(ValueError):
+        plan_devices("cpu", 0, gpus=gpus(0))
+
+
+def test_part_paths_sit_next_to_the_output(tmp_path):
+    assert part_path(tmp_path / "submission.csv", 1, 2) == tmp_path / "submission.part1of2.csv"
+
+
+def test_rows_done_reads_the_journal_incrementally(tmp_path):
+    s = Shard(0, 2, "cpu", tmp_path / "p.csv", ["a", "b", "c"])
+    assert s.rows_done() == 0  # no journal yet
+    with open(s.journal, "w") as f:
+        f.write(json.dumps({"fingerprint": "x"}) + "\n" + json.dumps({"id": "a"}) + "\n" + '{"id": "b"')
+    assert s.rows_done() == 1  # the cut line is not counted yet
+    with open(s.journal, "a") as f:
+        f.write("}\n")
+    assert s.rows_done() == 2
+    s.rc = 0
+    assert s.rows_done() == 3
+
+
+def test_join_takes_a_dead_shards_journal_and_fills_the_rest(tmp_path):
+    out = tmp_path / "submission.csv"
+    ok = Shard(0, 2, "cpu", part_path(out, 0, 2), ["a", "c"], rc=0)
+    dead = Shard(1, 2, "cpu", part_path(out, 1, 2), ["b", "d"], rc=3)
+    ok.out.write_text("ID,ImageWidth,ImageHeight,PredictionString\na,10,10,0 1 eNoLAAA=\nc,10,10,\n")
+    with open(dead.journal, "w") as f:
+        f.write(json.dumps({"fingerprint": "x"}) + "\n")
+        f.write(json.dumps({"id": "b", "w": 20, "h": 20, "p": "5 0.5 eNoLAAA="}) + "\n")
+    result = ParallelResult([ok, dead])
+    join_parts(result, ["a", "b", "c", "d"], out, fallback_size=lambda i: (30, 40))
+    rows = read_rows(out)
+    assert list(rows) == ["a", "b", "c", "d"]
+    assert rows["b"] == (20, 20, "5 0.5 eNoLAAA=") and rows["d"] == (30, 40, "")
+    assert result.filled == ["d"]
+    assert not ok.out.exists() and dead.journal.exists()  # the failed shard's journal is kept
+    assert "written empty" in result.format() and "failed twice" in result.format()
+
+
+def _single(small_dataset, tiny_manifest, out):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shard processes get OMP_NUM_THREADS=1: same float order
+    try:
+        return main(["--data-dir", str(small_dataset), "--weights", str(tiny_manifest), "--out", str(out),
+                     "--device", "cpu", "--parallel", "1", "--no-progress", "-q"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_run(small_dataset, tiny_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "submission.csv"
+    assert _single(small_dataset, tiny_manifest, out) == 0
+    return out
+
+
+def _parallel(small_dataset, tiny_manifest, out, *extra):
+    return main(["--data-dir", str(small_dataset), "--weights", str(tiny_manifest), "--out", str(out),
+                 "--device", "cpu", "--parallel", "2", "--no-progress", "-q", *extra])
+
+
+def test_two_processes_write_the_same_file_as_one(monkeypatch, small_dataset, tiny_manifest, single_run, tmp_path, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "submission.csv"
+    assert _parallel(small_dataset, tiny_manifest, out) == 0
+    assert out.read_bytes() == single_run.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]  # parts and logs removed
+    text = capsys.readouterr().out
+    assert "== shard 0/2 (cpu)" in text and "== shard 1/2 (cpu)" in text and "validation: OK" in text
+
+
+def test_a_shard_that_dies_is_run_again(monkeypatch, small_dataset, tiny_manifest, single_run, tmp_path, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    real, calls = parallel.launch_process, []
+
+    def flaky(cmd, env, stdout):
+        calls.append(list(cmd))
+        if "1/2" in cmd and sum("1/2" in c for c in calls) == 1:  # shard 1's first attempt dies
+            return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+        return real(cmd, env, stdout)
+
+    monkeypatch.setattr(parallel, "launch_process", flaky)
+    out = tmp_path / "submission.csv"
+    assert _parallel(small_dataset, tiny_manifest, out, "--no-resume") == 0
+    assert out.read_bytes() == single_run.read_bytes()
+    assert len(calls) == 3
+    assert "--no-resume" in calls[0] and "--no-resume" not in calls[2]  # the rerun resumes
+    assert "failed and were run again" in capsys.readouterr().out
+
+
+def test_a_shard_that_dies_twice_still_leaves_every_row(monkeypatch, small_dataset, tiny_manifest, single_run, tmp_path, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    real = parallel.launch_process
+
+    def broken(cmd, env, stdout):
+        if "1/2" in cmd:  # shard 1 finishes one image, then dies, every time
+            one = [*cmd, "--max-images", "1"]
+            return subprocess.Popen(["sh", "-c", '"$@"; exit 3', "sh", *one], env=env)
+        return real(cmd, env, stdout)
+
+    monkeypatch.setattr(parallel, "launch_process", broken)
+    out = tmp_path / "submission.csv"
+    assert _parallel(small_dataset, tiny_manifest, out) == 1
+    sample = small_dataset / "sample_submission.csv"
+    assert validate_submission(out, sample) == []
+    got, want = read_rows(out), read_rows(single_run)
+    ids = list(pd.read_csv(sample)["ID"])
+    assert list(got) == ids
+    lost = ids[1::2][1:]  # shard 1's images after its first
+    assert all(got[i] == want[i] for i in ids if i not in lost)
+    assert all(got[i][2] == "" and got[i][:2] == want[i][:2] for i in lost)
+    assert "written empty" in capsys.readouterr().out
+
+
+def test_parallel_and_shard_do_not_mix(small_dataset, tiny_manifest, tmp_path, capsys):
+    rc = main(["--data-dir", str(small_dataset), "--weights", str(tiny_manifest), "--out", str(tmp_path / "s.csv"),
+               "--device", "cpu", "--parallel", "2", "--shard", "0/2", "-q"])
+    assert rc == 2 and "do not go together" in capsys.readouterr().err
