@@ -145,11 +145,38 @@ def launch_process(cmd: Sequence[str], env: dict[str, str], stdout: Path) -> sub
         return subprocess.Popen(list(cmd), env=env, stdout=f, stderr=None)
 
 
+#: set in a shard process's environment: the parent's pid (see :func:`die_with_parent`)
+PARENT_ENV = "HPA_KERNEL_PARENT_PID"
+
+
 def _env(n_processes: int) -> dict[str, str]:
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_processes))
+    env[PARENT_ENV] = str(os.getpid())
     return env
+
+
+def die_with_parent() -> bool:
+    """In a shard process: end when the parallel parent dies (Linux ``PR_SET_PDEATHSIG``),
+    so that a killed run leaves no shard writing its journal while a restart begins.
+    Returns whether it could be arranged (not on other systems)."""
+    import signal
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != int(parent):  # the parent died before the call: go now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def run_shards(

@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.verbose)
+    if args.shard is not None:
+        from .parallel import die_with_parent
+
+        die_with_parent()  # a shard of a --parallel run ends with its parent
 
     from .config import ConfigError, load_config
     from .pipeline import RunOptions, run
@@ -241,6 +245,11 @@ def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, o
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = len(devices)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create the output folder: {e}", file=sys.stderr)
+        return 2
     shards = [Shard(i, n, d, part_path(out, i, n), select_ids(ids, (i, n), args.max_images)) for i, d in enumerate(devices)]
     logger.info("%d images in %d shard processes on %s", sum(len(s.ids) for s in shards), n, ", ".join(devices))
 

@@ -104,10 +104,10 @@ def _parallel(small_dataset, tiny_manifest, out, *extra):
 
 def test_two_processes_write_the_same_file_as_one(monkeypatch, small_dataset, tiny_manifest, single_run, tmp_path, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = tmp_path / "submission.csv"
+    out = tmp_path / "new" / "submission.csv"  # a folder that does not exist yet
     assert _parallel(small_dataset, tiny_manifest, out) == 0
     assert out.read_bytes() == single_run.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]  # parts and logs removed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["submission.csv"]  # parts and logs removed
     text = capsys.readouterr().out
     assert "== shard 0/2 (cpu)" in text and "== shard 1/2 (cpu)" in text and "validation: OK" in text
 
@@ -159,3 +159,49 @@ def test_parallel_and_shard_do_not_mix(small_dataset, tiny_manifest, tmp_path, c
     rc = main(["--data-dir", str(small_dataset), "--weights", str(tiny_manifest), "--out", str(tmp_path / "s.csv"),
                "--device", "cpu", "--parallel", "2", "--shard", "0/2", "-q"])
     assert rc == 2 and "do not go together" in capsys.readouterr().err
+
+
+def test_a_shard_process_ends_with_its_parent(tmp_path):
+    """The parent is SIGKILLed: its shard child (here a sleeper that called
+    die_with_parent) gets SIGTERM instead of running on unattended."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, time, hpa_kernel.parallel as p; "
+        f"assert p.die_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent = (
+        "import os, subprocess, sys, time; "
+        f"env = dict(os.environ, {parallel.PARENT_ENV}=str(os.getpid())); "
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break  # gone
+        try:  # a zombie (reaped by init later) also counts as ended
+            with open(f"/proc/{child_pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        assert time.monotonic() < deadline, "the shard process outlived its parent"
+        time.sleep(0.1)
+
+
+def test_die_with_parent_only_in_a_shard_process(monkeypatch):
+    monkeypatch.delenv(parallel.PARENT_ENV, raising=False)
+    assert parallel.die_with_parent() is False
