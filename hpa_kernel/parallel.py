@@ -174,8 +174,12 @@ def die_with_parent() -> bool:
             return False
     except (OSError, AttributeError):
         return False
-    if os.getppid() != int(parent):  # the parent died before the call: go now
+    try:
+        os.kill(int(parent), 0)  # the parent died before the call: go now
+    except ProcessLookupError:
         os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
     return True
 
 
