@@ -205,3 +205,16 @@ def test_a_shard_process_ends_with_its_parent(tmp_path):
 def test_die_with_parent_only_in_a_shard_process(monkeypatch):
     monkeypatch.delenv(parallel.PARENT_ENV, raising=False)
     assert parallel.die_with_parent() is False
+
+
+def test_usable_cuda_devices_skips_the_ones_torch_cannot_run(monkeypatch, caplog):
+    import hpa_kernel.device as device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(device, "cuda_problem", lambda d: "no kernels" if d == "cuda:1" else None)
+    assert parallel.usable_cuda_devices() == ["cuda:0", "cuda:2"]
+    assert "not using cuda:1: no kernels" in caplog.text
+    assert plan_devices("auto", "auto") == ["cuda:0", "cuda:2"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parallel.usable_cuda_devices() == []
