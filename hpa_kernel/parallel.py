@@ -6,8 +6,8 @@ in its own process on its own device, and the parts are joined into the one subm
 ``--parallel N`` asks for N processes (on a CPU-only machine too: each then gets
 ``cpu_count // N`` threads).
 
-A shard whose process dies is run again once the others are done, resuming from its
-journal; rows still missing after that are written empty with a warning, so every ID
+A shard whose process dies is started again at once, on the device of a shard that has
+not failed, resuming from its journal; rows still missing after that are written empty with a warning, so every ID
 keeps its row. Stages are the ones of :mod:`hpa_kernel.pipeline`; this module only
 launches, watches and joins.
 """
@@ -191,8 +191,9 @@ def run_shards(
     launch: Callable[[Sequence[str], dict[str, str], Path], subprocess.Popen] | None = None,
     poll_seconds: float = 1.0,
 ) -> ParallelResult:
-    """Run every shard in its own process at once, then each failed one again (on the first
-    shard's device, resuming from its journal) while the time budget allows.
+    """Run every shard in its own process at once; a shard whose process fails is started
+    again at once (resuming from its journal), on the device of a shard that has not
+    failed, if at least :data:`MIN_RERUN_SECONDS` of the time budget are left.
 
     ``command(shard, seconds_left)`` gives a shard's command line; ``launch(cmd, env,
     stdout_path)`` starts it (default :func:`launch_process`). A shard succeeded when its
@@ -207,36 +208,44 @@ def run_shards(
     def left() -> float | None:
         return None if time_budget is None else time_budget - (time.monotonic() - start)
 
-    def wait(running: dict[int, subprocess.Popen]) -> None:
-        while running:
-            for i, proc in list(running.items()):
-                rc = proc.poll()
-                if rc is not None:
-                    shards[i].rc = rc
-                    del running[i]
-            if bar is not None:
-                bar.update(sum(s.rows_done() for s in shards) - bar.n)
-            if running:
-                time.sleep(poll_seconds)
+    def start_shard(i: int) -> subprocess.Popen:
+        s = shards[i]
+        s.attempts += 1
+        s.rc = None
+        proc = launch(command(s, left()), _env(len(shards)), s.stdout)
+        logger.info("shard %d/%d: %d images on %s (pid %s)", s.index, s.count, len(s.ids), s.device, proc.pid)
+        return proc
 
-    running = {}
-    for i, s in enumerate(shards):
-        s.attempts += 1
-        running[i] = launch(command(s, left()), _env(len(shards)), s.stdout)
-        logger.info("shard %d/%d: %d images on %s (pid %s)", s.index, s.count, len(s.ids), s.device, running[i].pid)
-    wait(running)
-    for i, s in enumerate(shards):
-        if s.rc in (0, 1):
-            continue
-        remaining = left()
-        if remaining is not None and remaining < MIN_RERUN_SECONDS:
-            logger.error("shard %d/%d exited with %s; no time left to run it again", s.index, s.count, s.rc)
-            continue
-        s.device = shards[0].device if shards[0].rc in (0, 1) else s.device
-        logger.error("shard %d/%d exited with %s: running it again on %s, resuming", s.index, s.count, s.rc, s.device)
-        s.attempts += 1
-        result.reruns.append(s.index)
-        wait({i: launch(command(s, remaining), _env(1), s.stdout)})
+    def healthy_device(i: int) -> str:
+        """A device whose shard has not failed (the failed shard's own if none)."""
+        for other in shards:
+            if other is not shards[i] and other.rc in (None, 0, 1):
+                return other.device
+        return shards[i].device
+
+    running = {i: start_shard(i) for i in range(len(shards))}
+    while running:
+        for i, proc in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            s = shards[i]
+            s.rc = rc
+            del running[i]
+            if rc in (0, 1) or s.attempts >= 2:
+                continue
+            remaining = left()
+            if remaining is not None and remaining < MIN_RERUN_SECONDS:
+                logger.error("shard %d/%d exited with %s; no time left to run it again", s.index, s.count, rc)
+                continue
+            s.device = healthy_device(i)
+            logger.error("shard %d/%d exited with %s: running it again on %s, resuming", s.index, s.count, rc, s.device)
+            result.reruns.append(s.index)
+            running[i] = start_shard(i)
+        if bar is not None:
+            bar.update(sum(s.rows_done() for s in shards) - bar.n)
+        if running:
+            time.sleep(poll_seconds)
     if bar is not None:
         bar.update(sum(s.rows_done() for s in shards) - bar.n)
         bar.close()
