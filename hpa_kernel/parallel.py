@@ -7,8 +7,8 @@ in its own process on its own device, and the parts are joined into the one subm
 ``cpu_count // N`` threads).
 
 A shard whose process dies is started again at once, on the device of a shard that has
-not failed, resuming from its journal; rows still missing after that are written empty with a warning, so every ID
-keeps its row. Stages are the ones of :mod:`hpa_kernel.pipeline`; this module only
+not failed, resuming from its journal; rows still missing after that come from its
+journal or are written empty with a warning, so every ID keeps its row. Stages are the ones of :mod:`hpa_kernel.pipeline`; this module only
 launches, watches and joins.
 """
 
