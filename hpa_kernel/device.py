@@ -76,14 +76,17 @@ def cuda_problem(device: str = "cuda") -> str | None:
 
     if not torch.cuda.is_available():
         return "CUDA is not available (no GPU visible, or a CPU-only torch)"
-    dev = torch.device(device)
-    count = torch.cuda.device_count()
-    index = dev.index if dev.index is not None else 0
-    if index >= count:
-        return f"{device} does not exist: {count} CUDA device(s) visible"
-    name = torch.cuda.get_device_name(index)
-    cap = tuple(torch.cuda.get_device_capability(index))
-    arch = list(torch.cuda.get_arch_list())
+    try:
+        dev = torch.device(device)
+        count = torch.cuda.device_count()
+        index = dev.index if dev.index is not None else 0
+        if index >= count:
+            return f"{device} does not exist: {count} CUDA device(s) visible"
+        name = torch.cuda.get_device_name(index)
+        cap = tuple(torch.cuda.get_device_capability(index))
+        arch = list(torch.cuda.get_arch_list())
+    except Exception as e:  # a broken driver or a bad device string: say so, do not crash
+        return f"{device}: CUDA cannot be queried: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
     if not arch_supported(cap, arch):
         return (
             f"{name} (compute capability {cap[0]}.{cap[1]}) is not supported by this torch "

@@ -112,3 +112,15 @@ def test_cli_refuses_an_unusable_cuda_by_name(monkeypatch, small_dataset, tiny_m
     assert rc == 2 and not out.exists()
     err = capsys.readouterr().err
     assert "--device cuda" in err and "not supported by this torch" in err
+
+
+def test_a_broken_driver_is_reported_not_raised(monkeypatch):
+    fake_cuda(monkeypatch, cap=(7, 5), arch=CU128)
+
+    def broken(i=0):
+        raise RuntimeError("CUDA driver initialization failed\nmore")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", broken)
+    assert cuda_problem("cuda") == "cuda: CUDA cannot be queried: CUDA driver initialization failed"
+    assert resolve_device("auto")[0] == "cpu"
+    assert "cannot be queried" in cuda_problem("cuda:x")  # a bad device string, same way
