@@ -105,7 +105,8 @@ def resolve_device(requested: str = "auto") -> tuple[str, str | None]:
 
     ``auto``: ``cuda`` when a usable GPU is there, else ``cpu`` (with a warning when a GPU
     is visible but unusable). ``cuda`` / ``cuda:N``: that device, or :class:`DeviceError`
-    saying why not. Anything else (``cpu``, ``mps``...) is passed through.
+    saying why not. ``cpu`` as is; another torch device (``mps``...) if a tensor can be put
+    there; a name torch does not know (``tpu``, ``cuda:x``) is a :class:`DeviceError`.
     """
     import torch
 
@@ -118,8 +119,18 @@ def resolve_device(requested: str = "auto") -> tuple[str, str | None]:
         msg = f"the GPU cannot be used, running on the CPU (much slower): {problem}; {CUDA_HINT}"
         logger.error(msg)
         return "cpu", msg
-    if requested.startswith("cuda"):
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, ValueError) as e:
+        raise DeviceError(f"--device {requested}: not a device torch knows ({e}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
         problem = cuda_problem(requested)
         if problem is not None:
             raise DeviceError(f"--device {requested}: {problem}; {CUDA_HINT} (or use --device auto/cpu)")
+    elif dev.type != "cpu":  # mps, xpu...: can this torch put a tensor there?
+        try:
+            float((torch.ones(1, device=dev) + 1).sum())
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(f"--device {requested}: this torch cannot use it ({first}); use auto, cpu or cuda") from None
     return requested, None

@@ -237,11 +237,15 @@ def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, o
     from .parallel import Shard, join_parts, part_path, run_shards
     from .pipeline import fallback_size, select_ids
 
+    from .device import resolve_device
+
     sample_csv = data_dir / "sample_submission.csv"
     try:
+        for d in sorted(set(devices) - {"cpu"}):
+            resolve_device(d)  # a device no shard could use stops the run here, once
         sample = read_sample(sample_csv) if sample_csv.is_file() else None
         ids = (sample.ids if sample else None) or list_test_ids(data_dir)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = len(devices)

@@ -124,3 +124,22 @@ def test_a_broken_driver_is_reported_not_raised(monkeypatch):
     assert cuda_problem("cuda") == "cuda: CUDA cannot be queried: CUDA driver initialization failed"
     assert resolve_device("auto")[0] == "cpu"
     assert "cannot be queried" in cuda_problem("cuda:x")  # a bad device string, same way
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda:x", "gpu"])
+def test_unknown_device_names_are_refused(name):
+    with pytest.raises(DeviceError, match="not a device torch knows"):
+        resolve_device(name)
+
+
+def test_a_known_but_unusable_device_is_refused(monkeypatch):
+    real = torch.ones
+
+    def ones(*a, device=None, **kw):
+        if device is not None and torch.device(device).type == "xpu":
+            raise RuntimeError("PyTorch is not linked with support for xpu devices\nmore")
+        return real(*a, device=device, **kw)
+
+    monkeypatch.setattr(torch, "ones", ones)
+    with pytest.raises(DeviceError, match="this torch cannot use it .PyTorch is not linked with support for xpu devices.;"):
+        resolve_device("xpu")

@@ -218,3 +218,10 @@ def test_usable_cuda_devices_skips_the_ones_torch_cannot_run(monkeypatch, caplog
     assert plan_devices("auto", "auto") == ["cuda:0", "cuda:2"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert parallel.usable_cuda_devices() == []
+
+
+def test_a_device_no_shard_could_use_stops_the_run_at_once(small_dataset, tiny_manifest, tmp_path, capsys):
+    rc = main(["--data-dir", str(small_dataset), "--weights", str(tiny_manifest), "--out", str(tmp_path / "s.csv"),
+               "--device", "tpu", "--parallel", "2", "-q"])
+    assert rc == 2 and "not a device torch knows" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
