@@ -77,10 +77,18 @@ class RunSummary:
     device: str = "cpu"
     n_models: int = 0
     segmenter: str = ""
+    #: parts of the manifest that could not be used (a classifier file, the segmentation
+    #: weights): the file is complete, but not what was asked for
+    component_failures: list[str] = field(default_factory=list)
 
     @property
     def n_failed(self) -> int:
         return len(self.failures)
+
+    @property
+    def ok(self) -> bool:
+        """Every image went through with every model of the manifest."""
+        return not self.failures and not self.component_failures
 
     def format(self) -> str:
         """A readable multi-line summary (printed by the CLI)."""
@@ -149,6 +157,7 @@ def load_models(config: KernelConfig, device: str, summary: RunSummary) -> list[
             msg = f"classifier {c.path} skipped: {e}"
             logger.error(msg)
             summary.warnings.append(msg)
+            summary.component_failures.append(msg)
             continue
         models.append(LoadedModel(model, meta, c.weight, Path(c.path).name))
     if not models:
@@ -169,6 +178,7 @@ def build_segmenter(config: KernelConfig, device: str, fp16: bool, summary: RunS
         msg = f"segmentation weights unusable ({e}); using the weight-free classic segmenter"
         logger.error(msg)
         summary.warnings.append(msg)
+        summary.component_failures.append(msg)
         seg = Segmenter(config.segmentation.__class__(method="classic"), device=device, fp16=fp16)
         summary.segmenter = "classic (fallback)"
     return seg

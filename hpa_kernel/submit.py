@@ -13,8 +13,9 @@ joins the outputs of ``--shard I/N`` runs into one submission.
 With several usable GPUs (Kaggle's "GPU T4 x2") the images are split into one shard per
 GPU, run in one process each and joined (``--parallel``, :mod:`hpa_kernel.parallel`).
 
-Exit status: 0 all images done; 1 the file is complete but some images failed (listed
-in the summary); 2 nothing could be run (bad arguments, manifest or data folder).
+Exit status: 0 all images done with every model; 1 the file is complete but something
+failed: some images, a classifier file or the segmentation weights (listed in the
+summary); 2 nothing could be run (bad arguments, device, manifest or data folder).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.format())
     report(args, Path(data_dir), out)
-    return 1 if summary.n_failed else 0
+    return 0 if summary.ok else 1
 
 
 def report(args: argparse.Namespace, data_dir: Path, out: Path) -> None:

@@ -226,7 +226,8 @@ def submit_command(
 
 
 def exit_status(submit_rc: int, out: Path | None, started: float | None = None) -> int:
-    """The kernel's exit status: submit's 1 (file complete, some images failed) is success.
+    """The kernel's exit status: submit's 1 (file complete; some images, a classifier or the
+    segmentation weights failed) is success.
 
     Python also exits with 1 on an uncaught exception, so 1 counts as success only when
     the submission file exists and was written after ``started`` (a time.time() value).

@@ -119,8 +119,12 @@ def test_bad_classifier_file_still_writes_every_row(small_dataset, tmp_path):
     out = tmp_path / "sub.csv"
     summary = run(load_config(manifest), _opts(small_dataset, out))
     assert any("skipped" in w for w in summary.warnings)
+    assert summary.n_failed == 0 and not summary.ok  # every image went through, without its model
     assert validate_submission(out, small_dataset / "sample_submission.csv") == []
     assert len(pd.read_csv(out)) == len(pd.read_csv(small_dataset / "sample_submission.csv"))
+    # the CLI says so in its exit status: the file is complete, not what was asked for
+    assert main(["--data-dir", str(small_dataset), "--weights", str(manifest), "--out", str(out),
+                 "--device", "cpu", "--no-resume", "-q"]) == 1
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -132,3 +136,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_version():
     r = subprocess.run([sys.executable, "-m", "hpa_kernel.submit", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and __version__ in r.stdout
+
+
+def test_unusable_segmentation_weights_fall_back_to_classic(small_dataset, tiny_checkpoint, tmp_path):
+    """Weight files of the wrong kind for the hpa segmenter: the classic one runs instead,
+    the summary says so and the CLI exits 1; every row is still written."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "nuc.pth").write_bytes(b"not a state dict")
+    (folder / "cell.pth").write_bytes(b"not a state dict")
+    manifest = write_manifest(folder, tiny_checkpoint,
+                              segmentation={"method": "hpa", "nuclei": "nuc.pth", "cell": "cell.pth"})
+    out = tmp_path / "sub.csv"
+    summary = run(load_config(manifest), _opts(small_dataset, out))
+    assert summary.segmenter == "classic (fallback)"
+    assert len(summary.component_failures) == 1 and "segmentation weights unusable" in summary.component_failures[0]
+    assert summary.n_failed == 0 and not summary.ok
+    assert validate_submission(out, small_dataset / "sample_submission.csv") == []
+    assert all(len(p.split()) >= 3 for p in pd.read_csv(out, keep_default_na=False)["PredictionString"])
+    assert main(["--data-dir", str(small_dataset), "--weights", str(manifest), "--out", str(out),
+                 "--device", "cpu", "--no-resume", "-q"]) == 1
