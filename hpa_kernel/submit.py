@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--no-fp16", dest="fp16", action="store_false", help="full precision on CUDA")
     p.add_argument("--batch-size", type=int, help="Step 2 crop batch size (default from the manifest)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-    p.add_argument("--max-images", type=int, help="only the first N images (after sharding)")
+    p.add_argument("--max-images", type=int, help="only the first N images (of each shard with --shard or --parallel)")
     p.add_argument("--shard", type=_shard, help="I/N: run every N-th image starting at I (merge afterwards)")
     p.add_argument("--parallel", type=_parallel, default="auto",
                    help="processes, each on its own shard and device (default auto: one per usable GPU when there are several)")
