@@ -107,9 +107,11 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+def setup_logging(quiet: bool = False, verbose: bool = False, tag: str = "") -> None:
+    """Log to stderr; ``tag`` (e.g. ``[shard 1/2]``) starts every line of a shard process."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    fmt = "%(asctime)s " + (f"{tag} " if tag else "") + "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
 
 
 def merge_main(argv: list[str]) -> int:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
-    setup_logging(args.quiet, args.verbose)
+    setup_logging(args.quiet, args.verbose, tag=f"[shard {args.shard[0]}/{args.shard[1]}]" if args.shard else "")
     if args.shard is not None:
         from .parallel import die_with_parent
 
