@@ -30,6 +30,12 @@ class DeviceError(RuntimeError):
     """The device asked for cannot run the models."""
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's first message line (its type name when the message is empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def arch_supported(capability: tuple[int, int], arch_list: Sequence[str]) -> bool:
     """Whether a torch built for ``arch_list`` has code for a card of ``capability``.
 
@@ -86,7 +92,7 @@ def cuda_problem(device: str = "cuda") -> str | None:
         cap = tuple(torch.cuda.get_device_capability(index))
         arch = list(torch.cuda.get_arch_list())
     except Exception as e:  # a broken driver or a bad device string: say so, do not crash
-        return f"{device}: CUDA cannot be queried: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        return f"{device}: CUDA cannot be queried: {_first_line(e)}"
     if not arch_supported(cap, arch):
         return (
             f"{name} (compute capability {cap[0]}.{cap[1]}) is not supported by this torch "
@@ -95,8 +101,7 @@ def cuda_problem(device: str = "cuda") -> str | None:
     try:
         _probe(torch.device("cuda", index))
     except Exception as e:  # torch.AcceleratorError / RuntimeError, whatever the build raises
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"{name}: a test convolution failed on {device}: {first}"
+        return f"{name}: a test convolution failed on {device}: {_first_line(e)}"
     return None
 
 
@@ -131,6 +136,5 @@ def resolve_device(requested: str = "auto") -> tuple[str, str | None]:
         try:
             float((torch.ones(1, device=dev) + 1).sum())
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DeviceError(f"--device {requested}: this torch cannot use it ({first}); use auto, cpu or cuda") from None
+            raise DeviceError(f"--device {requested}: this torch cannot use it ({_first_line(e)}); use auto, cpu or cuda") from None
     return requested, None

@@ -37,6 +37,7 @@ __all__ = [
     "SampleSubmission",
     "read_sample",
     "read_sample_sizes",
+    "read_test_set",
     "read_channel",
     "read_rgby",
     "resize_rgby",
@@ -126,13 +127,19 @@ def list_test_ids(data_dir: str | os.PathLike) -> list[str]:
     ``data_dir/test`` (an ID missing some channel is kept, with a warning: loading it will
     report the missing file). Raises ``FileNotFoundError`` when neither gives any ID.
     """
+    return read_test_set(data_dir)[0]
+
+
+def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmission | None]:
+    """The IDs of :func:`list_test_ids` and the sample they came from (``None`` without
+    one), reading ``sample_submission.csv`` once."""
     data_dir = Path(data_dir)
-    sample = data_dir / SAMPLE_NAME
-    if sample.is_file():
-        ids = read_sample(sample).ids
-        if not ids:
-            raise FileNotFoundError(f"{sample} has no IDs")
-        return ids
+    sample_path = data_dir / SAMPLE_NAME
+    if sample_path.is_file():
+        sample = read_sample(sample_path)
+        if not sample.ids:
+            raise FileNotFoundError(f"{sample_path} has no IDs")
+        return sample.ids, sample
 
     test_dir = data_dir / TEST_DIR
     found: dict[str, set[str]] = collections.defaultdict(set)
@@ -150,7 +157,7 @@ def list_test_ids(data_dir: str | os.PathLike) -> list[str]:
     if incomplete:
         logger.warning("%d test ID(s) lack some channel files: %s", len(incomplete), incomplete[:5])
     logger.info("no %s in %s; using the %d IDs found in %s/", SAMPLE_NAME, data_dir, len(found), TEST_DIR)
-    return sorted(found)
+    return sorted(found), None
 
 
 # ----------------------------------------------------------------------------------------

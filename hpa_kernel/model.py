@@ -344,9 +344,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     except Exception as e:  # noqa: BLE001 - unknown timm name and the like
         raise CheckpointError(f"{path}: cannot build backbone {meta['backbone']!r} ({type(e).__name__}: {e})") from None
     try:
-        result = model.load_state_dict(
-            {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False
-        )
+        result = model.load_state_dict(state, strict=False)  # copy_ casts fp16 weights to the fp32 model
     except RuntimeError as e:  # shape mismatches
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
         raise CheckpointError(f"{path}: weights do not fit {meta['backbone']!r} ({detail[:200]})") from None
@@ -356,6 +354,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"({len(result.missing_keys)} missing, e.g. {result.missing_keys[:2]}; "
             f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:2]})"
         )
-    model = model.float().eval().to(device)
+    model = model.eval().to(device)
     model.meta = dict(meta)
     return model, dict(meta)

@@ -8,8 +8,8 @@ in its own process on its own device, and the parts are joined into the one subm
 
 A shard whose process dies is started again at once, on the device of a shard that has
 not failed, resuming from its journal; rows still missing after that come from its
-journal or are written empty with a warning, so every ID keeps its row. Stages are the ones of :mod:`hpa_kernel.pipeline`; this module only
-launches, watches and joins.
+journal or are written empty with a warning, so every ID keeps its row. Stages are the
+ones of :mod:`hpa_kernel.pipeline`; this module only launches, watches and joins.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class Shard:
 
     @property
     def journal(self) -> Path:
-        return self.out.with_name(self.out.name + ".journal")
+        from .pipeline import journal_path
+
+        return journal_path(self.out)
 
     @property
     def stdout(self) -> Path:
@@ -256,10 +258,8 @@ def run_shards(
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency; without it, no bar
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, unit="img", desc="images", file=sys.stderr, dynamic_ncols=True)
 
 

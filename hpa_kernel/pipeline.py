@@ -142,7 +142,6 @@ class LoadedModel:
     model: Any
     meta: dict[str, Any]
     weight: float
-    name: str
 
 
 def load_models(config: KernelConfig, device: str, summary: RunSummary) -> list[LoadedModel]:
@@ -159,7 +158,7 @@ def load_models(config: KernelConfig, device: str, summary: RunSummary) -> list[
             summary.warnings.append(msg)
             summary.component_failures.append(msg)
             continue
-        models.append(LoadedModel(model, meta, c.weight, Path(c.path).name))
+        models.append(LoadedModel(model, meta, c.weight))
     if not models:
         msg = "no usable classifier: every image gets an empty prediction"
         logger.error(msg)
@@ -240,6 +239,11 @@ def predict_image(
 
 
 # ----------------------------------------------------------------------------- journal
+
+
+def journal_path(out: Path) -> Path:
+    """Where a run writing ``out`` journals its finished rows."""
+    return out.with_name(out.name + ".journal")
 
 
 class Journal:
@@ -372,13 +376,16 @@ class Budget:
 
 
 def fallback_size(test_dir: Path, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """Width and height for a row whose image was not (or could not be) decoded."""
-    from .io import png_size
+    """Width and height for a row whose image was not (or could not be) decoded: the
+    sample's where positive (``io.read_sample`` stores 0 for a missing size), else the
+    first readable channel's PNG header, else ``(0, 0)``."""
+    from .io import CHANNELS, channel_path, png_size
 
-    if image_id in sample_sizes:
-        return sample_sizes[image_id]
-    for ch in ("red", "green", "blue", "yellow"):
-        size = png_size(test_dir / f"{image_id}_{ch}.png")
+    width, height = sample_sizes.get(image_id, (0, 0))
+    if width > 0 and height > 0:
+        return width, height
+    for ch in CHANNELS:
+        size = png_size(channel_path(test_dir, image_id, ch))
         if size is not None:
             return size
     return (0, 0)
@@ -387,6 +394,7 @@ def fallback_size(test_dir: Path, image_id: str, sample_sizes: dict[str, tuple[i
 def process_image(item, segmenter, models, config, opts, device, fp16, level, timer, batch_size) -> str:
     """One decoded image through segmentation, the classifiers and RLE: its PredictionString."""
     from .rle import encode_label_image
+    from .step1 import present_ids
     from .submission import prediction_string
 
     net0 = getattr(segmenter, "network_seconds", 0.0)
@@ -397,10 +405,9 @@ def process_image(item, segmenter, models, config, opts, device, fp16, level, ti
         timer.totals["seg_network"] += net
         timer.totals["segmentation"] -= net
     labels = seg.cells
-    cell_ids = np.unique(labels)
-    cell_ids = cell_ids[cell_ids > 0]
+    cell_ids = present_ids(labels)
     scores = predict_image(item.image, labels, cell_ids, models, config, device, fp16, level, opts.tta, timer, batch_size)
-    keep = scores.max(axis=1) > 0 if len(cell_ids) else np.zeros(0, bool)
+    keep = scores.max(axis=1) > 0
     with timer("rle"):
         rles = encode_label_image(labels, item.width, item.height, cell_ids=cell_ids[keep])
         pred = prediction_string(rles, cell_ids[keep], scores[keep], config.min_confidence)
@@ -416,23 +423,23 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     """Run the kernel over ``opts.data_dir`` and write ``opts.out``; returns the summary."""
     from tqdm.auto import tqdm
 
-    from .io import SAMPLE_NAME, list_test_ids, load_image, prefetch, read_sample
+    from .io import TEST_DIR, load_image, prefetch, read_test_set
     from .submission import write_submission
 
     t_start = time.perf_counter()
     out = Path(opts.out)
     summary = RunSummary(out=out)
     data_dir = Path(opts.data_dir)
-    sample = read_sample(data_dir / SAMPLE_NAME) if (data_dir / SAMPLE_NAME).is_file() else None
-    ids = select_ids((sample.ids if sample else None) or list_test_ids(data_dir), opts.shard, opts.max_images)
+    all_ids, sample = read_test_set(data_dir)
+    ids = select_ids(all_ids, opts.shard, opts.max_images)
     summary.n_images = len(ids)
-    sample_sizes = {i: wh for i, wh in sample.sizes.items() if wh[0] > 0 and wh[1] > 0} if sample else {}
+    sample_sizes = sample.sizes if sample else {}
     if sample and sample.duplicates:
         dups = sorted(set(sample.duplicates))
         summary.warnings.append(
             f"sample_submission.csv lists {len(dups)} duplicate ID(s), each written once: " + ", ".join(dups[:5])
         )
-    test_dir = data_dir / "test"
+    test_dir = data_dir / TEST_DIR
 
     # 0. weights: integrity, device, models
     from .integrity import verify_files
@@ -450,7 +457,7 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
         models = load_models(config, device, summary)
     summary.n_models = len(models)
 
-    journal = Journal(out.with_name(out.name + ".journal"), _fingerprint(config, ids, opts), opts.resume)
+    journal = Journal(journal_path(out), _fingerprint(config, ids, opts), opts.resume)
     todo = [i for i in ids if i not in journal.rows]
     summary.n_resumed = len(ids) - len(todo)
     if summary.n_resumed:

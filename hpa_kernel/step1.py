@@ -31,7 +31,6 @@ from .classes import NEGATIVE, NUM_CLASSES
 
 __all__ = ["step1_scores", "resize_maps", "grouped_quantiles", "present_ids"]
 
-_CV_MAX_CHANNELS = 512  # cv2.resize handles at most CV_CN_MAX channels at once
 _BUCKETS = 256
 _MAX_PLANE_BYTES = 128 << 20  # resized maps held at once (19 x 512² float32 = 20 MB)
 _MAX_HIST_BINS = 1 << 22  # (class, cell, bucket) histogram of the threshold guess

@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
     """Validate the finished file and score it where the data carries ground truth."""
-    sample = Path(data_dir) / "sample_submission.csv"
+    from .io import SAMPLE_NAME
+
+    sample = Path(data_dir) / SAMPLE_NAME
     if sample.exists() and args.shard is None and args.max_images is None:
         from .submission import validate_submission
 
@@ -236,18 +238,15 @@ def _child_args(args: argparse.Namespace, data_dir: Path, rerun: bool) -> list[s
 def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None) -> int:
     """One shard process per device, then the parts joined into ``out``: every ID gets its
     row. Exit status 0 when every shard finished every image, else 1."""
-    from .io import list_test_ids, read_sample
+    from .device import resolve_device
+    from .io import TEST_DIR, read_test_set
     from .parallel import Shard, join_parts, part_path, run_shards
     from .pipeline import fallback_size, select_ids
 
-    from .device import resolve_device
-
-    sample_csv = data_dir / "sample_submission.csv"
     try:
         for d in sorted(set(devices) - {"cpu"}):
             resolve_device(d)  # a device no shard could use stops the run here, once
-        sample = read_sample(sample_csv) if sample_csv.is_file() else None
-        ids = (sample.ids if sample else None) or list_test_ids(data_dir)
+        ids, sample = read_test_set(data_dir)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -274,8 +273,7 @@ def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, o
             s.stdout.unlink()
     wanted = set().union(*(s.ids for s in shards))
     sizes = sample.sizes if sample else {}
-    join_parts(result, [i for i in ids if i in wanted], out,
-               lambda i: fallback_size(data_dir / "test", i, {k: v for k, v in sizes.items() if v[0] > 0 and v[1] > 0}))
+    join_parts(result, [i for i in ids if i in wanted], out, lambda i: fallback_size(data_dir / TEST_DIR, i, sizes))
     print(result.format())
     print(f"wrote {out}")
     report(args, data_dir, out)

@@ -350,17 +350,11 @@ def test_install_falls_back_when_a_dependency_is_known_under_another_name(
 @pytest.mark.slow
 def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoint: Path, small_dataset: Path) -> None:
     # 1. build from the real working tree (git path), with a tiny real checkpoint as weights
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    shutil.copy(tiny_checkpoint, weights / "model.pt")
-    (weights / "manifest.json").write_text(
-        json.dumps(
-            {"segmentation": {"method": "classic"}, "classifiers": [{"path": "model.pt"}], "crop_size": 32, "batch_size": 8}
-        )
-    )
+    from conftest import write_manifest
     from hpa_kernel.integrity import update_manifest
 
-    update_manifest(weights / "manifest.json")
+    weights = tmp_path / "weights"
+    update_manifest(write_manifest(weights, tiny_checkpoint))
     # listed before the build (others may add files to the shared tree meanwhile)
     tracked = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "--", "hpa_kernel"],

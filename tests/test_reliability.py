@@ -166,7 +166,7 @@ def _journal_lines(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_bytes(small_dataset, tiny_manifest, tmp_path):
+def test_killed_run_resumes_to_identical_bytes(tiny_manifest, tmp_path):
     """SIGKILL mid-way; the restart redoes only what is missing; same bytes as uninterrupted."""
     from hpa_kernel.synthetic import write_dataset
 
