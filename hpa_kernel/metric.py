@@ -48,12 +48,12 @@ import pandas as pd
 
 from .classes import CLASS_NAMES, NUM_CLASSES, parse_labels
 from .rle import decode_mask, label_boxes
+from .submission import COLUMNS as SUBMISSION_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 IOU_THRESHOLD: float = 0.6
 IOU_MODES: tuple[str, ...] = ("mask", "box")
-SUBMISSION_COLUMNS: tuple[str, ...] = ("ID", "ImageWidth", "ImageHeight", "PredictionString")
 TRUTH_COLUMNS: tuple[str, ...] = ("ID", "cell_id", "Label")
 
 Detection = tuple[int, float, np.ndarray]

@@ -92,7 +92,7 @@ def prediction_string(
         logger.debug("cells without a mask string skipped: %s", missing[:10])
     values = scores[rows, classes].tolist()
     parts = [
-        f"{c} {format(v, CONFIDENCE_FORMAT)} {rles[cid]}"
+        f"{c} {format_confidence(v)} {rles[cid]}"
         for cid, c, v in zip(ids[rows].tolist(), classes.tolist(), values)
         if cid in rles
     ]

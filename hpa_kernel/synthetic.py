@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from .classes import NEGATIVE, NUM_CLASSES, format_labels
+from .io import CHANNELS, channel_path
 
 logger = logging.getLogger(__name__)
 
@@ -473,6 +474,7 @@ class _Ctx:
         pts = _sample_points(rng, self.perinuclear(0.15 * self.rn), 1)
         self.mtoc = pts[0] if len(pts) else np.array([self.cy, self.cx], np.float32)
         self._nucleoli: np.ndarray | None = None
+        self._nucleoli_mask: np.ndarray | None = None
         self._red: np.ndarray | None = None
         self._yellow: np.ndarray | None = None
         self._spindle: np.ndarray | None = None
@@ -507,12 +509,14 @@ class _Ctx:
         return self._nucleoli
 
     def nucleoli_mask(self) -> np.ndarray:
-        """Soft nucleoli blobs (max ~1)."""
-        out = np.zeros(self.shape, np.float32)
-        for y, x, rad in self.nucleoli:
-            d2 = ((self.yy - y) ** 2 + (self.xx - x) ** 2) / (rad * rad)
-            out = np.maximum(out, np.exp(-(d2**2)))
-        return out * self.nf
+        """Soft nucleoli blobs (max ~1); computed once, callers must not modify it."""
+        if self._nucleoli_mask is None:
+            out = np.zeros(self.shape, np.float32)
+            for y, x, rad in self.nucleoli:
+                d2 = ((self.yy - y) ** 2 + (self.xx - x) ** 2) / (rad * rad)
+                out = np.maximum(out, np.exp(-(d2**2)))
+            self._nucleoli_mask = out * self.nf
+        return self._nucleoli_mask
 
     @property
     def spindle(self) -> np.ndarray:
@@ -934,11 +938,12 @@ def make_image(
     for i in keep:
         sl = objects[i - 1]
         c = cells[i - 1]
-        vis = (
-            slice(max(pad - sl[0].start, 0), max(pad + height - sl[0].start, 0)),
-            slice(max(pad - sl[1].start, 0), max(pad + width - sl[1].start, 0)),
-        )
-        ctx = _Ctx(rng, c, sl, owner[sl] == i, nuclei[sl] == i, s, visible=vis)
+        # intersection of the box with the image, in box and image coordinates (never
+        # empty: a kept cell has pixels in the image and its box contains them)
+        y0, y1 = max(sl[0].start, pad), min(sl[0].stop, pad + height)
+        x0, x1 = max(sl[1].start, pad), min(sl[1].stop, pad + width)
+        box = (slice(y0 - sl[0].start, y1 - sl[0].start), slice(x0 - sl[1].start, x1 - sl[1].start))
+        ctx = _Ctx(rng, c, sl, owner[sl] == i, nuclei[sl] == i, s, visible=box)
         red = ctx.red * rng.lognormal(0.0, 0.25) * 0.7
         yellow = ctx.yellow * rng.lognormal(0.0, 0.25) * 0.65
         blue = _blue(ctx) * rng.lognormal(0.0, 0.2) * 0.7
@@ -946,12 +951,6 @@ def make_image(
         for k in c.classes:
             green += _PATTERNS[k](ctx) * rng.uniform(0.6, 1.0)
         green *= g_img * np.clip(rng.lognormal(0.0, 0.35), 0.5, 2.0) * 0.75  # per-cell level
-        # intersection of the box with the image, in box and image coordinates
-        y0, y1 = max(sl[0].start, pad), min(sl[0].stop, pad + height)
-        x0, x1 = max(sl[1].start, pad), min(sl[1].stop, pad + width)
-        if y1 <= y0 or x1 <= x0:
-            continue
-        box = (slice(y0 - sl[0].start, y1 - sl[0].start), slice(x0 - sl[1].start, x1 - sl[1].start))
         dst = img[y0 - pad : y1 - pad, x0 - pad : x1 - pad]
         for ch, tex in enumerate((red, green, blue, yellow)):
             dst[..., ch] += tex[box]
@@ -1049,8 +1048,8 @@ def _write_one(out: Path, split: str, seed: int, index: int, hw: tuple[int, int]
     iid = image_id(np.random.default_rng([int(seed), int(index), 1]))
     img = make_image(rng, hw[0], hw[1], depth=depth)
     folder = out / split
-    for ch, name in enumerate(("red", "green", "blue", "yellow")):
-        _write_png(folder / f"{iid}_{name}.png", np.ascontiguousarray(img.rgby[..., ch]))
+    for ch, name in enumerate(CHANNELS):
+        _write_png(channel_path(folder, iid, name), np.ascontiguousarray(img.rgby[..., ch]))
     _write_png(out / "truth" / "labels" / f"{iid}.png", img.cell_labels.astype(np.uint16))
     return {
         "ID": iid,
