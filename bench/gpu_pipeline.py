@@ -17,6 +17,7 @@ Prints seconds per stage and per image for each, and the device name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -59,9 +60,9 @@ def main() -> None:
                                                      "crop_size": 384, "batch_size": 32}))
         opts = RunOptions(data_dir=root / "data", out=root / f"sub_{method}.csv", device=a.device,
                           fp16=not a.no_fp16, progress=False, resume=False)
-        run(load_config(w / "manifest.json"), RunOptions(**{**opts.__dict__, "max_images": 1,
-                                                           "out": root / "warmup.csv"}))  # warm-up (cudnn, allocator)
-        s = run(load_config(w / "manifest.json"), opts)
+        config = load_config(w / "manifest.json")
+        run(config, dataclasses.replace(opts, max_images=1, out=root / "warmup.csv"))  # warm-up (cudnn, allocator)
+        s = run(config, opts)
         print(f"\n== segmentation {method}: {s.n_done} images, {s.n_failed} failed, {s.device}")
         print(s.format())
 

@@ -40,7 +40,7 @@ def main() -> None:
     from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES, parse_labels
     from hpa_kernel.ensemble import combine_steps
     from hpa_kernel.io import list_test_ids, load_image
-    from hpa_kernel.metric import evaluate
+    from hpa_kernel.metric import evaluate, read_label_image
     from hpa_kernel.model import classify_image, load_checkpoint
     from hpa_kernel.rle import encode_label_image, resize_labels
     from hpa_kernel.segmentation import segment_classic
@@ -48,8 +48,6 @@ def main() -> None:
     from hpa_kernel.step2 import crop_cells, predict_crops
     from hpa_kernel.submission import prediction_string, write_submission
     from hpa_kernel.synthetic import write_dataset
-
-    import cv2
 
     root = a.out or Path(tempfile.mkdtemp(prefix="hpa_quality_"))
     data = root / "data"
@@ -64,7 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for image_id in ids:
         item = load_image(data / "test", image_id, size=512)
-        gt_full = cv2.imread(str(data / "truth" / "labels" / f"{image_id}.png"), cv2.IMREAD_UNCHANGED).astype(np.int32)
+        gt_full = read_label_image(data / "truth", image_id)
         segs = {
             "classic": segment_classic(item.image)[0],
             "ground truth": resize_labels(gt_full, 512, 512),
@@ -76,7 +74,7 @@ def main() -> None:
             n = len(cell_ids)
             s1 = step1_scores(cams, probs, labels, cell_ids)
             crops = crop_cells(item.image, labels, cell_ids, crop_size=int(meta.get("crop_size", 384)))
-            s2 = predict_crops(model, crops, batch_size=32, mean=meta.get("mean"), std=meta.get("std"))
+            s2 = predict_crops(model, crops, batch_size=32)
             oracle = np.zeros((n, NUM_CLASSES), np.float32)
             oracle[:, parse_labels(truth[image_id])] = 1.0
             scores = {

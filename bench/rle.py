@@ -106,8 +106,7 @@ def main() -> None:
     t_encode = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         sample = Path(tmp) / "sample_submission.csv"
-        sample.write_text("ID,ImageWidth,ImageHeight,PredictionString\n"
-                          + "".join(f"{k},{args.size},{args.size},\n" for k in rows))
+        write_submission({k: (args.size, args.size, "") for k in rows}, list(rows), sample)
         t0 = time.perf_counter()
         out = write_submission(rows, list(rows), Path(tmp) / "submission.csv")
         t_write = time.perf_counter() - t0

@@ -33,7 +33,9 @@ import cv2
 import numpy as np
 import torch
 
+from hpa_kernel.io import resize_rgby
 from hpa_kernel.segmentation.classic import segment_classic
+from hpa_kernel.segmentation.network import build_dpn_unet
 from hpa_kernel.segmentation.postprocess import (
     best_match_iou,
     label_cell,
@@ -62,11 +64,6 @@ def best_time(fn, repeats: int, key: str | None = None):
 
 
 def to_512(rgby: np.ndarray) -> np.ndarray:
-    try:
-        from hpa_kernel.io import resize_rgby
-    except ImportError:  # pragma: no cover
-        scale = 255.0 if rgby.dtype == np.uint8 else 65535.0
-        return cv2.resize(rgby.astype(np.float32) / scale, (S, S), interpolation=cv2.INTER_AREA)
     return resize_rgby(rgby, S)
 
 
@@ -87,10 +84,6 @@ def full_flow(nuc: np.ndarray, cell: np.ndarray, width: int, height: int, fn=lab
 
 
 def network_forward(device: str) -> str:
-    try:
-        from hpa_kernel.segmentation.network import build_dpn_unet
-    except ImportError:
-        return "TODO: segmentation/network.py is not there yet - no forward timed"
     torch.manual_seed(0)
     net = build_dpn_unet().eval().to(device)
     x = torch.randn(1, 3, S, S, device=device)
