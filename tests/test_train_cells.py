@@ -11,8 +11,9 @@ from hpa_kernel.train.dataset import CellCropDataset, load_cells
 from hpa_kernel.train.prepare import prepare_cache
 
 
-@pytest.fixture()
-def cache(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cells")
     write_dataset(tmp_path / "data", 4, seed=1006, sizes=256, depth=8, split="train", progress=False)
     s = prepare_cache(tmp_path / "data" / "train.csv", [tmp_path / "data" / "train"], tmp_path / "cache",
                       size=128, workers=1, n_folds=2, progress=False)

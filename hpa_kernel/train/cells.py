@@ -30,17 +30,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from hpa_kernel.classes import format_labels, parse_labels
+from hpa_kernel.io import resize_rgby
+from hpa_kernel.rle import resize_labels
+from hpa_kernel.step1 import present_ids
 from hpa_kernel.train.dataset import load_index
 
 __all__ = ["truth_cells", "segmented_cells", "build_cell_table", "main"]
 
 logger = logging.getLogger(__name__)
-
-
-def _nearest(labels: np.ndarray, size: int) -> np.ndarray:
-    if labels.shape == (size, size):
-        return labels.astype(np.int32)
-    return cv2.resize(labels.astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST).astype(np.int32)
 
 
 def truth_cells(truth_dir: Path, image_id: str, size: int, cell_labels: dict[int, str]) -> tuple[np.ndarray, dict[int, str]]:
@@ -49,15 +46,15 @@ def truth_cells(truth_dir: Path, image_id: str, size: int, cell_labels: dict[int
     lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if lab is None:
         raise FileNotFoundError(f"truth label image {path} missing or unreadable")
-    lab = _nearest(lab, size)
-    present = set(np.unique(lab).tolist()) - {0}
+    lab = resize_labels(lab, size, size).astype(np.int32, copy=False)
+    present = set(present_ids(lab).tolist())
     return lab, {c: t for c, t in cell_labels.items() if c in present}
 
 
 def segmented_cells(segmenter, image: np.ndarray, image_label: str) -> tuple[np.ndarray, dict[int, str]]:
-    """Segmenter cells of a cached ``(S, S, 4)`` uint8 image, every cell with the image's labels."""
-    res = segmenter.segment(image.astype(np.float32)[None] / 255.0, [(image.shape[1], image.shape[0])])[0]
-    ids = sorted(set(np.unique(res.cells).tolist()) - {0})
+    """Segmenter cells of a cached ``(S, S, 4)`` uint8/uint16 image, every cell with the image's labels."""
+    res = segmenter.segment(resize_rgby(image, image.shape[0])[None], [(image.shape[1], image.shape[0])])[0]
+    ids = present_ids(res.cells).tolist()
     return res.cells.astype(np.int32), {c: image_label for c in ids}
 
 

@@ -57,7 +57,9 @@ def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
         x = image.astype(np.float32) * (1.0 / 65535.0)
     else:
         x = image.astype(np.float32, copy=False)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    from hpa_kernel.model import normalize
+
+    x = normalize(x, mean, std)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -79,7 +81,6 @@ class RGBYDataset(Dataset):
         patch: int | None = None,
     ) -> None:
         self.paths = list(frame["path"].astype(str))
-        self.ids = list(frame["ID"].astype(str))
         self.targets = label_matrix(frame).astype(np.float32)
         self.image_size = int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -130,7 +131,6 @@ class CellCropDataset(Dataset):
         self.paths = list(frame["path"].astype(str))
         self.masks = list(frame["mask"].astype(str))
         self.cell_ids = frame["cell_id"].astype(int).to_numpy()
-        self.ids = list(frame["ID"].astype(str))
         self.targets = label_matrix(frame).astype(np.float32)
         self.crop_size = int(crop_size)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -141,12 +141,12 @@ class CellCropDataset(Dataset):
 
     def crop(self, i: int) -> np.ndarray:
         """The cell's crop ``(crop, crop, 4)`` float32 in [0, 1] (not augmented)."""
+        from hpa_kernel.io import resize_rgby
         from hpa_kernel.step2 import crop_cells
 
         img = np.load(self.paths[i])
-        scale = 255.0 if img.dtype == np.uint8 else 65535.0
         labels = np.load(self.masks[i])
-        out = crop_cells(img.astype(np.float32) / scale, labels, np.array([self.cell_ids[i]]), self.crop_size)
+        out = crop_cells(resize_rgby(img, img.shape[0]), labels, np.array([self.cell_ids[i]]), self.crop_size)
         return np.ascontiguousarray(out[0].transpose(1, 2, 0))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

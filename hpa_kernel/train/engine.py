@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from hpa_kernel.train.distributed import (
     wait_for_all,
     init_distributed,
 )
-from hpa_kernel.train.folds import format_fold_table, label_matrix
+from hpa_kernel.train.folds import format_fold_table
 from hpa_kernel.train.losses import ComboLoss
 from hpa_kernel.train.metrics import macro_f1, macro_map
 from hpa_kernel.train.puzzle import PuzzleSiamese
@@ -86,7 +87,7 @@ class EpochStats:
         return s + f" | {self.seconds:.0f}s" + (" *best*" if self.best else "")
 
 
-def _model_meta(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+def _model_meta(cfg: TrainConfig) -> dict[str, Any]:
     from hpa_kernel.model import RGBY_MEAN, RGBY_STD
 
     return {
@@ -118,7 +119,7 @@ class Trainer:
 
         self.model = PuzzleCAM(cfg.backbone, num_classes=cfg.num_classes, in_chans=4, pretrained=cfg.pretrained)
         self.model.to(self.device)
-        self.meta = _model_meta(cfg, self.model)
+        self.meta = _model_meta(cfg)
         net: nn.Module = PuzzleSiamese(self.model, cfg.puzzle_grid)
         if self.info.enabled:
             if cfg.sync_bn and self.device.type == "cuda":
@@ -158,7 +159,7 @@ class Trainer:
         augment = RGBYAugment(cfg.augment, seed=cfg.seed + 1000 * info.rank)
         images = RGBYDataset(train_df, cfg.image_size, mean, std, augment, patch=cfg.train_patch)
         self.val_set = RGBYDataset(val_df, cfg.image_size, mean, std) if len(val_df) else None
-        weights = self._part_weights(train_df)
+        weights = self._part_weights(images.targets)
         self.train_set: torch.utils.data.Dataset = images
         self.val_cells = None
         n_cells = 0
@@ -170,9 +171,10 @@ class Trainer:
             if len(train_cells):
                 n_cells = len(train_cells)
                 f = cfg.cell_fraction
-                w_cells = self._part_weights(train_cells)
+                cell_set = CellCropDataset(train_cells, cfg.crop_size, mean, std, augment)
+                w_cells = self._part_weights(cell_set.targets)
                 weights = np.concatenate([weights * (1 - f) / len(weights), w_cells * f / len(w_cells)])
-                self.train_set = ConcatDataset([images, CellCropDataset(train_cells, cfg.crop_size, mean, std, augment)])
+                self.train_set = ConcatDataset([images, cell_set])
             if len(val_cells):
                 self.val_cells = CellCropDataset(val_cells, cfg.crop_size, mean, std)
         n_samples = cfg.samples_per_epoch or len(train_df)
@@ -205,11 +207,11 @@ class Trainer:
                 self.device, " (fp16 autocast)" if self.use_amp else "",
             )
 
-    def _part_weights(self, frame: pd.DataFrame) -> np.ndarray:
-        """Class-balancing weights (mean 1) of a frame's rows, or ones for the uniform sampler."""
+    def _part_weights(self, targets: np.ndarray) -> np.ndarray:
+        """Class-balancing weights (mean 1) of a dataset's target rows, or ones for the uniform sampler."""
         if self.cfg.sampler != "weighted":
-            return np.ones(len(frame))
-        return image_weights(label_matrix(frame), self.cfg.sampler_reduce, self.cfg.sampler_clip_class)
+            return np.ones(len(targets))
+        return image_weights(targets, self.cfg.sampler_reduce, self.cfg.sampler_clip_class)
 
     def _shard_loader(self, dataset, common: dict[str, Any]) -> DataLoader | None:
         """This rank's share (every world_size-th item) of a validation set, in order."""
@@ -226,10 +228,9 @@ class Trainer:
 
     def _batches(self, loader: DataLoader, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         limit = self.cfg.max_batches
-        bar = tqdm(loader, desc=desc, leave=False, disable=not self.info.is_main, total=_len(loader, limit))
-        for i, (x, y) in enumerate(bar):
-            if limit is not None and i >= limit:
-                break
+        total = len(loader) if limit is None else min(len(loader), limit)
+        batches = loader if limit is None else itertools.islice(loader, limit)
+        for x, y in tqdm(batches, desc=desc, leave=False, disable=not self.info.is_main, total=total):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -266,11 +267,7 @@ class Trainer:
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
             targets.append(y.cpu().numpy())
         sums = np.asarray(all_reduce_sum(sums.tolist(), self.info))
-        p = np.concatenate(probs) if probs else np.zeros((0, self.cfg.num_classes), np.float32)
-        t = np.concatenate(targets) if targets else np.zeros((0, self.cfg.num_classes), np.float32)
-        gathered = all_gather_objects((p, t), self.info)
-        p = np.concatenate([g[0] for g in gathered])
-        t = np.concatenate([g[1] for g in gathered])
+        p, t = self._gather(probs, targets)
         out = {k: sums[i] / max(sums[-1], 1) for i, k in enumerate(LOSS_PARTS)}
         out["f1"] = macro_f1(p, t, 0.5)
         out["map"] = macro_map(p, t)
@@ -284,13 +281,20 @@ class Trainer:
     def _predict(self, loader: DataLoader, desc: str) -> tuple[np.ndarray, np.ndarray]:
         """Sigmoid probabilities and targets over a sharded loader, gathered from all ranks."""
         self.model.eval()
-        probs, targets = [np.zeros((0, self.cfg.num_classes), np.float32)], [np.zeros((0, self.cfg.num_classes), np.float32)]
+        probs, targets = [], []
         for x, y in self._batches(loader, desc):
             with self._autocast():
                 logits = self.model(x)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
             targets.append(y.cpu().numpy())
-        gathered = all_gather_objects((np.concatenate(probs), np.concatenate(targets)), self.info)
+        return self._gather(probs, targets)
+
+    def _gather(self, probs: list[np.ndarray], targets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenate this rank's batches (``(0, C)`` float32 when none) and gather all ranks' in rank order."""
+        empty = np.zeros((0, self.cfg.num_classes), np.float32)
+        p = np.concatenate(probs) if probs else empty
+        t = np.concatenate(targets) if targets else empty
+        gathered = all_gather_objects((p, t), self.info)
         return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
 
     # ------------------------------------------------------------------ state
@@ -398,14 +402,6 @@ class Trainer:
                 budget, epoch, elapsed / 60,
             )
         return stop
-
-
-def _len(loader: DataLoader, limit: int | None) -> int | None:
-    try:
-        n = len(loader)
-    except TypeError:
-        return limit
-    return min(n, limit) if limit is not None else n
 
 
 def _seed_worker(worker_id: int) -> None:

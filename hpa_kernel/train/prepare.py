@@ -30,7 +30,6 @@ from hpa_kernel.train.folds import FoldError, assign_folds, format_fold_table, l
 __all__ = ["PrepareSummary", "find_source", "cache_one", "prepare_cache", "main"]
 
 logger = logging.getLogger(__name__)
-CHANNELS = ("red", "green", "blue", "yellow")
 
 
 @dataclass
