@@ -21,15 +21,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
 
 from hpa_kernel.config import SegmentationConfig
+from hpa_kernel.rle import resize_labels
 from hpa_kernel.segmentation.classic import segment_classic
 from hpa_kernel.segmentation.inference import predict_hpa
 from hpa_kernel.segmentation.postprocess import label_cell, label_nuclei, scale_factors
+from hpa_kernel.segmentation.weights import WeightFileError, load_hpa_unet  # noqa: F401 (re-export)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -49,22 +51,6 @@ __all__ = [
 ]
 
 
-def load_hpa_unet(path: Any, device: Any = "cpu") -> "nn.Module":
-    """Load one hpacellseg U-Net weight file (see :mod:`.weights`); raises
-    ``WeightFileError`` for a missing or wrong file."""
-    from hpa_kernel.segmentation.weights import load_hpa_unet as _load
-
-    return _load(path, device)
-
-
-def __getattr__(name: str) -> Any:  # lazy re-exports of the sibling modules
-    if name == "WeightFileError":
-        from hpa_kernel.segmentation.weights import WeightFileError
-
-        return WeightFileError
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class SegResult:
     """Segmentation of one S x S image: ``cells`` and ``nuclei``, (S, S) int32,
@@ -76,12 +62,6 @@ class SegResult:
     @property
     def n_cells(self) -> int:
         return int(self.cells.max(initial=0))
-
-
-def _resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if labels.shape == shape:
-        return labels
-    return cv2.resize(labels, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
 
 
 def _consistent_relabel(cells: np.ndarray, nuclei: np.ndarray) -> SegResult:
@@ -184,17 +164,13 @@ class Segmenter:
                 cells, nuclei = segment_classic(image)
                 out.append(SegResult(cells=cells, nuclei=nuclei))
             return out
-        results: list[SegResult] = []
-        step = max(1, int(self.config.batch_size))
-        for start in range(0, images.shape[0], step):
-            t0 = time.perf_counter()
-            nuc, cell = predict_hpa(
-                self.nuc_model, self.cell_model, images[start : start + step], self.device, self.fp16
-            )
-            self.network_seconds += time.perf_counter() - t0  # predict_hpa returns host arrays: synced
-            for i in range(nuc.shape[0]):
-                results.append(self._label(nuc[i], cell[i], orig_sizes[start + i]))
-        return results
+        t0 = time.perf_counter()
+        nuc, cell = predict_hpa(
+            self.nuc_model, self.cell_model, images, self.device, self.fp16,
+            batch_size=max(1, int(self.config.batch_size)),
+        )
+        self.network_seconds += time.perf_counter() - t0  # predict_hpa returns host arrays: synced
+        return [self._label(n, c, size) for n, c, size in zip(nuc, cell, orig_sizes)]
 
     def _label(self, nuc: np.ndarray, cell: np.ndarray, orig_size: tuple[int, int]) -> SegResult:
         shape = nuc.shape[:2]
@@ -207,7 +183,9 @@ class Segmenter:
         nuc_full = cv2.resize(nuc, (width, height), interpolation=cv2.INTER_AREA)
         cell_full = cv2.resize(cell, (width, height), interpolation=cv2.INTER_AREA)
         nuclei, cells = label_cell(nuc_full, cell_full, scale=1.0)
-        return _consistent_relabel(_resize_nearest(cells, shape), _resize_nearest(nuclei, shape))
+        # resize_labels gives uint16/int32; _consistent_relabel makes them int32
+        h, w = shape
+        return _consistent_relabel(resize_labels(cells, w, h), resize_labels(nuclei, w, h))
 
 
 def segment(

@@ -16,6 +16,8 @@ from scipy import ndimage as ndi
 from skimage import filters, measure, segmentation
 from skimage.feature import peak_local_max
 
+from hpa_kernel.segmentation.postprocess import relabel_consecutive, remove_small_labels
+
 logger = logging.getLogger(__name__)
 
 # RGBY channel indices
@@ -92,14 +94,9 @@ def segment_nuclei(
         # Otsu split of a featureless field (noise, empty well): no nuclei
         return empty
     mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=1))
-    comps, n = ndi.label(mask)
+    comps = relabel_consecutive(remove_small_labels(ndi.label(mask)[0], min_area))
+    n = int(comps.max())
     areas = np.bincount(comps.ravel(), minlength=n + 1)
-    noise = areas < min_area
-    noise[0] = False
-    if noise.any():
-        comps[noise[comps]] = 0
-        comps, n = ndi.label(comps > 0)
-        areas = np.bincount(comps.ravel(), minlength=n + 1)
     if n == 0:
         return empty
     areas = areas[1:]
@@ -123,11 +120,7 @@ def segment_nuclei(
     orphans = np.isin(comps, np.flatnonzero(~seeded[1:]) + 1)
     markers[orphans] = comps[orphans] + len(peaks)
     nuclei = segmentation.watershed(-dist, markers, mask=mask)
-    sizes = np.bincount(nuclei.ravel())
-    small = sizes < min_area_fraction * typical
-    small[0] = False
-    nuclei[small[nuclei]] = 0
-    return segmentation.relabel_sequential(nuclei)[0].astype(np.int32)
+    return relabel_consecutive(remove_small_labels(nuclei, min_area_fraction * typical))
 
 
 def segment_classic(
@@ -193,14 +186,10 @@ def segment_classic(
     cells = segmentation.watershed(-combined, nuclei, mask=foreground, compactness=compactness)
     # one connected piece per cell (the watershed may leave detached islands)
     cells = _keep_seeded_pieces(cells, nuclei)
-    sizes = np.bincount(cells.ravel(), minlength=n + 1)
-    small = sizes < min_cell_fraction * typical
-    small[0] = False
-    cells[small[cells]] = 0
-    cells = segmentation.relabel_sequential(cells)[0]
-    nuclei = np.where(cells > 0, cells, 0) * (nuclei > 0)
+    cells = relabel_consecutive(remove_small_labels(cells, min_cell_fraction * typical))
+    nuclei = cells * (nuclei > 0)
     logger.debug("segment_classic: %d cells (nucleus radius %.1f px)", cells.max(), radius)
-    return cells.astype(np.int32), nuclei.astype(np.int32)
+    return cells, nuclei  # int32: relabel_consecutive's dtype
 
 
 def _keep_seeded_pieces(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
@@ -208,7 +197,6 @@ def _keep_seeded_pieces(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     pieces = measure.label(cells, connectivity=1)
     # a piece is kept if it overlaps a nucleus of the same cell
     seeded = np.zeros(int(pieces.max()) + 1, bool)
-    hit = (nuclei > 0) & (nuclei == cells)
-    seeded[pieces[hit]] = True
+    seeded[pieces[nuclei > 0]] = True  # the watershed keeps every seed: nuclei == cells there
     seeded[0] = False
     return np.where(seeded[pieces], cells, 0)

@@ -289,14 +289,8 @@ def label_cell(
 
     cell_interior = cell[..., 2] / 255.0
     threshold = max(0.22, float(filters.threshold_otsu(cell_interior)) * 0.5)
-    # QUIRK (kept on purpose): np.invert of an int8 0/1 array is -1/-2, never
-    # 0, so multiplying by it does not exclude the cell-border channel; the
-    # region is simply interior > threshold, border pixels included.
-    cell_region = np.multiply(
-        cell_interior > threshold,
-        np.invert(np.asarray(cell[..., 1] / 255.0 > BORDER_THRESHOLD, dtype=np.int8)),
-    )
-    region = cell_region != 0
+    # QUIRK (kept on purpose): stock's np.invert(int8 border) is -1/-2, never 0: border pixels stay in.
+    region = cell_interior > threshold
     # QUIRK (kept on purpose): stock writes np.clip(x, 255 * threshold, x);
     # with the upper bound = x itself the clip is a no-op, so the watershed
     # landscape is the raw cell-interior map (it matters in the second
