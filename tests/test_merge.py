@@ -379,16 +379,22 @@ def test_cells_folder_input_equals_its_submission(tmp_path, images, sample):
         (["--reference", "2"], "reference: must be in 0..1"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(tmp_path, images, sample, extra, message):
+def test_bad_arguments_exit_2_with_one_line(tmp_path, images, sample, extra, message, capsys):
     ours = _write(tmp_path / "ours.csv", images)
-    r = subprocess.run([sys.executable, "-m", "hpa_kernel.merge", str(ours), str(ours), "--sample", str(sample),
-                        "--out", str(tmp_path / "o.csv"), *extra], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert message in r.stderr
+    argv = [str(ours), str(ours), "--sample", str(sample), "--out", str(tmp_path / "o.csv"), *extra]
+    try:
+        rc = merge_main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
     assert not (tmp_path / "o.csv").exists()
 
 
-def test_missing_input_exits_2(tmp_path, sample, capsys):
-    assert _merge(tmp_path / "nope.csv", "--sample", sample, "--out", tmp_path / "o.csv") == 2
-    err = capsys.readouterr().err.strip().splitlines()
+def test_missing_input_exits_2(tmp_path, sample):
+    r = subprocess.run([sys.executable, "-m", "hpa_kernel.merge", str(tmp_path / "nope.csv"), "--sample", str(sample),
+                        "--out", str(tmp_path / "o.csv")], capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
