@@ -394,7 +394,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, images, sample, extra, mes
 
 def test_missing_input_exits_2(tmp_path, sample):
     r = subprocess.run([sys.executable, "-m", "hpa_kernel.merge", str(tmp_path / "nope.csv"), "--sample", str(sample),
-                        "--out", str(tmp_path / "o.csv")], capture_output=True, text=True)
+                        "--out", str(tmp_path / "o.csv"), "-q"], capture_output=True, text=True)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
