@@ -11,7 +11,7 @@ With no arguments:
 joins the outputs of ``--shard I/N`` runs into one submission.
 
 With several usable GPUs (Kaggle's "GPU T4 x2") the images are split into one shard per
-GPU, run in one process each and joined (``--parallel``, :mod:`hpa_kernel.parallel`).
+GPU, run in one process each and joined (``--parallel``, :mod:`hpa_kernel.run.parallel`).
 
 Exit status: 0 all images done with every model; 1 the file is complete but something
 failed: some images, a classifier file or the segmentation weights (listed in the
@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from hpa_kernel import __version__
 
 logger = logging.getLogger("hpa_kernel")
 
@@ -115,7 +115,7 @@ def setup_logging(quiet: bool = False, verbose: bool = False, tag: str = "") -> 
 
 
 def merge_main(argv: list[str]) -> int:
-    from .submission import merge_submissions
+    from hpa_kernel.formats.submission import merge_submissions
 
     args = build_merge_parser().parse_args(argv)
     setup_logging()
@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.verbose, tag=f"[shard {args.shard[0]}/{args.shard[1]}]" if args.shard else "")
     if args.shard is not None:
-        from .parallel import die_with_parent
+        from hpa_kernel.run.parallel import die_with_parent
 
         die_with_parent()  # a shard of a --parallel run ends with its parent
 
-    from .config import ConfigError, load_config
-    from .pipeline import RunOptions, run
+    from hpa_kernel.config import ConfigError, load_config
+    from hpa_kernel.run.pipeline import RunOptions, run
 
     data_dir, out = args.data_dir, args.out
     time_budget = args.time_budget
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             time_budget = KAGGLE_BUDGET
             logger.info("on Kaggle: --time-budget defaults to %.1f h", KAGGLE_BUDGET / 3600)
     elif data_dir is None:
-        from .synthetic import sample_dataset
+        from hpa_kernel.tools.synthetic import sample_dataset
 
         data_dir = sample_dataset()
         logger.info("no --data-dir: dry run on the bundled synthetic samples in %s", data_dir)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.shard is None:
-        from .parallel import plan_devices
+        from hpa_kernel.run.parallel import plan_devices
 
         devices = plan_devices(args.device, args.parallel)
         if len(devices) > 1:
@@ -200,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
     """Validate the finished file and score it where the data carries ground truth."""
-    from .io import SAMPLE_NAME
+    from hpa_kernel.formats.images import SAMPLE_NAME
 
     sample = Path(data_dir) / SAMPLE_NAME
     if sample.exists() and args.shard is None and args.max_images is None:
-        from .submission import validate_submission
+        from hpa_kernel.formats.submission import validate_submission
 
         problems = validate_submission(out, sample)
         print("validation: OK" if not problems else f"validation: {len(problems)} problem(s)")
@@ -212,7 +212,7 @@ def report(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
             print(f"  {msg}")
     truth = Path(data_dir) / "truth"
     if truth.is_dir() and args.shard is None and args.max_images is None:
-        from .metric import evaluate
+        from hpa_kernel.tools.metric import evaluate
 
         result = evaluate(out, truth)
         print(f"local mAP@0.6 (mask IoU) against {truth}: {result.mAP:.4f}")
@@ -238,10 +238,10 @@ def _child_args(args: argparse.Namespace, data_dir: Path, rerun: bool) -> list[s
 def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None) -> int:
     """One shard process per device, then the parts joined into ``out``: every ID gets its
     row. Exit status 0 when every shard finished every image, else 1."""
-    from .device import resolve_device
-    from .io import TEST_DIR, read_test_set
-    from .parallel import Shard, join_parts, part_path, run_shards
-    from .pipeline import fallback_size, select_ids
+    from hpa_kernel.run.device import resolve_device
+    from hpa_kernel.formats.images import TEST_DIR, read_test_set
+    from hpa_kernel.run.parallel import Shard, join_parts, part_path, run_shards
+    from hpa_kernel.run.pipeline import fallback_size, select_ids
 
     try:
         for d in sorted(set(devices) - {"cpu"}):

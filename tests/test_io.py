@@ -1,4 +1,4 @@
-"""Tests for hpa_kernel.io: Kaggle layout, RGBY reading and its faults, resizing, prefetch."""
+"""Tests for hpa_kernel.formats.images: Kaggle layout, RGBY reading and its faults, resizing, prefetch."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import cv2
 import numpy as np
 import pytest
 
-from hpa_kernel.io import (
+from hpa_kernel.formats.images import (
     CHANNELS,
     ImageReadError,
     LoadedImage,
     list_test_ids,
     load_image,
-    prefetch,
     read_rgby,
     read_sample_sizes,
     resize_rgby,
 )
+from hpa_kernel.run.prefetch import prefetch
 
 
 def _planes(h: int, w: int, dtype=np.uint8, seed: int = 0) -> list[np.ndarray]:
@@ -46,7 +46,7 @@ def test_list_test_ids_sample_order_and_duplicates(tmp_path, caplog):
         "b,2048,2048,0 1 eNoLCAgAARQA6A==\n"
         "c,,,\n"
     )
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
         assert list_test_ids(tmp_path) == ["b", "a", "c"]
     assert "more than once" in caplog.text
     assert read_sample_sizes(tmp_path / "sample_submission.csv") == {
@@ -60,7 +60,7 @@ def test_list_test_ids_falls_back_to_test_folder(tmp_path, caplog):
     (tmp_path / "test" / "mm_red.png").write_bytes(b"")  # incomplete: kept, with a warning
     (tmp_path / "test" / "notes.txt").write_text("x")
     (tmp_path / "test" / "qq_purple.png").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
         assert list_test_ids(tmp_path) == ["aa", "mm", "zz"]
     assert "lack some channel" in caplog.text
 
@@ -97,7 +97,7 @@ def test_read_rgby_mixed_depth_goes_to_16_bit(tmp_path, caplog):
     planes[2] = np.full((5, 5), 255, np.uint8)
     planes[2][0, 0] = 0
     _write(tmp_path, "img", planes)
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
         rgby = read_rgby(tmp_path, "img")
     assert rgby.dtype == np.uint16
     assert rgby[0, 0, 2] == 0 and rgby[1, 1, 2] == 65535
@@ -112,7 +112,7 @@ def test_read_rgby_colour_png_reduced_to_max_plane(tmp_path, caplog):
     green_bgr[0, 0, 0] = 255  # and a bright pixel in B
     _write(tmp_path, "img", planes)
     cv2.imwrite(str(tmp_path / "img_green.png"), green_bgr)
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
         rgby = read_rgby(tmp_path, "img")
     expected = planes[1].copy()
     expected[0, 0] = 255

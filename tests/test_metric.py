@@ -1,4 +1,4 @@
-"""Tests of hpa_kernel.metric: tiny hand-made cases whose AP is worked out on paper.
+"""Tests of hpa_kernel.tools.metric: tiny hand-made cases whose AP is worked out on paper.
 
 AP arithmetic convention used in the comments: detections ranked by confidence, P = running
 precision, R = running recall, P made monotone from the right (Pm), AP = sum(dR * Pm).
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_kernel import metric
-from hpa_kernel.metric import (
+from hpa_kernel.tools import metric
+from hpa_kernel.tools.metric import (
     MetricResult,
     SubmissionError,
     TruthError,
@@ -31,7 +31,7 @@ from hpa_kernel.metric import (
     parse_prediction_string,
     score_image,
 )
-from hpa_kernel.rle import encode_mask
+from hpa_kernel.formats.rle import encode_mask
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -495,7 +495,7 @@ def test_cli_as_module(truth_dir, tmp_path):
     path = tmp_path / "sub.csv"
     make_submission().to_csv(path, index=False)
     proc = subprocess.run(
-        [sys.executable, "-m", "hpa_kernel.metric", "--truth", str(truth_dir), str(path)],
+        [sys.executable, "-m", "hpa_kernel.tools.metric", "--truth", str(truth_dir), str(path)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from hpa_kernel.model import (
+from hpa_kernel.stages.model import (
     CHECKPOINT_FORMAT,
     RGBY_MEAN,
     RGBY_STD,

@@ -6,7 +6,7 @@ a fresh virtual environment with ``--system-site-packages`` and installs the whe
 site-packages (torch, timm, opencv, ...) stand in for the Kaggle image's preinstalled
 stack; the wheel itself must bring everything else. The kernel script then runs
 ``python -m hpa_kernel.submit`` with the venv's python from an unrelated working
-directory, and ``python -m hpa_kernel.validate`` checks the CSV.
+directory, and ``python -m hpa_kernel.tools.validate`` checks the CSV.
 """
 
 from __future__ import annotations
@@ -288,10 +288,10 @@ def test_build_is_reproducible_and_removes_stale_files(tmp_path: Path) -> None:
 
 def test_build_fails_when_a_subpackage_would_be_left_out(tmp_path: Path) -> None:
     src = snapshot(tmp_path / "src")
-    (src / "hpa_kernel" / "segmentation" / "__init__.py").unlink()  # no longer a package
+    (src / "hpa_kernel" / "stages" / "segmentation" / "__init__.py").unlink()  # no longer a package
     weights = make_weights(src / "weights")
     r = run_build("--no-wheelhouse", "--out", str(tmp_path / "dist"), script=src / "build_wheel.sh")
-    assert r.returncode != 0 and "not in the wheel: hpa_kernel/segmentation/" in r.stdout, r.stdout
+    assert r.returncode != 0 and "not in the wheel: hpa_kernel/stages/segmentation/" in r.stdout, r.stdout
     assert "the wheel is incomplete" in r.stdout
     assert not (tmp_path / "dist" / WHEEL).exists() and weights.is_dir()
 
@@ -370,7 +370,7 @@ def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoin
     names = set(zipfile.ZipFile(dataset / WHEEL).namelist())
     modules = {f for f in tracked if f.endswith(".py") and (REPO / f).is_file()}
     assert modules and not modules - names, f"not in the wheel: {sorted(modules - names)}"
-    assert {"hpa_kernel/submit.py", "hpa_kernel/pipeline.py", "hpa_kernel/segmentation/__init__.py"} <= names
+    assert {"hpa_kernel/submit.py", "hpa_kernel/run/pipeline.py", "hpa_kernel/stages/segmentation/__init__.py"} <= names
     assert not [n for n in names if n.startswith("weights/") or n.endswith((".pt", ".pth"))]
     entry_points = zipfile.ZipFile(dataset / WHEEL).read(f"hpa_kernel-{hpa_kernel.__version__}.dist-info/entry_points.txt")
     assert b"hpa-submit = hpa_kernel.submit:main" in entry_points
@@ -403,7 +403,7 @@ def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoin
 
     # 6. the CSV validates
     v = subprocess.run(
-        [py, "-m", "hpa_kernel.validate", str(out), "--sample", str(small_dataset / "sample_submission.csv")],
+        [py, "-m", "hpa_kernel.tools.validate", str(out), "--sample", str(small_dataset / "sample_submission.csv")],
         cwd=work, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
     )  # fmt: skip
     assert v.returncode == 0, v.stdout

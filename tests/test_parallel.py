@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-import hpa_kernel.parallel as parallel
-from hpa_kernel.parallel import ParallelResult, Shard, join_parts, part_path, plan_devices
-from hpa_kernel.submission import read_rows, validate_submission
+import hpa_kernel.run.parallel as parallel
+from hpa_kernel.run.parallel import ParallelResult, Shard, join_parts, part_path, plan_devices
+from hpa_kernel.formats.submission import read_rows, validate_submission
 from hpa_kernel.submit import main
 
 
@@ -170,7 +170,7 @@ def test_a_shard_process_ends_with_its_parent(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     child = (
-        "import os, time, hpa_kernel.parallel as p; "
+        "import os, time, hpa_kernel.run.parallel as p; "
         f"assert p.die_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     )
     parent = (
@@ -208,7 +208,7 @@ def test_die_with_parent_only_in_a_shard_process(monkeypatch):
 
 
 def test_usable_cuda_devices_skips_the_ones_torch_cannot_run(monkeypatch, caplog):
-    import hpa_kernel.device as device
+    import hpa_kernel.run.device as device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)

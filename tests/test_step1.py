@@ -3,21 +3,16 @@ against the straightforward reference in bench/step1.py on random inputs."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from hpa_kernel.classes import NEGATIVE
-from hpa_kernel.step1 import grouped_quantiles, present_ids, step1_scores
+from hpa_kernel.stages.labels import present_ids
+from hpa_kernel.stages.step1 import grouped_quantiles, step1_scores
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench" / "step1.py"
-_spec = importlib.util.spec_from_file_location("bench_step1", _BENCH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-reference = bench.step1_scores_reference
+import oracles
+from oracles import step1_scores_reference as reference
 
 
 def two_cells(size: int = 10) -> np.ndarray:
@@ -220,7 +215,7 @@ def test_grouped_quantiles_relu_zeros_and_wrong_bounds():
 def test_grouped_quantiles_redo_wrong_guesses(monkeypatch):
     """Thresholds guessed too high (for some groups, and for the whole array) are detected
     by the exact counts and redone: the result is still exact."""
-    import hpa_kernel.step1 as step1
+    import hpa_kernel.stages.step1 as step1
 
     rng = np.random.default_rng(6)
     P, k, n = 2000, 3, 7
@@ -253,7 +248,7 @@ def test_grouped_quantiles_redo_wrong_guesses(monkeypatch):
 )
 def test_vectorised_equals_reference_on_random_inputs(seed, size, cam, kind, kwargs):
     rng = np.random.default_rng(seed)
-    labels = bench.voronoi_labels(rng, size, 40)
+    labels = oracles.voronoi_labels(rng, size, 40)
     cams = rng.random((19, cam, cam), dtype=np.float32)
     if kind == "sparse":  # relu-like: many exact zeros, ties
         cams = np.maximum(cams - 0.7, 0) / 0.3
@@ -275,10 +270,10 @@ def test_vectorised_equals_reference_on_random_inputs(seed, size, cam, kind, kwa
 
 
 def test_class_chunks_and_coarse_histograms_give_the_same_scores(monkeypatch):
-    import hpa_kernel.step1 as step1
+    import hpa_kernel.stages.step1 as step1
 
     rng = np.random.default_rng(7)
-    labels = bench.voronoi_labels(rng, 64, 30)
+    labels = oracles.voronoi_labels(rng, 64, 30)
     cams = rng.random((19, 8, 8), dtype=np.float32)
     probs = rng.random(19).astype(np.float32)
     whole = step1_scores(cams, probs, labels)
@@ -290,7 +285,7 @@ def test_class_chunks_and_coarse_histograms_give_the_same_scores(monkeypatch):
 def test_values_on_the_floor_are_counted_not_sorted(monkeypatch):
     """Values equal to a row's minimum (flat maps, raised floors, relu zeros) are counted
     per group; only the values above it reach the sort, and the result stays exact."""
-    import hpa_kernel.step1 as step1
+    import hpa_kernel.stages.step1 as step1
 
     rng = np.random.default_rng(11)
     P, n = 4000, 6
@@ -319,7 +314,7 @@ def test_values_on_the_floor_are_counted_not_sorted(monkeypatch):
 
 def test_bench_floor_and_tile_share_count_what_they_say():
     rng = np.random.default_rng(12)
-    labels = bench.voronoi_labels(rng, 64, 10)
+    labels = oracles.voronoi_labels(rng, 64, 10)
     cams = rng.random((19, 8, 8), dtype=np.float32)
     probs = np.full(19, 0.5, dtype=np.float32)
     probs[:4] = 0.001  # not examined

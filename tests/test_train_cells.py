@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 
-from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.tools.synthetic import write_dataset
 from hpa_kernel.train.cells import build_cell_table, main
 from hpa_kernel.train.dataset import CellCropDataset, load_cells
 from hpa_kernel.train.prepare import prepare_cache
@@ -35,7 +35,7 @@ def test_truth_cells_carry_per_cell_labels(cache):
 
 
 def test_segmented_cells_get_the_image_labels(cache):
-    from hpa_kernel.segmentation import Segmenter
+    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
     root, index = cache
     t = build_cell_table(index, segmenter=Segmenter(), max_per_image=5, min_area=4, progress=False)

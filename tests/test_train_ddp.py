@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.tools.synthetic import write_dataset
 from hpa_kernel.train.prepare import prepare_cache
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 
-from hpa_kernel.model import load_checkpoint
-from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.stages.model import load_checkpoint
+from hpa_kernel.tools.synthetic import write_dataset
 from hpa_kernel.train.cells import build_cell_table
 from hpa_kernel.train.config import TrainConfig
 from hpa_kernel.train.engine import Trainer

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 
-from hpa_kernel.model import PuzzleCAM, save_checkpoint
-from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
+from hpa_kernel.tools.synthetic import write_dataset
 from hpa_kernel.train.oof import STEP1_COLS, STEP2_COLS, OOFOptions, export_oof, main
 from hpa_kernel.train.prepare import prepare_cache
 
@@ -40,9 +40,9 @@ def test_export_rows_per_cell(setup):
 
 
 def test_step2_matches_the_kernel_functions(setup):
-    from hpa_kernel.model import load_checkpoint
-    from hpa_kernel.segmentation import Segmenter
-    from hpa_kernel.step2 import crop_cells, predict_crops
+    from hpa_kernel.stages.model import load_checkpoint
+    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
+    from hpa_kernel.stages.step2 import crop_cells, predict_crops
     from hpa_kernel.train.oof import _load_512
 
     root, index, ckpt = setup

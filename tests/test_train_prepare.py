@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 
-from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.tools.synthetic import write_dataset
 from hpa_kernel.train.folds import FoldError
 from hpa_kernel.train.prepare import main, prepare_cache
 
@@ -55,7 +55,7 @@ def test_prepare_merges_sources_and_skips_bad_rows(two_sources, tmp_path):
 
 
 def test_prepare_matches_the_kernel_resize(two_sources, tmp_path):
-    from hpa_kernel.io import read_rgby, resize_rgby
+    from hpa_kernel.formats.images import read_rgby, resize_rgby
 
     root, df = two_sources
     csv = tmp_path / "one.csv"

@@ -24,7 +24,7 @@ def _run(args, cwd, timeout=600):
 
 @pytest.mark.slow
 def test_cli_train_two_epochs_then_load_and_predict(tmp_path):
-    _run(["-m", "hpa_kernel.synthetic", "--out", str(tmp_path / "data"), "--images", "32", "--seed", "1003",
+    _run(["-m", "hpa_kernel.tools.synthetic", "--out", str(tmp_path / "data"), "--images", "32", "--seed", "1003",
           "--sizes", "64,96,128", "--depth", "mixed", "--split", "train"], tmp_path)
     p = _run(["-m", "hpa_kernel.train.prepare", "--csv", str(tmp_path / "data" / "train.csv"), "--src",
               str(tmp_path / "data" / "train"), "--out", str(tmp_path / "cache"), "--size", "64", "--workers", "1"],
@@ -37,8 +37,8 @@ def test_cli_train_two_epochs_then_load_and_predict(tmp_path):
     assert "done: 2 epoch(s)" in p.stdout
     assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 2
 
-    from hpa_kernel.io import read_rgby, resize_rgby
-    from hpa_kernel.model import load_checkpoint, normalize
+    from hpa_kernel.formats.images import read_rgby, resize_rgby
+    from hpa_kernel.stages.model import load_checkpoint, normalize
 
     model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
     assert meta["backbone"] == "test_resnet" and meta["image_size"] == 64

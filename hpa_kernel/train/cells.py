@@ -30,9 +30,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from hpa_kernel.classes import format_labels, parse_labels
-from hpa_kernel.io import resize_rgby
-from hpa_kernel.rle import resize_labels
-from hpa_kernel.step1 import present_ids
+from hpa_kernel.formats.images import resize_rgby
+from hpa_kernel.stages.labels import present_ids, resize_labels
 from hpa_kernel.train.dataset import load_index
 
 __all__ = ["truth_cells", "segmented_cells", "build_cell_table", "main"]
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     segmenter = None
     if args.segment:
-        from hpa_kernel.segmentation import Segmenter
+        from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
         segmenter = Segmenter()
     table = build_cell_table(args.index, args.truth, segmenter, args.max_per_image, args.min_area)

@@ -57,7 +57,7 @@ def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
         x = image.astype(np.float32) * (1.0 / 65535.0)
     else:
         x = image.astype(np.float32, copy=False)
-    from hpa_kernel.model import normalize
+    from hpa_kernel.stages.model import normalize
 
     x = normalize(x, mean, std)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
@@ -141,8 +141,8 @@ class CellCropDataset(Dataset):
 
     def crop(self, i: int) -> np.ndarray:
         """The cell's crop ``(crop, crop, 4)`` float32 in [0, 1] (not augmented)."""
-        from hpa_kernel.io import resize_rgby
-        from hpa_kernel.step2 import crop_cells
+        from hpa_kernel.formats.images import resize_rgby
+        from hpa_kernel.stages.step2 import crop_cells
 
         img = np.load(self.paths[i])
         labels = np.load(self.masks[i])

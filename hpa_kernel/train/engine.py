@@ -88,7 +88,7 @@ class EpochStats:
 
 
 def _model_meta(cfg: TrainConfig) -> dict[str, Any]:
-    from hpa_kernel.model import RGBY_MEAN, RGBY_STD
+    from hpa_kernel.stages.model import RGBY_MEAN, RGBY_STD
 
     return {
         "backbone": cfg.backbone,
@@ -105,7 +105,7 @@ class Trainer:
     """Builds data, model and optimiser from a :class:`TrainConfig` and runs :meth:`fit`."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo | None = None) -> None:
-        from hpa_kernel.model import PuzzleCAM
+        from hpa_kernel.stages.model import PuzzleCAM
 
         self.cfg = cfg.validate()
         self.info = info or DistInfo()
@@ -331,7 +331,7 @@ class Trainer:
 
     def save_best(self, stats: EpochStats) -> Path:
         """``best.pt`` through :func:`hpa_kernel.model.save_checkpoint` (fp16 weights if ``save_fp16``)."""
-        from hpa_kernel.model import save_checkpoint
+        from hpa_kernel.stages.model import save_checkpoint
 
         path = self.out / "best.pt"
         extra = {

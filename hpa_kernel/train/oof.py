@@ -48,15 +48,17 @@ class OOFOptions:
 
 def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.ndarray, opts: OOFOptions):
     """``(cell_ids, boxes (n,4), step1 (n,19), step2 (n,19))`` for one image and its cell labels."""
-    from hpa_kernel.step1 import present_ids, step1_scores
-    from hpa_kernel.step2 import cell_boxes, crop_cells, predict_crops
+    from hpa_kernel.stages.labels import label_boxes as cell_boxes
+    from hpa_kernel.stages.labels import present_ids
+    from hpa_kernel.stages.step1 import step1_scores
+    from hpa_kernel.stages.step2 import crop_cells, predict_crops
 
     cell_ids = present_ids(labels)
     n = len(cell_ids)
     if n == 0:
         z = np.zeros((0, NUM_CLASSES), np.float32)
         return cell_ids, np.zeros((0, 4), np.int64), z, z
-    from hpa_kernel.model import classify_image
+    from hpa_kernel.stages.model import classify_image
 
     probs, cams = classify_image(model, image, opts.device, opts.fp16)
     s1 = step1_scores(cams, probs, labels, cell_ids)
@@ -69,14 +71,14 @@ def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.nda
 def _load_512(row, sources: Sequence[Path], size: int) -> np.ndarray:
     """The fold image at ``size`` as float32 [0, 1]: from the PNGs if ``sources``, else the cache."""
     if sources:
-        from hpa_kernel.io import read_rgby, resize_rgby
+        from hpa_kernel.formats.images import read_rgby, resize_rgby
         from hpa_kernel.train.prepare import find_source
 
         src = find_source(str(row.ID), sources)
         if src is None:
             raise FileNotFoundError(f"{row.ID}: not in any --src folder")
         return resize_rgby(read_rgby(src, str(row.ID)), size)
-    from hpa_kernel.io import resize_rgby
+    from hpa_kernel.formats.images import resize_rgby
 
     return resize_rgby(np.load(row.path), size)
 
@@ -91,11 +93,11 @@ def export_oof(
     progress: bool = True,
 ) -> pd.DataFrame:
     """The OOF table of ``fold`` (see the module docstring)."""
-    from hpa_kernel.model import load_checkpoint
+    from hpa_kernel.stages.model import load_checkpoint
 
     opts = opts or OOFOptions()
     if segmenter is None:
-        from hpa_kernel.segmentation import Segmenter
+        from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
         segmenter = Segmenter(device=opts.device)
     model, meta = load_checkpoint(checkpoint, device=opts.device)
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if index_csv is None:
         ap.error("give --config or --index-csv")
     from hpa_kernel.config import SegmentationConfig
-    from hpa_kernel.segmentation import Segmenter
+    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
     if (args.nuclei is None) != (args.cell is None):
         ap.error("--nuclei and --cell go together")

@@ -71,7 +71,7 @@ def cache_one(
     src = find_source(image_id, sources)
     if src is None:
         return "skipped", f"no {image_id}_red.png in {', '.join(map(str, sources))}", (0, 0)
-    from hpa_kernel.io import read_rgby, resize_rgby
+    from hpa_kernel.formats.images import read_rgby, resize_rgby
 
     try:
         rgby = read_rgby(src, image_id)

@@ -13,15 +13,11 @@ import cv2
 import numpy as np
 import torch
 
-from .classes import NUM_CLASSES
-from .model import RGBY_MEAN, RGBY_STD, normalize
-from .rle import label_boxes
+from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.stages.model import RGBY_MEAN, RGBY_STD, normalize
+from hpa_kernel.stages.labels import label_boxes
 
-__all__ = ["cell_boxes", "square_boxes", "crop_cells", "predict_crops"]
-
-
-#: Bounding boxes of cells (``(y0, x0, y1, x1)``, half-open): :func:`hpa_kernel.rle.label_boxes`.
-cell_boxes = label_boxes
+__all__ = ["square_boxes", "crop_cells", "predict_crops"]
 
 
 def square_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -44,7 +40,6 @@ def crop_cells(
     labels: np.ndarray,
     cell_ids: np.ndarray,
     crop_size: int = 384,
-    mask_others: bool = False,
 ) -> np.ndarray:
     """Square crops of every cell, ``(n, C, crop_size, crop_size)`` float32.
 
@@ -53,7 +48,6 @@ def crop_cells(
         labels: ``(S, S)`` label image of the same size.
         cell_ids: the cells to crop, in output order.
         crop_size: output side.
-        mask_others: zero the pixels of *other* cells inside a crop (background is kept).
 
     Each crop is the cell's bounding box padded to a centred square (zeros beyond the
     image), resized with ``cv2.INTER_AREA`` when shrinking, ``cv2.INTER_LINEAR`` when
@@ -65,18 +59,14 @@ def crop_cells(
     cell_ids = np.asarray(cell_ids, dtype=np.int64).reshape(-1)
     H, W, C = image.shape
     out = np.zeros((len(cell_ids), C, crop_size, crop_size), dtype=np.float32)
-    squares = square_boxes(cell_boxes(labels, cell_ids))
-    for i, (cid, (y0, x0, y1, x1)) in enumerate(zip(cell_ids, squares)):  # per cell, bbox-sized work
+    squares = square_boxes(label_boxes(labels, cell_ids))
+    for i, (y0, x0, y1, x1) in enumerate(squares):  # per cell, bbox-sized work
         side = int(y1 - y0)
         if side <= 0:
             continue
         patch = np.zeros((side, side, C), dtype=np.float32)
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
-        src = image[sy0:sy1, sx0:sx1]
-        if mask_others:
-            lab = labels[sy0:sy1, sx0:sx1]
-            src = np.where(((lab == cid) | (lab == 0))[..., None], src, 0.0)
-        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = src
+        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
         interp = cv2.INTER_AREA if side > crop_size else cv2.INTER_LINEAR
         r = cv2.resize(patch, (crop_size, crop_size), interpolation=interp)
         out[i] = r.reshape(crop_size, crop_size, C).transpose(2, 0, 1)

@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 import torch
 from torch import nn
 
-from hpa_kernel.segmentation.network import DPNUnet, build_dpn_unet, expected_state_dict_shapes
+from hpa_kernel.stages.segmentation.network import DPNUnet, build_dpn_unet, expected_state_dict_shapes
 
 __all__ = [
     "WeightFileError",

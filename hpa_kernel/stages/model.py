@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .classes import NUM_CLASSES
+from hpa_kernel.classes import NUM_CLASSES
 
 __all__ = [
     "RGBY_MEAN",
@@ -327,7 +327,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if "meta" not in obj or "state_dict" not in obj:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(
-                f"{path}: a plain state dict without hpa_kernel metadata (write it with hpa_kernel.model.save_checkpoint)"
+                f"{path}: a plain state dict without hpa_kernel metadata (write it with hpa_kernel.stages.model.save_checkpoint)"
             )
         raise CheckpointError(f"{path}: not a Puzzle-CAM checkpoint (no 'state_dict' and 'meta' entries)")
     meta, state = obj["meta"], obj["state_dict"]

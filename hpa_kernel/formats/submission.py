@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.io import read_sample_sizes
-from hpa_kernel.rle import check_masks
+from hpa_kernel.formats.images import read_sample_sizes
+from hpa_kernel.formats.rle import check_masks
 
 __all__ = [
     "COLUMNS",
@@ -60,7 +60,7 @@ def prediction_string(
     Parameters
     ----------
     rles:
-        ``{cell_id: mask string}``, e.g. from :func:`hpa_kernel.rle.encode_label_image`;
+        ``{cell_id: mask string}``, e.g. from :func:`hpa_kernel.formats.rle.encode_label_image`;
         each cell's string is reused for all its classes. A cell without an entry (its mask
         is empty at the original size) is skipped.
     cell_ids:
@@ -127,7 +127,7 @@ def write_submission(
     ``rows`` maps ID -> ``(width, height, predstring)``. An ID of ``sample_ids`` without a
     row is an error (``KeyError`` listing them) unless ``fallback`` gives its size -- one
     ``(width, height)`` for all, or ``{ID: (width, height)}`` such as
-    :func:`hpa_kernel.io.read_sample_sizes` returns -- in which case it is written with an
+    :func:`hpa_kernel.formats.images.read_sample_sizes` returns -- in which case it is written with an
     empty PredictionString and a warning. Rows for IDs not in the sample are not written
     (warning); a duplicate sample ID is written once.
 
@@ -222,7 +222,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
     confidence, and a mask string that decodes at the row's size to a non-empty mask.
     Faults of one kind in one row are reported once, with the first offending triple and a
     count. Mask strings are checked in one vectorised pass without decoding them to pixels
-    (:func:`hpa_kernel.rle.check_masks`), each distinct (mask, size) once.
+    (:func:`hpa_kernel.formats.rle.check_masks`), each distinct (mask, size) once.
     """
     path, sample_path = Path(path), Path(sample_path)
     try:

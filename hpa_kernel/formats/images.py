@@ -1,4 +1,4 @@
-"""Kaggle test layout, RGBY reading, the 512 px float image, and a prefetching iterator.
+"""Kaggle test layout: the sample CSV reader, the RGBY PNG reader and the 512 px float image.
 
 Layout::
 
@@ -20,10 +20,8 @@ import collections
 import csv
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
 
 import cv2
 import numpy as np
@@ -42,7 +40,6 @@ __all__ = [
     "read_rgby",
     "resize_rgby",
     "load_image",
-    "prefetch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,9 +47,6 @@ logger = logging.getLogger(__name__)
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 SAMPLE_NAME = "sample_submission.csv"
 TEST_DIR = "test"
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class ImageReadError(Exception):
@@ -310,51 +304,3 @@ def load_image(folder: str | os.PathLike, image_id: str, size: int = 512) -> Loa
         logger.warning("image %s not loaded: %s", image_id, message)
         return LoadedImage(id=image_id, image=None, width=0, height=0, error=message)
     return LoadedImage(id=image_id, image=image, width=int(width), height=int(height))
-
-
-# ----------------------------------------------------------------------------------------
-# Prefetching
-# ----------------------------------------------------------------------------------------
-
-
-def prefetch(items: Iterable[T], fn: Callable[[T], R], workers: int = 2, ahead: int = 4) -> Iterator[R]:
-    """Yield ``fn(item)`` for every item, in input order, computed ahead in a thread pool.
-
-    At most ``ahead`` items are submitted but not yet yielded (plus the one the consumer
-    holds), so memory stays flat however long ``items`` is; ``items`` is consumed lazily.
-    Threads suit I/O and cv2 decoding, which release the GIL. An exception raised by ``fn``
-    is re-raised when its item's turn comes (items before it are yielded first) and ends
-    the iteration. Closing the iterator early cancels the work not yet started.
-    ``workers=0`` runs ``fn`` inline, without threads.
-    """
-    if ahead < 1:
-        raise ValueError(f"ahead must be >= 1, got {ahead}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    if workers == 0:
-        for item in items:
-            yield fn(item)
-        return
-
-    it = iter(items)
-    pending: collections.deque[Future[R]] = collections.deque()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch")
-    try:
-        def fill() -> None:
-            while len(pending) < ahead:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                pending.append(pool.submit(fn, item))
-
-        fill()
-        while pending:
-            future = pending.popleft()
-            result = future.result()
-            fill()
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True)

@@ -27,9 +27,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .classes import NEGATIVE, NUM_CLASSES
+from hpa_kernel.classes import NEGATIVE, NUM_CLASSES
+from hpa_kernel.stages.labels import cell_index, present_ids
 
-__all__ = ["step1_scores", "resize_maps", "grouped_quantiles", "present_ids"]
+__all__ = ["step1_scores", "resize_maps", "grouped_quantiles"]
 
 _BUCKETS = 256
 _MAX_PLANE_BYTES = 128 << 20  # resized maps held at once (19 x 512² float32 = 20 MB)
@@ -271,36 +272,6 @@ def grouped_quantiles(
     return q_group, q_all, counts
 
 
-def present_ids(labels: np.ndarray) -> np.ndarray:
-    """The non-zero labels present in ``labels``, ascending (bincount, no sort)."""
-    flat = np.asarray(labels).ravel()
-    if flat.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0:
-        ids = np.flatnonzero(np.bincount(flat))
-    else:
-        ids = np.unique(flat)
-    return ids[ids != 0].astype(np.int64)
-
-
-def _cell_index(labels: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
-    """Row index of every pixel's cell in ``cell_ids``; ``len(cell_ids)`` for the rest."""
-    n = len(cell_ids)
-    flat = labels.ravel()
-    if n == 0 or flat.size == 0:
-        return np.zeros(flat.shape, dtype=np.int32)
-    top = int(flat.max())
-    if np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0 and top <= 4 * flat.size:
-        lut = np.full(top + 1, n, dtype=np.int32)  # one gather through a table
-        ids = cell_ids[(cell_ids > 0) & (cell_ids <= top)]
-        lut[ids] = np.searchsorted(cell_ids, ids)
-        return lut[flat]
-    pos = np.searchsorted(cell_ids, flat)
-    pos_c = np.minimum(pos, n - 1)
-    hit = (cell_ids[pos_c] == flat) & (flat != 0)
-    return np.where(hit, pos_c, n).astype(np.int32)
-
-
 def step1_scores(
     cams,
     probs,
@@ -365,7 +336,7 @@ def step1_scores(
     kept = np.zeros((n, NUM_CLASSES), dtype=bool)
     if len(active):
         H, W = labels.shape
-        group_sorted = _cell_index(labels, sorted_ids)
+        group_sorted = cell_index(labels, sorted_ids)
         maps = cams[active]
         bounds = np.stack([maps.min(axis=(1, 2)), maps.max(axis=(1, 2))], axis=1)
         q_cell = np.zeros((n, len(active)), dtype=np.float64)

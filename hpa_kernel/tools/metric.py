@@ -24,7 +24,7 @@ Layers, lowest first: :func:`average_precision` (one class), :func:`score_image`
 image, in-memory arrays), :func:`evaluate_arrays` (in-memory data set), :func:`evaluate`
 (submission CSV/DataFrame + truth folder, streamed one image at a time), :func:`main` (CLI)::
 
-    python -m hpa_kernel.metric --truth DIR [--iou mask|box] SUBMISSION
+    python -m hpa_kernel.tools.metric --truth DIR [--iou mask|box] SUBMISSION
 
 Truth folder: ``DIR/labels/<ID>.png`` (16-bit label image at the original size,
 0 = background, 1..n = cells) and ``DIR/cells.csv`` with columns ``ID,cell_id,Label``
@@ -46,9 +46,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .classes import CLASS_NAMES, NUM_CLASSES, parse_labels
-from .rle import decode_mask, label_boxes
-from .submission import COLUMNS as SUBMISSION_COLUMNS
+from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES, parse_labels
+from hpa_kernel.formats.rle import decode_mask
+from hpa_kernel.stages.labels import label_boxes
+from hpa_kernel.formats.submission import COLUMNS as SUBMISSION_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -591,7 +592,7 @@ def evaluate(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m hpa_kernel.metric",
+        prog="python -m hpa_kernel.tools.metric",
         description="Local mAP@0.6 (Open Images style) of a submission against a per-cell truth folder.",
     )
     p.add_argument("submission", help="submission.csv (ID,ImageWidth,ImageHeight,PredictionString)")

@@ -1,7 +1,7 @@
 """Ensembling per cell and class (DESIGN.md 2.5): Step 1 × Step 2, then models.
 
 Everything works on per-image score matrices ``(n_cells, 19)``; weights are normalised to
-sum to 1. Flip TTA at the model level is :func:`hpa_kernel.model.forward_tta`.
+sum to 1. Flip TTA at the model level is :func:`hpa_kernel.stages.model.forward_tta`.
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import __version__
-from .classes import NUM_CLASSES
-from .config import KernelConfig
-from .device import resolve_device
+from hpa_kernel import __version__
+from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.config import KernelConfig
+from hpa_kernel.run.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class LoadedModel:
 
 def load_models(config: KernelConfig, device: str, summary: RunSummary) -> list[LoadedModel]:
     """Load every classifier of the manifest; a bad file is skipped with an error."""
-    from .model import load_checkpoint
+    from hpa_kernel.stages.model import load_checkpoint
 
     models = []
     for c in config.classifiers:
@@ -168,7 +168,7 @@ def load_models(config: KernelConfig, device: str, summary: RunSummary) -> list[
 
 def build_segmenter(config: KernelConfig, device: str, fp16: bool, summary: RunSummary):
     """The segmenter of the manifest; falls back to the weight-free one on bad weights."""
-    from .segmentation import Segmenter
+    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
     try:
         seg = Segmenter(config.segmentation, device=device, fp16=fp16)
@@ -200,10 +200,10 @@ def predict_image(
     batch_size: int,
 ) -> np.ndarray:
     """Per-cell, per-class scores (n, 19) for one image: Step 1, Step 2, ensemble."""
-    from .ensemble import combine_models, combine_steps, select_top_classes
-    from .model import classify_image
-    from .step1 import step1_scores
-    from .step2 import crop_cells, predict_crops
+    from hpa_kernel.stages.ensemble import combine_models, combine_steps, select_top_classes
+    from hpa_kernel.stages.model import classify_image
+    from hpa_kernel.stages.step1 import step1_scores
+    from hpa_kernel.stages.step2 import crop_cells, predict_crops
 
     n = len(cell_ids)
     if n == 0 or not models:
@@ -379,7 +379,7 @@ def fallback_size(test_dir: Path, image_id: str, sample_sizes: dict[str, tuple[i
     """Width and height for a row whose image was not (or could not be) decoded: the
     sample's where positive (``io.read_sample`` stores 0 for a missing size), else the
     first readable channel's PNG header, else ``(0, 0)``."""
-    from .io import CHANNELS, channel_path, png_size
+    from hpa_kernel.formats.images import CHANNELS, channel_path, png_size
 
     width, height = sample_sizes.get(image_id, (0, 0))
     if width > 0 and height > 0:
@@ -393,9 +393,9 @@ def fallback_size(test_dir: Path, image_id: str, sample_sizes: dict[str, tuple[i
 
 def process_image(item, segmenter, models, config, opts, device, fp16, level, timer, batch_size) -> str:
     """One decoded image through segmentation, the classifiers and RLE: its PredictionString."""
-    from .rle import encode_label_image
-    from .step1 import present_ids
-    from .submission import prediction_string
+    from hpa_kernel.formats.rle import encode_label_image
+    from hpa_kernel.stages.step1 import present_ids
+    from hpa_kernel.formats.submission import prediction_string
 
     net0 = getattr(segmenter, "network_seconds", 0.0)
     with timer("segmentation"):
@@ -413,7 +413,7 @@ def process_image(item, segmenter, models, config, opts, device, fp16, level, ti
         pred = prediction_string(rles, cell_ids[keep], scores[keep], config.min_confidence)
     if opts.save_overlays is not None:
         with timer("overlay"):
-            from .overlay import save_overlay
+            from hpa_kernel.formats.overlay import save_overlay
 
             save_overlay(Path(opts.save_overlays) / f"{item.id}.png", item.image, labels, cell_ids, scores)
     return pred
@@ -423,8 +423,9 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     """Run the kernel over ``opts.data_dir`` and write ``opts.out``; returns the summary."""
     from tqdm.auto import tqdm
 
-    from .io import TEST_DIR, load_image, prefetch, read_test_set
-    from .submission import write_submission
+    from hpa_kernel.formats.images import TEST_DIR, load_image, read_test_set
+    from hpa_kernel.run.prefetch import prefetch
+    from hpa_kernel.formats.submission import write_submission
 
     t_start = time.perf_counter()
     out = Path(opts.out)
@@ -442,7 +443,7 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     test_dir = data_dir / TEST_DIR
 
     # 0. weights: integrity, device, models
-    from .integrity import verify_files
+    from hpa_kernel.integrity import verify_files
 
     verify_files(config, check_hash=opts.verify_weights)
     device, device_warning = resolve_device(opts.device)

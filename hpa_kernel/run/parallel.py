@@ -9,7 +9,7 @@ in its own process on its own device, and the parts are joined into the one subm
 A shard whose process dies is started again at once, on the device of a shard that has
 not failed, resuming from its journal; rows still missing after that come from its
 journal or are written empty with a warning, so every ID keeps its row. Stages are the
-ones of :mod:`hpa_kernel.pipeline`; this module only launches, watches and joins.
+ones of :mod:`hpa_kernel.run.pipeline`; this module only launches, watches and joins.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .submission import read_rows, write_submission
+from hpa_kernel.formats.submission import read_rows, write_submission
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Shard:
 
     @property
     def journal(self) -> Path:
-        from .pipeline import journal_path
+        from hpa_kernel.run.pipeline import journal_path
 
         return journal_path(self.out)
 
@@ -97,10 +97,10 @@ class ParallelResult:
 
 
 def usable_cuda_devices() -> list[str]:
-    """Every CUDA device this torch can run on (see :func:`hpa_kernel.device.cuda_problem`)."""
+    """Every CUDA device this torch can run on (see :func:`hpa_kernel.run.device.cuda_problem`)."""
     import torch
 
-    from .device import cuda_problem
+    from hpa_kernel.run.device import cuda_problem
 
     if not torch.cuda.is_available():
         return []
@@ -273,7 +273,7 @@ def join_parts(
     a part (it failed twice) gives the rows its journal holds; an ID nothing has is written
     empty with its ``fallback_size`` and listed in ``result.filled``. The parts of the
     shards that succeeded are removed afterwards (a failed shard's journal is kept)."""
-    from .pipeline import read_journal
+    from hpa_kernel.run.pipeline import read_journal
 
     rows = {}
     for s in result.shards:
