@@ -28,10 +28,9 @@ def step1_scores_reference(
     cell_ids: np.ndarray | None = None,
     min_prob: float = 0.01,
     min_ratio: float = 0.02,
-    top_classes: int = 18,
     quantile: float = 0.99,
 ) -> np.ndarray:
-    """DESIGN.md 2.3 written the obvious way: a loop over classes and cells, full masks,
+    """Step 1 (docs/METHOD.md) written the obvious way: a loop over classes and cells, full masks,
     ``np.quantile``. Slow; the oracle for :func:`hpa_kernel.stages.step1.step1_scores`."""
     cams = np.nan_to_num(np.asarray(cams, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     probs = np.asarray(probs, dtype=np.float64)
@@ -65,11 +64,6 @@ def step1_scores_reference(
         top = float(np.nanmax(probs))
         scores[:, NEGATIVE] = top if examined else 1.0 - top
         return scores
-    found = sorted({c for cs in kept.values() for c in cs}, key=lambda c: (-probs[c], c))
-    for c in found[top_classes:]:
-        scores[:, c] = 0.0
-        for cs in kept.values():
-            cs.discard(c)
     for i, cs in kept.items():
         if not cs:
             scores[i, NEGATIVE] = probs[NEGATIVE]

@@ -218,7 +218,7 @@ def predict_image(
             with timer("forward_full"):
                 probs, cams = classify_image(m.model, image, device, fp16, tta)
             with timer("step1"):
-                s1 = step1_scores(cams, probs, labels, cell_ids, top_classes=config.top_classes)
+                s1 = step1_scores(cams, probs, labels, cell_ids)
         if use_step2:
             crop = int(m.meta.get("crop_size", config.crop_size))
             with timer("crops"):
