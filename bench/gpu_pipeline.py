@@ -37,7 +37,8 @@ def main() -> None:
 
     from hpa_kernel.config import load_config
     from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
-    from hpa_kernel.run.pipeline import RunOptions, run
+    from hpa_kernel.run.options import RunOptions
+    from hpa_kernel.run.pipeline import run
     from hpa_kernel.stages.segmentation.network import build_dpn_unet
     from hpa_kernel.tools.synthetic import write_dataset
 

@@ -76,7 +76,8 @@ def make_weights(root: Path, backbone: str, image_size: int, crop_size: int) -> 
 def child(data: str, manifest: str, out: str) -> None:
     """One run in this process; prints JSON with stage seconds and peak RSS."""
     from hpa_kernel.config import load_config
-    from hpa_kernel.run.pipeline import RunOptions, run
+    from hpa_kernel.run.options import RunOptions
+    from hpa_kernel.run.pipeline import run
 
     s = run(load_config(manifest), RunOptions(data_dir=Path(data), out=Path(out), device="cpu",
                                                progress=False, resume=False))

@@ -39,7 +39,7 @@ def main() -> None:
 
     from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES, parse_labels
     from hpa_kernel.stages.ensemble import combine_steps
-    from hpa_kernel.formats.images import list_test_ids, load_image
+    from hpa_kernel.formats.images import load_image, read_test_set
     from hpa_kernel.tools.metric import evaluate, read_label_image
     from hpa_kernel.stages.model import classify_image, load_checkpoint
     from hpa_kernel.formats.rle import encode_label_image
@@ -56,7 +56,7 @@ def main() -> None:
     if not (data / "sample_submission.csv").exists():
         write_dataset(data, images=a.images, seed=a.seed, sizes=sizes, depth="mixed", split="test", progress=False)
     model, meta = load_checkpoint(a.checkpoint)
-    ids = list_test_ids(data)
+    ids = read_test_set(data)[0]
     truth = pd.read_csv(data / "train.csv", dtype={"ID": str}).set_index("ID")["Label"]
     variants = ("oracle image labels", "broadcast", "step1", "step2", "ensemble")
     rows: dict[tuple[str, str], dict[str, tuple[int, int, str]]] = {}

@@ -12,7 +12,8 @@ import torch
 import hpa_kernel.run.device as device_mod
 from hpa_kernel.config import load_config
 from hpa_kernel.run.device import DeviceError, arch_supported, cuda_problem, resolve_device
-from hpa_kernel.run.pipeline import RunOptions, run
+from hpa_kernel.run.options import RunOptions
+from hpa_kernel.run.pipeline import run
 from hpa_kernel.formats.submission import validate_submission
 from hpa_kernel.submit import main
 

@@ -14,10 +14,10 @@ from hpa_kernel.formats.images import (
     CHANNELS,
     ImageReadError,
     LoadedImage,
-    list_test_ids,
     load_image,
     read_rgby,
-    read_sample_sizes,
+    read_sample,
+    read_test_set,
     resize_rgby,
 )
 from hpa_kernel.run.prefetch import prefetch
@@ -38,7 +38,7 @@ def _write(folder, image_id: str, planes: list[np.ndarray]) -> None:
 # ------------------------------------------------------------------ layout
 
 
-def test_list_test_ids_sample_order_and_duplicates(tmp_path, caplog):
+def test_read_test_set_sample_order_and_duplicates(tmp_path, caplog):
     (tmp_path / "sample_submission.csv").write_text(
         "ID,ImageWidth,ImageHeight,PredictionString\n"
         "b,2048,2048,0 1 eNoLCAgAARQA6A==\n"
@@ -47,36 +47,36 @@ def test_list_test_ids_sample_order_and_duplicates(tmp_path, caplog):
         "c,,,\n"
     )
     with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
-        assert list_test_ids(tmp_path) == ["b", "a", "c"]
+        assert read_test_set(tmp_path)[0] == ["b", "a", "c"]
     assert "more than once" in caplog.text
-    assert read_sample_sizes(tmp_path / "sample_submission.csv") == {
+    assert read_sample(tmp_path / "sample_submission.csv").sizes == {
         "b": (2048, 2048), "a": (1728, 1728), "c": (0, 0)
     }
 
 
-def test_list_test_ids_falls_back_to_test_folder(tmp_path, caplog):
+def test_read_test_set_falls_back_to_test_folder(tmp_path, caplog):
     _write(tmp_path / "test", "zz", _planes(4, 4))
     _write(tmp_path / "test", "aa", _planes(4, 4))
     (tmp_path / "test" / "mm_red.png").write_bytes(b"")  # incomplete: kept, with a warning
     (tmp_path / "test" / "notes.txt").write_text("x")
     (tmp_path / "test" / "qq_purple.png").write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
-        assert list_test_ids(tmp_path) == ["aa", "mm", "zz"]
+        assert read_test_set(tmp_path)[0] == ["aa", "mm", "zz"]
     assert "lack some channel" in caplog.text
 
 
-def test_list_test_ids_empty_folder_is_a_clear_error(tmp_path):
+def test_read_test_set_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no test images"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
     (tmp_path / "test").mkdir()
     with pytest.raises(FileNotFoundError, match="no test images"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
     (tmp_path / "sample_submission.csv").write_text("ID,ImageWidth,ImageHeight,PredictionString\n")
     with pytest.raises(FileNotFoundError, match="has no IDs"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
     (tmp_path / "sample_submission.csv").write_text("Id,Label\nx,1\n")
     with pytest.raises(ValueError, match="no 'ID' column"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
 
 
 # ------------------------------------------------------------------ reading

@@ -13,7 +13,9 @@ import pytest
 
 from hpa_kernel import __version__
 from hpa_kernel.config import load_config
-from hpa_kernel.run.pipeline import LEVEL_EMPTY, Budget, RunOptions, run, select_ids
+from hpa_kernel.run.budget import LEVEL_EMPTY, Budget
+from hpa_kernel.run.options import RunOptions, select_ids
+from hpa_kernel.run.pipeline import run
 from hpa_kernel.formats.submission import validate_submission
 from hpa_kernel.submit import main
 

@@ -63,7 +63,6 @@ def test_prediction_string_triples_and_reuse():
     s = prediction_string(rles, np.array([1, 2, 5]), scores)
     assert s == "0 0.123457 AAA= 3 0.5 AAA= 18 1 BBB= 7 1e-07 CCC="
     # min_confidence is strict, and 0 is never written
-    assert prediction_string(rles, [1, 2, 5], scores, min_confidence=0.5) == "18 1 BBB="
     assert prediction_string(rles, [1, 2, 5], np.zeros((3, 19))) == ""
     assert prediction_string({}, [], np.zeros((0, 19))) == ""
 

@@ -31,10 +31,10 @@ __all__ = [
     "ImageReadError",
     "LoadedImage",
     "channel_path",
-    "list_test_ids",
+    "fallback_size",
+    "png_size",
     "SampleSubmission",
     "read_sample",
-    "read_sample_sizes",
     "read_test_set",
     "read_channel",
     "read_rgby",
@@ -105,28 +105,15 @@ def read_sample(sample_path: str | os.PathLike) -> SampleSubmission:
     return SampleSubmission(ids=list(sizes), sizes=sizes, duplicates=duplicates)
 
 
-def read_sample_sizes(sample_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """``{ID: (width, height)}`` from a sample submission, in its order (first of duplicates).
-
-    Missing, non-numeric or non-positive sizes come back as 0.
-    """
-    return read_sample(sample_path).sizes
-
-
-def list_test_ids(data_dir: str | os.PathLike) -> list[str]:
-    """Test image IDs of a Kaggle-layout folder.
+def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmission | None]:
+    """Test image IDs of a Kaggle-layout folder and the sample they came from (``None``
+    without one), reading ``sample_submission.csv`` once.
 
     In the order of ``data_dir/sample_submission.csv`` (an ID listed twice is kept once,
     with a warning); without a sample, the sorted IDs of the ``<ID>_<channel>.png`` files in
     ``data_dir/test`` (an ID missing some channel is kept, with a warning: loading it will
     report the missing file). Raises ``FileNotFoundError`` when neither gives any ID.
     """
-    return read_test_set(data_dir)[0]
-
-
-def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmission | None]:
-    """The IDs of :func:`list_test_ids` and the sample they came from (``None`` without
-    one), reading ``sample_submission.csv`` once."""
     data_dir = Path(data_dir)
     sample_path = data_dir / SAMPLE_NAME
     if sample_path.is_file():
@@ -170,6 +157,20 @@ def png_size(path: str | os.PathLike) -> tuple[int, int] | None:
         return None
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     return (width, height) if width > 0 and height > 0 else None
+
+
+def fallback_size(test_dir: str | os.PathLike, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """Width and height for a row whose image was not (or could not be) decoded: the
+    sample's where positive (:func:`read_sample` stores 0 for a missing size), else the
+    first readable channel's PNG header, else ``(0, 0)``."""
+    width, height = sample_sizes.get(image_id, (0, 0))
+    if width > 0 and height > 0:
+        return width, height
+    for ch in CHANNELS:
+        size = png_size(channel_path(test_dir, image_id, ch))
+        if size is not None:
+            return size
+    return (0, 0)
 
 
 def channel_path(folder: str | os.PathLike, image_id: str, channel: str) -> Path:

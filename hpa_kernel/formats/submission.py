@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.formats.images import read_sample_sizes
+from hpa_kernel.formats.images import read_sample
 from hpa_kernel.formats.rle import check_masks
 
 __all__ = [
@@ -30,7 +30,9 @@ __all__ = [
     "prediction_string",
     "write_submission",
     "validate_submission",
-    "read_rows",
+    "read_submission",
+    "check_row",
+    "Row",
     "merge_submissions",
 ]
 
@@ -53,7 +55,6 @@ def prediction_string(
     rles: Mapping[int, str],
     cell_ids: Sequence[int] | np.ndarray,
     scores: np.ndarray,
-    min_confidence: float = 0.0,
 ) -> str:
     """Build one image's PredictionString.
 
@@ -66,10 +67,10 @@ def prediction_string(
     cell_ids:
         ``(n,)`` cell labels; row i of ``scores`` belongs to ``cell_ids[i]``.
     scores:
-        ``(n, 19)`` per-cell class confidences.
-    min_confidence:
-        A (cell, class) is written when its score is ``> min_confidence`` and ``> 0``.
-        Non-finite scores are skipped with a warning.
+        ``(n, 19)`` per-cell class confidences: a (cell, class) is written when its score is
+        ``> 0`` (the ``min_confidence`` floor was applied by the class-selection rule,
+        :func:`hpa_kernel.stages.ensemble.select_top_classes`). Non-finite scores are
+        skipped with a warning.
 
     Returns
     -------
@@ -83,7 +84,7 @@ def prediction_string(
     finite = np.isfinite(scores)
     if not finite.all():
         logger.warning("%d non-finite score(s) skipped", int((~finite).sum()))
-    keep = finite & (scores > max(float(min_confidence), 0.0))
+    keep = finite & (scores > 0)
     rows, classes = np.nonzero(keep)
     if rows.size == 0:
         return ""
@@ -99,7 +100,9 @@ def prediction_string(
     return " ".join(parts)
 
 
-def _check_row(image_id: str, row: Row) -> Row:
+def check_row(image_id: str, row: Row) -> Row:
+    """``row`` as ``(int width, int height, str predstring)``, or ``ValueError`` naming the fault
+    (not integers, a comma/quote/newline in the string, predictions without a positive size)."""
     try:
         width, height, text = row
     except (TypeError, ValueError):
@@ -127,7 +130,7 @@ def write_submission(
     ``rows`` maps ID -> ``(width, height, predstring)``. An ID of ``sample_ids`` without a
     row is an error (``KeyError`` listing them) unless ``fallback`` gives its size -- one
     ``(width, height)`` for all, or ``{ID: (width, height)}`` such as
-    :func:`hpa_kernel.formats.images.read_sample_sizes` returns -- in which case it is written with an
+    ``hpa_kernel.formats.images.read_sample(path).sizes`` is -- in which case it is written with an
     empty PredictionString and a warning. Rows for IDs not in the sample are not written
     (warning); a duplicate sample ID is written once.
 
@@ -150,14 +153,14 @@ def write_submission(
 
     def row_for(image_id: str) -> Row:
         if image_id in rows:
-            return _check_row(image_id, rows[image_id])
+            return check_row(image_id, rows[image_id])
         if isinstance(fallback, Mapping):
             if image_id not in fallback:
                 raise KeyError(f"no row and no fallback size for sample ID {image_id!r}")
             w, h = fallback[image_id]
         else:
             w, h = fallback  # type: ignore[misc]
-        return _check_row(image_id, (w, h, ""))
+        return check_row(image_id, (w, h, ""))
 
     lines = [(image_id, *row_for(image_id)) for image_id in order]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +229,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
     """
     path, sample_path = Path(path), Path(sample_path)
     try:
-        sample = read_sample_sizes(sample_path)
+        sample = read_sample(sample_path).sizes
     except (OSError, ValueError, csv.Error) as e:
         return [f"sample {sample_path}: cannot read ({' '.join(str(e).split())})"]
     if not sample:
@@ -314,7 +317,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
 # ----------------------------------------------------------------------------------------
 
 
-def read_rows(path: str | os.PathLike) -> dict[str, Row]:
+def read_submission(path: str | os.PathLike) -> dict[str, Row]:
     """The rows of a submission CSV written by :func:`write_submission`: ``{ID: (width,
     height, predstring)}``. ``ValueError`` for another header, a repeated ID or a bad size."""
     header, body = _read_rows(Path(path))
@@ -344,12 +347,12 @@ def merge_submissions(
     rows: dict[str, Row] = {}
     seen_in: dict[str, str] = {}
     for part in parts:
-        for image_id, row in read_rows(part).items():
+        for image_id, row in read_submission(part).items():
             if image_id in rows:
                 raise ValueError(f"{part}: ID {image_id} is also in {seen_in[image_id]}")
             rows[image_id] = row
             seen_in[image_id] = str(part)
-    sample_ids = list(read_sample_sizes(sample_path))
+    sample_ids = read_sample(sample_path).ids
     missing = [i for i in sample_ids if i not in rows]
     if missing:
         raise ValueError(f"{len(missing)} sample ID(s) in no part, e.g. {missing[:5]}")
