@@ -44,9 +44,9 @@ def everything_set() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         else:
             assert action.dest in SAMPLES, f"test_options.SAMPLES needs a value for {action.option_strings[-1]}"
             argv += [action.option_strings[-1], SAMPLES[action.dest]]
-    args = parser.parse_args(argv)
+    args, defaults = parser.parse_args(argv), parser.parse_args([])
     for dest in seen:
-        assert getattr(args, dest) != parser.get_default(dest), f"sample for {dest} is its default"
+        assert getattr(args, dest) != getattr(defaults, dest), f"sample for {dest} is its default"
     return parser, args
 
 

@@ -147,12 +147,13 @@ def _text(value: Any) -> str:
 def to_argv(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> list[str]:
     """The command line that parses back to ``args``: every option not at its default."""
     parser = parser or build_parser()
+    defaults = vars(parser.parse_args([]))  # not get_default(): it skips None (--fp16's)
     argv: list[str] = []
     for action in parser._actions:
         if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
         value = getattr(args, action.dest)
-        if value == parser.get_default(action.dest):
+        if value == defaults[action.dest]:
             continue
         flag = action.option_strings[-1]
         if action.nargs == 0:  # store_true / store_false / store_const
