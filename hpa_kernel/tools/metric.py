@@ -1,6 +1,6 @@
 """Local mAP@0.6 of a submission against per-cell ground truth (Open Images challenge style).
 
-The rules (``DESIGN.md``, section "Metric"):
+The rules (``docs/METHOD.md``, "Metric"):
 
 * Ground truth is one entry per (cell, class); an image's labels are the union of its cells'
   classes. Only images with ground truth are scored; an image with ground truth that is

@@ -1,6 +1,6 @@
 """Weight-free cell segmentation (classical image processing).
 
-Used when no hpacellseg weights are given (DESIGN 2.1): nuclei from the blue
+Used when no hpacellseg weights are given (``docs/METHOD.md``, "Segmentation"): nuclei from the blue
 channel, cells grown from them over the red + yellow signal. Every size
 parameter is relative to the typical nucleus found in the image, so the same
 settings work whatever the original resolution was.

@@ -8,7 +8,7 @@ every area threshold multiplied by the *area factor* ``sy * sx`` and the
 closing disk radius by its square root, where ``(sy, sx)`` is the linear
 scale of the maps relative to the original image. ``scale=1`` is the stock
 full-resolution flow; ``scale=512 / 2048`` runs the same chain on maps at
-512 px (the fast path of DESIGN 2.1).
+512 px (the fast path, ``docs/METHOD.md``, "Segmentation").
 
 Two stock quirks that shape the masks are kept on purpose (the network
 weights were tuned together with them); each is marked ``QUIRK`` below.

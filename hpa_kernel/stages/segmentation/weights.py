@@ -1,7 +1,7 @@
 """Load the public hpacellseg U-Net weight files without running code from them.
 
 ``dpn_unet_nuclei_v1.pth`` and ``dpn_unet_cell_3ch_v1.pth`` are whole pickled
-``pytorch_zoo.unet.DPNUnet`` modules (DESIGN 2.1), possibly wrapped in
+``pytorch_zoo.unet.DPNUnet`` modules (``docs/METHOD.md``, "Segmentation"), possibly wrapped in
 ``torch.nn.DataParallel``, in torch's zip or legacy (non-zip) format. ``pytorch_zoo`` is
 not installable and a plain ``torch.load`` of such a file would import and run whatever
 the pickle names. This module instead reads them with a *restricted unpickler*:
