@@ -1,4 +1,9 @@
-"""Submission rows, the atomic CSV writer, and the submission validator.
+"""``submission.csv``: the one reader (:func:`read_submission`, :func:`parse_prediction_string`),
+the atomic writer, the validator and the merge of shard parts.
+
+The metric, the shard join and the merge read files with :func:`read_submission`; the
+validator reads the same CSV lines leniently, to report every fault, with the same triple
+grammar (:func:`triple_faults`); the resume journal stores its rows as :data:`Row`.
 
 A row is ``ID,ImageWidth,ImageHeight,PredictionString``; PredictionString is space-separated
 triples ``class confidence mask`` (one per cell and class, the cell's mask string repeated
@@ -31,6 +36,8 @@ __all__ = [
     "write_submission",
     "validate_submission",
     "read_submission",
+    "parse_prediction_string",
+    "triple_faults",
     "check_row",
     "Row",
     "merge_submissions",
@@ -98,6 +105,46 @@ def prediction_string(
         if cid in rles
     ]
     return " ".join(parts)
+
+
+def triple_faults(cls: str, conf: str) -> list[tuple[str, str]]:
+    """What is wrong with one triple's class and confidence tokens, as ``(fault, detail)``
+    pairs; empty when the class is an integer in 0..18 and the confidence a finite number.
+    The one triple grammar: :func:`parse_prediction_string` and the validator use it."""
+    faults = []
+    try:
+        c = int(cls)
+    except ValueError:
+        c = -1
+    if not 0 <= c < NUM_CLASSES:
+        faults.append((f"class not in 0..{NUM_CLASSES - 1}", f" ({cls!r})"))
+    try:
+        ok = math.isfinite(float(conf))
+    except ValueError:
+        ok = False
+    if not ok:
+        faults.append(("confidence not a finite number", f" ({conf!r})"))
+    return faults
+
+
+def parse_prediction_string(text: str) -> list[tuple[int, float, str]]:
+    """Split a PredictionString into ``(class_id, confidence, mask_string)`` triples.
+
+    Empty or blank -> ``[]``. Raises ``ValueError`` when the token count is not a multiple
+    of 3, a class is not an integer in 0..18, or a confidence is not a finite number
+    (:func:`triple_faults`). Mask strings are not decoded here (:mod:`hpa_kernel.formats.rle`).
+    """
+    tokens = str(text).split()
+    if len(tokens) % 3:
+        raise ValueError(f"{len(tokens)} tokens is not a whole number of 'class confidence mask' triples")
+    out = []
+    for k in range(0, len(tokens), 3):
+        c, conf, mask = tokens[k : k + 3]
+        faults = triple_faults(c, conf)
+        if faults:
+            raise ValueError(f"triple {k // 3}: {faults[0][0]}{faults[0][1]}")
+        out.append((int(c), float(conf), mask))
+    return out
 
 
 def check_row(image_id: str, row: Row) -> Row:
@@ -280,18 +327,8 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
             continue
         for t in range(len(tokens) // 3):
             cls, conf, mask = tokens[3 * t : 3 * t + 3]
-            try:
-                c = int(cls)
-            except ValueError:
-                c = -1
-            if not 0 <= c < NUM_CLASSES:
-                faults.setdefault(f"class not in 0..{NUM_CLASSES - 1}", []).append((t, f" ({cls!r})"))
-            try:
-                ok = math.isfinite(float(conf))
-            except ValueError:
-                ok = False
-            if not ok:
-                faults.setdefault("confidence not a finite number", []).append((t, f" ({conf!r})"))
+            for what, detail in triple_faults(cls, conf):
+                faults.setdefault(what, []).append((t, detail))
             if w is None or h is None:
                 faults.setdefault("masks not checked (no valid size)", []).append((t, ""))
             else:
