@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
