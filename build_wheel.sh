@@ -235,7 +235,7 @@ log "building $WHEEL_NAME (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
 if [[ "$BUILD_ISOLATION" == 0 ]]; then
     build=(env PIP_NO_INDEX=1 "$PY" -m pip wheel --no-deps --no-build-isolation --no-index)
 else
-    build=("$PY" -m pip wheel --no-deps)
+    build=("$PY" -m pip wheel --no-deps --use-pep517)  # older pips would run setup.py bdist_wheel here
 fi
 if ! ( cd "$STAGE/src" && "${build[@]}" --disable-pip-version-check -w "$STAGE/wheel" . ) >"$STAGE/wheel.log" 2>&1; then
     tail -n 40 "$STAGE/wheel.log" >&2
@@ -345,12 +345,11 @@ def requires(path):
 
 
 def needed(text, extras, parent):
-    """The requirement if it applies to the target with the parent's extras, else None."""
+    """(requirement, parent) if it applies to the target with the parent's extras, else None."""
     req = Requirement(text)
     if req.marker is not None and not any(req.marker.evaluate(dict(env, extra=e)) for e in {"", *extras}):
         return None
-    req.parent = parent
-    return req
+    return req, parent
 
 
 chosen = {}  # name -> (version, wheel file, extras handled)
@@ -358,13 +357,13 @@ edges = [needed(r, (), "hpa_kernel") for r in requires(Path(wheel))] + [needed(r
 taken = set()
 while True:
     level = {}
-    for req in filter(None, edges):
+    for req, parent in filter(None, edges):
         name = norm(req.name)
         if name in provided:
             taken.add(name)
             continue
         spec, extras, parents = level.get(name, (SpecifierSet(), set(), []))
-        level[name] = (spec & req.specifier, extras | set(req.extras), parents + [f"{req.parent} ({req})"])
+        level[name] = (spec & req.specifier, extras | set(req.extras), parents + [f"{parent} ({req})"])
     edges = []
     todo = {}
     for name, (spec, extras, parents) in level.items():
