@@ -36,8 +36,8 @@ setup(
     entry_points={
         "console_scripts": [
             "hpa-submit=hpa_kernel.submit:main",
-            "hpa-validate=hpa_kernel.validate:main",
-            "hpa-metric=hpa_kernel.metric:main",
+            "hpa-validate=hpa_kernel.tools.validate:main",
+            "hpa-metric=hpa_kernel.tools.metric:main",
         ]
     },
 )

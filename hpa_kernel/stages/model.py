@@ -1,4 +1,4 @@
-"""Puzzle-CAM classifier on RGBY images (DESIGN.md 2.2) and its self-describing checkpoints.
+"""Puzzle-CAM classifier on RGBY images (``docs/METHOD.md``, "Classifier") and its self-describing checkpoints.
 
 A timm backbone (``num_classes=0, global_pool=''``) gives feature maps; a bias-free 1×1
 conv turns them into class maps ``F (B, 19, h, w)``; the logits are the global average of
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .classes import NUM_CLASSES
+from hpa_kernel.classes import NUM_CLASSES
 
 __all__ = [
     "RGBY_MEAN",
@@ -35,6 +35,8 @@ __all__ = [
     "widen_stem",
     "widen_model_stem",
     "normalize",
+    "TTA_FLIPS",
+    "flip_views",
     "forward_tta",
     "save_checkpoint",
     "load_checkpoint",
@@ -121,7 +123,23 @@ class PuzzleCAM(nn.Module):
         self.encoder = _build_backbone(backbone, self.in_chans, pretrained)
         self.num_features = int(self.encoder.num_features)
         self.classifier = nn.Conv2d(self.num_features, self.num_classes, kernel_size=1, bias=False)
+        #: the checkpoint's meta (:func:`load_checkpoint`; empty for a model built here),
+        #: like timm's ``pretrained_cfg``: the one record of sizes and normalisation
         self.meta: dict[str, Any] = {}
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """What the inputs must look like, from :attr:`meta` (like timm's
+        ``resolve_data_config(model=m)``): ``image_size`` and ``crop_size`` (``None`` when
+        the meta names none: the caller's size stands), ``mean``, ``std`` (RGBY defaults)."""
+        meta = self.meta
+        size, crop = meta.get("image_size"), meta.get("crop_size")
+        return {
+            "image_size": int(size) if size is not None else None,
+            "crop_size": int(crop) if crop is not None else None,
+            "mean": tuple(meta.get("mean", RGBY_MEAN)),
+            "std": tuple(meta.get("std", RGBY_STD)),
+        }
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone feature maps ``(B, C, h, w)``."""
@@ -172,27 +190,28 @@ def normalize(x, mean: Sequence[float] = RGBY_MEAN, std: Sequence[float] = RGBY_
 
 
 _FLIPS = {"none": (), "h": (3,), "v": (2,), "hv": (2, 3)}
+#: The kernel's flip TTA views (``--tta``), for the full image and the cell crops alike.
+TTA_FLIPS: tuple[str, ...] = ("none", "h", "v")
 
 
-def forward_tta(
-    model: PuzzleCAM, x: torch.Tensor, flips: Sequence[str] = ("none", "h", "v"), batched: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip TTA: average logits and *un-flipped* class maps over the given views.
+def flip_views(x: torch.Tensor, flips: Sequence[str] = TTA_FLIPS) -> list[torch.Tensor]:
+    """``x`` (``(B, C, H, W)``) under each flip: ``"none"``, ``"h"`` (horizontal), ``"v"``, ``"hv"``."""
+    if not flips:
+        raise ValueError("TTA needs at least one view")
+    return [x.flip(_FLIPS[f]) if _FLIPS[f] else x for f in flips]
 
-    ``flips`` from ``"none"`` (identity), ``"h"`` (horizontal), ``"v"`` (vertical), ``"hv"``.
-    ``batched`` runs all views as one batch (``len(flips)``× memory), else one by one.
-    Returns ``(logits (B, C), F (B, C, h, w))``; the maps line up with the input image.
+
+def forward_tta(model: PuzzleCAM, x: torch.Tensor, flips: Sequence[str] = TTA_FLIPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip TTA of the full image: average logits and *un-flipped* class maps over the views.
+
+    All views run as one batch (``len(flips)``× memory). Returns ``(logits (B, C), F (B, C,
+    h, w))``; the maps line up with the input image (Step 1 needs them), so the average is
+    taken before the sigmoid. Cell crops average probabilities instead
+    (:func:`hpa_kernel.stages.step2.predict_crops`).
     """
-    dims = [_FLIPS[f] for f in flips]
-    if not dims:
-        raise ValueError("forward_tta needs at least one view")
-    views = [x.flip(d) if d else x for d in dims]
-    if batched:
-        _, maps = model.forward_with_maps(torch.cat(views, dim=0))
-        maps = list(maps.split(x.shape[0], dim=0))
-    else:
-        maps = [model.class_maps(v) for v in views]
-    maps = [m.flip(d) if d else m for m, d in zip(maps, dims)]
+    views = flip_views(x, flips)
+    _, maps = model.forward_with_maps(torch.cat(views, dim=0))
+    maps = [m.flip(_FLIPS[f]) if _FLIPS[f] else m for m, f in zip(maps.split(x.shape[0], dim=0), flips)]
     mean_maps = torch.stack(maps, dim=0).mean(dim=0)
     return mean_maps.mean(dim=(2, 3)), mean_maps
 
@@ -207,17 +226,17 @@ def classify_image(
     """The full-image forward of the kernel: ``(probs (C,), cams (C, h, w))`` as numpy.
 
     ``image`` is the ``(S, S, 4)`` float image in [0, 1]; it is resized (``INTER_AREA``) to
-    the checkpoint's ``image_size`` and normalised with its mean/std (``model.meta``,
-    RGBY defaults). ``fp16`` autocast only on CUDA; ``tta`` averages flips
+    the checkpoint's ``image_size`` and normalised with its mean/std
+    (:attr:`PuzzleCAM.data_config`). ``fp16`` autocast only on CUDA; ``tta`` averages flips
     (:func:`forward_tta`). CAMs are :meth:`PuzzleCAM.cams` of the class maps.
     """
     import cv2
 
-    meta = getattr(model, "meta", {}) or {}
-    size = int(meta.get("image_size", image.shape[0]))
+    cfg = model.data_config
+    size = cfg["image_size"] or image.shape[0]
     if image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    x = normalize(image, meta.get("mean", RGBY_MEAN), meta.get("std", RGBY_STD))
+    x = normalize(image, cfg["mean"], cfg["std"])
     x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(device)
     amp = bool(fp16) and torch.device(device).type == "cuda"
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
@@ -270,7 +289,7 @@ def save_checkpoint(model: PuzzleCAM, path: str | os.PathLike, half: bool = Fals
         "mean": list(RGBY_MEAN),
         "std": list(RGBY_STD),
     }
-    full.update({k: v for k, v in getattr(model, "meta", {}).items() if k not in full and k != "format"})
+    full.update({k: v for k, v in model.meta.items() if k not in full and k != "format"})
     full.update(meta)
     full["format"] = CHECKPOINT_FORMAT
     full = _plain(full, "meta")
@@ -310,7 +329,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Rebuild a :class:`PuzzleCAM` from a :func:`save_checkpoint` file, from its meta alone.
 
     Reads with ``torch.load(weights_only=True)``; returns ``(model, meta)`` with the model
-    in eval mode, float32, on ``device`` (``model.meta`` is ``meta`` too). Anything else
+    in eval mode, float32, on ``device``; ``meta`` is ``model.meta`` (the model carries it). Anything else
     (missing file, random bytes, a pickle naming arbitrary globals, a segmentation U-Net
     file, a plain state dict without meta, a mismatched state dict) raises
     :class:`CheckpointError` with a one-line message naming the file.
@@ -327,7 +346,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if "meta" not in obj or "state_dict" not in obj:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(
-                f"{path}: a plain state dict without hpa_kernel metadata (write it with hpa_kernel.model.save_checkpoint)"
+                f"{path}: a plain state dict without hpa_kernel metadata (write it with hpa_kernel.stages.model.save_checkpoint)"
             )
         raise CheckpointError(f"{path}: not a Puzzle-CAM checkpoint (no 'state_dict' and 'meta' entries)")
     meta, state = obj["meta"], obj["state_dict"]
@@ -356,4 +375,4 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         )
     model = model.eval().to(device)
     model.meta = dict(meta)
-    return model, dict(meta)
+    return model, model.meta

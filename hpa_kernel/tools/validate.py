@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m hpa_kernel.validate SUBMISSION --sample SAMPLE
+    python -m hpa_kernel.tools.validate SUBMISSION --sample SAMPLE
     hpa-validate SUBMISSION --sample SAMPLE
 
 Prints ``OK: N rows`` and exits 0 when the file is valid; otherwise prints each problem
@@ -17,15 +17,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from hpa_kernel.submission import validate_submission
+from hpa_kernel.formats.submission import validate_submission
 
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``hpa_kernel.validate``."""
+    """The command-line parser of ``hpa_kernel.tools.validate``."""
     parser = argparse.ArgumentParser(
-        prog="python -m hpa_kernel.validate",
+        prog="python -m hpa_kernel.tools.validate",
         description="Check a submission.csv: columns, every sample ID once, sizes, triples, masks.",
     )
     parser.add_argument("submission", type=Path, help="the submission CSV to check")

@@ -9,11 +9,13 @@ in its own process on its own device, and the parts are joined into the one subm
 A shard whose process dies is started again at once, on the device of a shard that has
 not failed, resuming from its journal; rows still missing after that come from its
 journal or are written empty with a warning, so every ID keeps its row. Stages are the
-ones of :mod:`hpa_kernel.pipeline`; this module only launches, watches and joins.
+ones of :mod:`hpa_kernel.run.pipeline`; this module only launches, watches and joins.
+Each shard's command line is ours through :func:`hpa_kernel.run.options.shard_argv`.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import subprocess
@@ -23,11 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .submission import read_rows, write_submission
+from hpa_kernel.formats.images import TEST_DIR, fallback_size, read_test_set
+from hpa_kernel.formats.submission import read_submission, write_submission
+from hpa_kernel.run.device import cuda_problem, resolve_device
+from hpa_kernel.run.journal import journal_path, read_journal
+from hpa_kernel.run.options import select_ids, shard_argv
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Shard", "ParallelResult", "plan_devices", "part_path", "run_shards", "join_parts"]
+__all__ = ["Shard", "ParallelResult", "plan_devices", "part_path", "run_shards", "join_parts", "run_parallel"]
 
 #: rerun a failed shard only if at least this much of the time budget is left (seconds)
 MIN_RERUN_SECONDS = 120.0
@@ -49,8 +55,6 @@ class Shard:
 
     @property
     def journal(self) -> Path:
-        from .pipeline import journal_path
-
         return journal_path(self.out)
 
     @property
@@ -97,10 +101,8 @@ class ParallelResult:
 
 
 def usable_cuda_devices() -> list[str]:
-    """Every CUDA device this torch can run on (see :func:`hpa_kernel.device.cuda_problem`)."""
+    """Every CUDA device this torch can run on (see :func:`hpa_kernel.run.device.cuda_problem`)."""
     import torch
-
-    from .device import cuda_problem
 
     if not torch.cuda.is_available():
         return []
@@ -273,13 +275,11 @@ def join_parts(
     a part (it failed twice) gives the rows its journal holds; an ID nothing has is written
     empty with its ``fallback_size`` and listed in ``result.filled``. The parts of the
     shards that succeeded are removed afterwards (a failed shard's journal is kept)."""
-    from .pipeline import read_journal
-
     rows = {}
     for s in result.shards:
         part = {}
         try:
-            part = read_rows(s.out) if s.out.exists() else {}
+            part = read_submission(s.out) if s.out.exists() else {}
         except (OSError, ValueError) as e:
             logger.error("shard %d/%d: %s", s.index, s.count, e)
         if not part and s.journal.exists():  # the shard died: keep the images it finished
@@ -298,3 +298,42 @@ def join_parts(
         if s.rc in (0, 1) and s.out.exists():
             s.out.unlink()
     return path
+
+
+def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None) -> int:
+    """One shard process per device, then the parts joined into ``out``: every ID gets its
+    row. Prints the shards' summaries and ours. Exit status 0 when every shard finished
+    every image, 1 when something failed, 2 when nothing could run."""
+    try:
+        for d in sorted(set(devices) - {"cpu"}):
+            resolve_device(d)  # a device no shard could use stops the run here, once
+        ids, sample = read_test_set(data_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = len(devices)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create the output folder: {e}", file=sys.stderr)
+        return 2
+    shards = [Shard(i, n, d, part_path(out, i, n), select_ids(ids, (i, n), args.max_images)) for i, d in enumerate(devices)]
+    logger.info("%d images in %d shard processes on %s", sum(len(s.ids) for s in shards), n, ", ".join(devices))
+
+    def command(s: Shard, seconds_left: float | None) -> list[str]:
+        argv = shard_argv(args, data_dir, (s.index, s.count), s.device, s.out, seconds_left, rerun=s.attempts > 1)
+        return [sys.executable, "-m", "hpa_kernel.submit", *argv]
+
+    result = run_shards(shards, command, time_budget, progress=not args.no_progress and not args.quiet)
+    for s in shards:
+        if s.stdout.exists():
+            text = s.stdout.read_text().strip()
+            if text:
+                print(f"== shard {s.index}/{s.count} ({s.device})\n{text}")
+            s.stdout.unlink()
+    wanted = set().union(*(s.ids for s in shards))
+    sizes = sample.sizes if sample else {}
+    join_parts(result, [i for i in ids if i in wanted], out, lambda i: fallback_size(data_dir / TEST_DIR, i, sizes))
+    print(result.format())
+    print(f"wrote {out}")
+    return 0 if all(s.rc == 0 for s in shards) and not result.filled else 1

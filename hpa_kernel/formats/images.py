@@ -1,4 +1,4 @@
-"""Kaggle test layout, RGBY reading, the 512 px float image, and a prefetching iterator.
+"""Kaggle test layout: the sample CSV reader, the RGBY PNG reader and the 512 px float image.
 
 Layout::
 
@@ -20,10 +20,8 @@ import collections
 import csv
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
 
 import cv2
 import numpy as np
@@ -33,16 +31,15 @@ __all__ = [
     "ImageReadError",
     "LoadedImage",
     "channel_path",
-    "list_test_ids",
+    "fallback_size",
+    "png_size",
     "SampleSubmission",
     "read_sample",
-    "read_sample_sizes",
     "read_test_set",
     "read_channel",
     "read_rgby",
     "resize_rgby",
     "load_image",
-    "prefetch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,9 +47,6 @@ logger = logging.getLogger(__name__)
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 SAMPLE_NAME = "sample_submission.csv"
 TEST_DIR = "test"
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class ImageReadError(Exception):
@@ -111,28 +105,15 @@ def read_sample(sample_path: str | os.PathLike) -> SampleSubmission:
     return SampleSubmission(ids=list(sizes), sizes=sizes, duplicates=duplicates)
 
 
-def read_sample_sizes(sample_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """``{ID: (width, height)}`` from a sample submission, in its order (first of duplicates).
-
-    Missing, non-numeric or non-positive sizes come back as 0.
-    """
-    return read_sample(sample_path).sizes
-
-
-def list_test_ids(data_dir: str | os.PathLike) -> list[str]:
-    """Test image IDs of a Kaggle-layout folder.
+def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmission | None]:
+    """Test image IDs of a Kaggle-layout folder and the sample they came from (``None``
+    without one), reading ``sample_submission.csv`` once.
 
     In the order of ``data_dir/sample_submission.csv`` (an ID listed twice is kept once,
     with a warning); without a sample, the sorted IDs of the ``<ID>_<channel>.png`` files in
     ``data_dir/test`` (an ID missing some channel is kept, with a warning: loading it will
     report the missing file). Raises ``FileNotFoundError`` when neither gives any ID.
     """
-    return read_test_set(data_dir)[0]
-
-
-def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmission | None]:
-    """The IDs of :func:`list_test_ids` and the sample they came from (``None`` without
-    one), reading ``sample_submission.csv`` once."""
     data_dir = Path(data_dir)
     sample_path = data_dir / SAMPLE_NAME
     if sample_path.is_file():
@@ -176,6 +157,20 @@ def png_size(path: str | os.PathLike) -> tuple[int, int] | None:
         return None
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     return (width, height) if width > 0 and height > 0 else None
+
+
+def fallback_size(test_dir: str | os.PathLike, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """Width and height for a row whose image was not (or could not be) decoded: the
+    sample's where positive (:func:`read_sample` stores 0 for a missing size), else the
+    first readable channel's PNG header, else ``(0, 0)``."""
+    width, height = sample_sizes.get(image_id, (0, 0))
+    if width > 0 and height > 0:
+        return width, height
+    for ch in CHANNELS:
+        size = png_size(channel_path(test_dir, image_id, ch))
+        if size is not None:
+            return size
+    return (0, 0)
 
 
 def channel_path(folder: str | os.PathLike, image_id: str, channel: str) -> Path:
@@ -310,51 +305,3 @@ def load_image(folder: str | os.PathLike, image_id: str, size: int = 512) -> Loa
         logger.warning("image %s not loaded: %s", image_id, message)
         return LoadedImage(id=image_id, image=None, width=0, height=0, error=message)
     return LoadedImage(id=image_id, image=image, width=int(width), height=int(height))
-
-
-# ----------------------------------------------------------------------------------------
-# Prefetching
-# ----------------------------------------------------------------------------------------
-
-
-def prefetch(items: Iterable[T], fn: Callable[[T], R], workers: int = 2, ahead: int = 4) -> Iterator[R]:
-    """Yield ``fn(item)`` for every item, in input order, computed ahead in a thread pool.
-
-    At most ``ahead`` items are submitted but not yet yielded (plus the one the consumer
-    holds), so memory stays flat however long ``items`` is; ``items`` is consumed lazily.
-    Threads suit I/O and cv2 decoding, which release the GIL. An exception raised by ``fn``
-    is re-raised when its item's turn comes (items before it are yielded first) and ends
-    the iteration. Closing the iterator early cancels the work not yet started.
-    ``workers=0`` runs ``fn`` inline, without threads.
-    """
-    if ahead < 1:
-        raise ValueError(f"ahead must be >= 1, got {ahead}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    if workers == 0:
-        for item in items:
-            yield fn(item)
-        return
-
-    it = iter(items)
-    pending: collections.deque[Future[R]] = collections.deque()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch")
-    try:
-        def fill() -> None:
-            while len(pending) < ahead:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                pending.append(pool.submit(fn, item))
-
-        fill()
-        while pending:
-            future = pending.popleft()
-            result = future.result()
-            fill()
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True)

@@ -1,6 +1,6 @@
 """Local mAP@0.6 of a submission against per-cell ground truth (Open Images challenge style).
 
-The rules (``DESIGN.md``, section "Metric"):
+The rules (``docs/METHOD.md``, "Metric"):
 
 * Ground truth is one entry per (cell, class); an image's labels are the union of its cells'
   classes. Only images with ground truth are scored; an image with ground truth that is
@@ -22,9 +22,9 @@ The rules (``DESIGN.md``, section "Metric"):
 
 Layers, lowest first: :func:`average_precision` (one class), :func:`score_image` (one
 image, in-memory arrays), :func:`evaluate_arrays` (in-memory data set), :func:`evaluate`
-(submission CSV/DataFrame + truth folder, streamed one image at a time), :func:`main` (CLI)::
+(submission CSV or rows + truth folder, streamed one image at a time), :func:`main` (CLI)::
 
-    python -m hpa_kernel.metric --truth DIR [--iou mask|box] SUBMISSION
+    python -m hpa_kernel.tools.metric --truth DIR [--iou mask|box] SUBMISSION
 
 Truth folder: ``DIR/labels/<ID>.png`` (16-bit label image at the original size,
 0 = background, 1..n = cells) and ``DIR/cells.csv`` with columns ``ID,cell_id,Label``
@@ -46,9 +46,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .classes import CLASS_NAMES, NUM_CLASSES, parse_labels
-from .rle import decode_mask, label_boxes
-from .submission import COLUMNS as SUBMISSION_COLUMNS
+from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES, parse_labels
+from hpa_kernel.formats.rle import decode_mask
+from hpa_kernel.stages.labels import label_boxes
+from hpa_kernel.formats.submission import Row, parse_prediction_string, read_submission
 
 logger = logging.getLogger(__name__)
 
@@ -457,59 +458,26 @@ def read_label_image(truth_dir: str | Path, image_id: str) -> np.ndarray:
     return labels
 
 
-def parse_prediction_string(text: str) -> list[tuple[int, float, str]]:
-    """Split a PredictionString into ``(class_id, confidence, mask_string)`` triples.
-
-    Empty or blank -> ``[]``. Raises ``ValueError`` when the token count is not a multiple
-    of 3, a class is not an integer in 0..18, or a confidence is not a finite number.
-    """
-    tokens = str(text).split()
-    if len(tokens) % 3:
-        raise ValueError(f"{len(tokens)} tokens is not a whole number of 'class confidence mask' triples")
-    out = []
-    for k in range(0, len(tokens), 3):
-        c, conf, mask = tokens[k : k + 3]
-        try:
-            ci, cf = int(c), float(conf)
-        except ValueError:
-            raise ValueError(f"triple {k // 3}: {c!r} {conf!r} is not 'class confidence'") from None
-        if not 0 <= ci < NUM_CLASSES:
-            raise ValueError(f"triple {k // 3}: class {ci} is outside 0..{NUM_CLASSES - 1}")
-        if not math.isfinite(cf):
-            raise ValueError(f"triple {k // 3}: confidence {conf!r} is not finite")
-        out.append((ci, cf, mask))
-    return out
+def read_rows(submission: str | Path | Mapping[str, Row]) -> Mapping[str, Row]:
+    """A submission's rows: a CSV path through :func:`hpa_kernel.formats.submission.read_submission`
+    (the one reader), or rows already in memory (``{ID: (width, height, predstring)}``)."""
+    if isinstance(submission, Mapping):
+        return submission
+    path = Path(submission)
+    if not path.is_file():
+        raise SubmissionError(f"submission {path} does not exist")
+    try:
+        return read_submission(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SubmissionError(f"{e}") from None
 
 
-def read_submission(submission: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """Submission (CSV path or DataFrame) -> DataFrame indexed by unique ID, strings kept."""
-    if isinstance(submission, pd.DataFrame):
-        df = submission.copy()
-    else:
-        path = Path(submission)
-        if not path.is_file():
-            raise SubmissionError(f"submission {path} does not exist")
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except Exception as e:
-            raise SubmissionError(f"{path}: cannot read CSV: {e}") from None
-    missing = [c for c in SUBMISSION_COLUMNS if c not in df.columns]
-    if missing:
-        raise SubmissionError(f"submission lacks column(s) {', '.join(missing)}")
-    df["ID"] = df["ID"].astype(str)
-    dup = df["ID"][df["ID"].duplicated()]
-    if len(dup):
-        raise SubmissionError(f"submission has duplicate ID {dup.iloc[0]}")
-    return df.set_index("ID")
-
-
-def _row_detections(image_id: str, row: pd.Series, labels: np.ndarray, keep_classes: np.ndarray):
+def _row_detections(image_id: str, row: Row, labels: np.ndarray, keep_classes: np.ndarray):
     """Decode one submission row: (classes, confidences, mask_index, masks), each mask
     string decoded once; triples of classes outside ``keep_classes`` are not decoded."""
-    text = row["PredictionString"]
-    text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
+    width, height, text = row
     try:
-        triples = parse_prediction_string(text)
+        triples = parse_prediction_string(text or "")
     except ValueError as e:
         raise SubmissionError(f"image {image_id}: {e}") from None
     classes = np.array([t[0] for t in triples], dtype=np.int64)
@@ -518,11 +486,6 @@ def _row_detections(image_id: str, row: pd.Series, labels: np.ndarray, keep_clas
     # index 0: an empty placeholder for triples left undecoded (their class is dropped)
     masks: list[np.ndarray] = [np.zeros((0, 0), bool)]
     if triples:
-        try:
-            width, height = int(float(row["ImageWidth"])), int(float(row["ImageHeight"]))
-        except (TypeError, ValueError):
-            size = f"{row['ImageWidth']!r}/{row['ImageHeight']!r}"
-            raise SubmissionError(f"image {image_id}: ImageWidth/ImageHeight {size} are not integers") from None
         if (height, width) != labels.shape:
             raise SubmissionError(
                 f"image {image_id}: submission size {width}x{height} != truth size {labels.shape[1]}x{labels.shape[0]}"
@@ -542,7 +505,7 @@ def _row_detections(image_id: str, row: pd.Series, labels: np.ndarray, keep_clas
 
 
 def evaluate(
-    submission: str | Path | pd.DataFrame,
+    submission: str | Path | Mapping[str, Row],
     truth_dir: str | Path,
     iou: str = "mask",
     iou_threshold: float = IOU_THRESHOLD,
@@ -560,11 +523,11 @@ def evaluate(
     """
     _check_iou(iou)
     index = read_truth_index(truth_dir)
-    sub = read_submission(submission)
-    extra = len(set(sub.index) - set(index))
+    sub = read_rows(submission)
+    extra = len(set(sub) - set(index))
     if extra:
         logger.info("%d submission image(s) have no ground truth and are not scored", extra)
-    missing = len(set(index) - set(sub.index))
+    missing = len(set(index) - set(sub))
     if missing:
         logger.warning("%d truth image(s) are missing from the submission (scored as no detections)", missing)
 
@@ -576,9 +539,9 @@ def evaluate(
             absent = [c for c in cell_classes if c >= present.size or not present[c]]
             if absent:
                 logger.warning("image %s: cell(s) %s of cells.csv are not in the label image", image_id, absent[:5])
-            if image_id in sub.index:
+            if image_id in sub:
                 keep = _gt_matrix(cell_classes)[1].any(axis=0)
-                det = _row_detections(image_id, sub.loc[image_id], labels, keep)
+                det = _row_detections(image_id, sub[image_id], labels, keep)
             else:
                 det = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), [])
             yield _score_distinct(labels, cell_classes, *det, iou=iou, iou_threshold=iou_threshold)
@@ -591,7 +554,7 @@ def evaluate(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m hpa_kernel.metric",
+        prog="python -m hpa_kernel.tools.metric",
         description="Local mAP@0.6 (Open Images style) of a submission against a per-cell truth folder.",
     )
     p.add_argument("submission", help="submission.csv (ID,ImageWidth,ImageHeight,PredictionString)")

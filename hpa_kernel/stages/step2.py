@@ -1,4 +1,4 @@
-"""Step 2 — cell crops through the same classifier (DESIGN.md 2.4).
+"""Step 2 — cell crops through the same classifier (``docs/METHOD.md``, "Step 2").
 
 Each cell's bounding box in the 512 image is padded to a centred square (zeros beyond the
 image), resized to ``crop_size`` (384) and classified by the Puzzle-CAM model in batches;
@@ -13,15 +13,10 @@ import cv2
 import numpy as np
 import torch
 
-from .classes import NUM_CLASSES
-from .model import RGBY_MEAN, RGBY_STD, normalize
-from .rle import label_boxes
+from hpa_kernel.stages.model import TTA_FLIPS, PuzzleCAM, flip_views, normalize
+from hpa_kernel.stages.labels import label_boxes
 
-__all__ = ["cell_boxes", "square_boxes", "crop_cells", "predict_crops"]
-
-
-#: Bounding boxes of cells (``(y0, x0, y1, x1)``, half-open): :func:`hpa_kernel.rle.label_boxes`.
-cell_boxes = label_boxes
+__all__ = ["square_boxes", "crop_cells", "predict_crops"]
 
 
 def square_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -44,7 +39,6 @@ def crop_cells(
     labels: np.ndarray,
     cell_ids: np.ndarray,
     crop_size: int = 384,
-    mask_others: bool = False,
 ) -> np.ndarray:
     """Square crops of every cell, ``(n, C, crop_size, crop_size)`` float32.
 
@@ -53,7 +47,6 @@ def crop_cells(
         labels: ``(S, S)`` label image of the same size.
         cell_ids: the cells to crop, in output order.
         crop_size: output side.
-        mask_others: zero the pixels of *other* cells inside a crop (background is kept).
 
     Each crop is the cell's bounding box padded to a centred square (zeros beyond the
     image), resized with ``cv2.INTER_AREA`` when shrinking, ``cv2.INTER_LINEAR`` when
@@ -65,31 +58,22 @@ def crop_cells(
     cell_ids = np.asarray(cell_ids, dtype=np.int64).reshape(-1)
     H, W, C = image.shape
     out = np.zeros((len(cell_ids), C, crop_size, crop_size), dtype=np.float32)
-    squares = square_boxes(cell_boxes(labels, cell_ids))
-    for i, (cid, (y0, x0, y1, x1)) in enumerate(zip(cell_ids, squares)):  # per cell, bbox-sized work
+    squares = square_boxes(label_boxes(labels, cell_ids))
+    for i, (y0, x0, y1, x1) in enumerate(squares):  # per cell, bbox-sized work
         side = int(y1 - y0)
         if side <= 0:
             continue
         patch = np.zeros((side, side, C), dtype=np.float32)
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
-        src = image[sy0:sy1, sx0:sx1]
-        if mask_others:
-            lab = labels[sy0:sy1, sx0:sx1]
-            src = np.where(((lab == cid) | (lab == 0))[..., None], src, 0.0)
-        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = src
+        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
         interp = cv2.INTER_AREA if side > crop_size else cv2.INTER_LINEAR
         r = cv2.resize(patch, (crop_size, crop_size), interpolation=interp)
         out[i] = r.reshape(crop_size, crop_size, C).transpose(2, 0, 1)
     return out
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def predict_crops(
-    model: torch.nn.Module,
+    model: PuzzleCAM,
     crops: np.ndarray,
     *,
     mean: Sequence[float] | None = None,
@@ -97,29 +81,37 @@ def predict_crops(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     fp16: bool = False,
+    tta: bool = False,
 ) -> np.ndarray:
     """Sigmoid class probabilities ``(n, num_classes)`` float32 for ``(n, C, s, s)`` crops in [0, 1].
 
-    Crops are normalised with ``mean``/``std`` (default: ``model.meta``'s, else RGBY),
-    sent to ``device`` (default: the model's) ``batch_size`` at a time, under
-    ``torch.inference_mode``; ``fp16`` autocast is used only on CUDA. Zero crops give
-    ``(0, num_classes)``. The model must already be on ``device`` and in eval mode.
+    Crops are normalised with ``mean``/``std`` (default: the checkpoint's,
+    :attr:`PuzzleCAM.data_config`), sent to ``device`` (default: the model's) ``batch_size`` at a time, under
+    ``torch.inference_mode``; ``fp16`` autocast is used only on CUDA. ``tta`` averages the
+    probabilities of the flipped crops (:data:`hpa_kernel.stages.model.TTA_FLIPS`). Zero
+    crops give ``(0, num_classes)``. The model must already be on ``device`` and in eval mode.
     """
-    meta = getattr(model, "meta", {}) or {}
-    mean = tuple(mean if mean is not None else meta.get("mean", RGBY_MEAN))
-    std = tuple(std if std is not None else meta.get("std", RGBY_STD))
-    num_classes = int(getattr(model, "num_classes", NUM_CLASSES))
-    device = torch.device(device) if device is not None else _model_device(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-    n = len(crops)
-    out = np.zeros((n, num_classes), dtype=np.float32)
+    cfg = model.data_config
+    mean = tuple(mean) if mean is not None else cfg["mean"]
+    std = tuple(std) if std is not None else cfg["std"]
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else "cpu"
+    device = torch.device(device)
     use_amp = bool(fp16) and device.type == "cuda"
+    crops = torch.as_tensor(np.asarray(crops, dtype=np.float32))
+    views = flip_views(crops, TTA_FLIPS if tta else ("none",))
+    out = np.zeros((len(views), len(crops), model.num_classes), dtype=np.float32)
     with torch.inference_mode():
-        for s in range(0, n, batch_size):
-            x = torch.as_tensor(np.asarray(crops[s : s + batch_size], dtype=np.float32)).to(device, non_blocking=True)
-            x = normalize(x, mean, std)
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-            out[s : s + len(x)] = torch.sigmoid(logits.float()).cpu().numpy()
-    return out
+        for v, view in enumerate(views):
+            for s in range(0, len(crops), batch_size):
+                x = normalize(view[s : s + batch_size].to(device, non_blocking=True), mean, std)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                    logits = model(x)
+                out[v, s : s + len(x)] = torch.sigmoid(logits.float()).cpu().numpy()
+    mean = out[0]
+    for more in out[1:]:  # ((a + b) + c) / 3: the views in order
+        mean = mean + more
+    return mean / len(views) if len(views) > 1 else mean

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from .classes import CLASS_NAMES, NUM_CLASSES
+from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES
 
 
 def class_palette(n: int = NUM_CLASSES) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Weight-free cell segmentation (classical image processing).
 
-Used when no hpacellseg weights are given (DESIGN 2.1): nuclei from the blue
+Used when no hpacellseg weights are given (``docs/METHOD.md``, "Segmentation"): nuclei from the blue
 channel, cells grown from them over the red + yellow signal. Every size
 parameter is relative to the typical nucleus found in the image, so the same
 settings work whatever the original resolution was.
@@ -9,6 +9,7 @@ settings work whatever the original resolution was.
 from __future__ import annotations
 
 import logging
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -16,7 +17,9 @@ from scipy import ndimage as ndi
 from skimage import filters, measure, segmentation
 from skimage.feature import peak_local_max
 
-from hpa_kernel.segmentation.postprocess import relabel_consecutive, remove_small_labels
+from hpa_kernel.config import SegmentationConfig
+from hpa_kernel.stages.labels import relabel, remove_small_labels
+from hpa_kernel.stages.segmentation.base import SegResult, Segmenter, register_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ def segment_nuclei(
         # Otsu split of a featureless field (noise, empty well): no nuclei
         return empty
     mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=1))
-    comps = relabel_consecutive(remove_small_labels(ndi.label(mask)[0], min_area))
+    comps = relabel(remove_small_labels(ndi.label(mask)[0], min_area))
     n = int(comps.max())
     areas = np.bincount(comps.ravel(), minlength=n + 1)
     if n == 0:
@@ -120,7 +123,7 @@ def segment_nuclei(
     orphans = np.isin(comps, np.flatnonzero(~seeded[1:]) + 1)
     markers[orphans] = comps[orphans] + len(peaks)
     nuclei = segmentation.watershed(-dist, markers, mask=mask)
-    return relabel_consecutive(remove_small_labels(nuclei, min_area_fraction * typical))
+    return relabel(remove_small_labels(nuclei, min_area_fraction * typical))
 
 
 def segment_classic(
@@ -186,10 +189,10 @@ def segment_classic(
     cells = segmentation.watershed(-combined, nuclei, mask=foreground, compactness=compactness)
     # one connected piece per cell (the watershed may leave detached islands)
     cells = _keep_seeded_pieces(cells, nuclei)
-    cells = relabel_consecutive(remove_small_labels(cells, min_cell_fraction * typical))
+    cells = relabel(remove_small_labels(cells, min_cell_fraction * typical))
     nuclei = cells * (nuclei > 0)
     logger.debug("segment_classic: %d cells (nucleus radius %.1f px)", cells.max(), radius)
-    return cells, nuclei  # int32: relabel_consecutive's dtype
+    return cells, nuclei  # int32: relabel's dtype
 
 
 def _keep_seeded_pieces(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
@@ -200,3 +203,19 @@ def _keep_seeded_pieces(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     seeded[pieces[nuclei > 0]] = True  # the watershed keeps every seed: nuclei == cells there
     seeded[0] = False
     return np.where(seeded[pieces], cells, 0)
+
+
+@register_segmenter
+class ClassicSegmenter(Segmenter):
+    """The weight-free segmenter (:func:`segment_classic`), one image at a time; the
+    manifest's default when no segmentation weights are given."""
+
+    name = "classic"
+
+    def __init__(self, config: SegmentationConfig, device: Any = "cpu", fp16: bool = False) -> None:
+        super().__init__(config, device, fp16)
+        logger.info("segmentation: no segmentation weights given, using the weight-free classic segmenter")
+
+    def segment(self, images: np.ndarray, orig_sizes: Sequence[tuple[int, int]]) -> list[SegResult]:
+        images, _ = self.check_batch(images, orig_sizes)
+        return [SegResult(*segment_classic(image)) for image in images]

@@ -1,4 +1,4 @@
-"""The hpacellseg DPN-92 U-Net (DESIGN 2.1), written to match the public weights.
+"""The hpacellseg DPN-92 U-Net (``docs/METHOD.md``, "Segmentation"), written to match the public weights.
 
 hpacellseg's nuclei and cell networks are ``pytorch_zoo.unet.DPNUnet`` instances: a
 DPN-92 encoder cut into five stages and a light U-Net decoder. This module rebuilds that
@@ -222,7 +222,7 @@ class DPNUnet(nn.Module):
 
     Args:
         num_classes: output channels (hpacellseg: 3 = background, border, interior).
-        in_chans: input channels (hpacellseg: 3, normalised as DESIGN 2.1 says).
+        in_chans: input channels (hpacellseg: 3; normalisation in :mod:`.inference`).
 
     ``forward(x)`` takes ``(B, in_chans, H, W)`` with H and W multiples of 32 and returns
     raw logits ``(B, num_classes, H, W)``. Submodules are registered in the original order

@@ -1,4 +1,9 @@
-"""Submission rows, the atomic CSV writer, and the submission validator.
+"""``submission.csv``: the one reader (:func:`read_submission`, :func:`parse_prediction_string`),
+the atomic writer, the validator and the merge of shard parts.
+
+The metric, the shard join and the merge read files with :func:`read_submission`; the
+validator reads the same CSV lines leniently, to report every fault, with the same triple
+grammar (:func:`triple_faults`); the resume journal stores its rows as :data:`Row`.
 
 A row is ``ID,ImageWidth,ImageHeight,PredictionString``; PredictionString is space-separated
 triples ``class confidence mask`` (one per cell and class, the cell's mask string repeated
@@ -20,8 +25,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.io import read_sample_sizes
-from hpa_kernel.rle import check_masks
+from hpa_kernel.formats.images import read_sample
+from hpa_kernel.formats.rle import check_masks
 
 __all__ = [
     "COLUMNS",
@@ -30,7 +35,11 @@ __all__ = [
     "prediction_string",
     "write_submission",
     "validate_submission",
-    "read_rows",
+    "read_submission",
+    "parse_prediction_string",
+    "triple_faults",
+    "check_row",
+    "Row",
     "merge_submissions",
 ]
 
@@ -53,23 +62,22 @@ def prediction_string(
     rles: Mapping[int, str],
     cell_ids: Sequence[int] | np.ndarray,
     scores: np.ndarray,
-    min_confidence: float = 0.0,
 ) -> str:
     """Build one image's PredictionString.
 
     Parameters
     ----------
     rles:
-        ``{cell_id: mask string}``, e.g. from :func:`hpa_kernel.rle.encode_label_image`;
+        ``{cell_id: mask string}``, e.g. from :func:`hpa_kernel.formats.rle.encode_label_image`;
         each cell's string is reused for all its classes. A cell without an entry (its mask
         is empty at the original size) is skipped.
     cell_ids:
         ``(n,)`` cell labels; row i of ``scores`` belongs to ``cell_ids[i]``.
     scores:
-        ``(n, 19)`` per-cell class confidences.
-    min_confidence:
-        A (cell, class) is written when its score is ``> min_confidence`` and ``> 0``.
-        Non-finite scores are skipped with a warning.
+        ``(n, 19)`` per-cell class confidences: a (cell, class) is written when its score is
+        ``> 0`` (the ``min_confidence`` floor was applied by the class-selection rule,
+        :func:`hpa_kernel.stages.ensemble.select_top_classes`). Non-finite scores are
+        skipped with a warning.
 
     Returns
     -------
@@ -83,7 +91,7 @@ def prediction_string(
     finite = np.isfinite(scores)
     if not finite.all():
         logger.warning("%d non-finite score(s) skipped", int((~finite).sum()))
-    keep = finite & (scores > max(float(min_confidence), 0.0))
+    keep = finite & (scores > 0)
     rows, classes = np.nonzero(keep)
     if rows.size == 0:
         return ""
@@ -99,7 +107,49 @@ def prediction_string(
     return " ".join(parts)
 
 
-def _check_row(image_id: str, row: Row) -> Row:
+def triple_faults(cls: str, conf: str) -> list[tuple[str, str]]:
+    """What is wrong with one triple's class and confidence tokens, as ``(fault, detail)``
+    pairs; empty when the class is an integer in 0..18 and the confidence a finite number.
+    The one triple grammar: :func:`parse_prediction_string` and the validator use it."""
+    faults = []
+    try:
+        c = int(cls)
+    except ValueError:
+        c = -1
+    if not 0 <= c < NUM_CLASSES:
+        faults.append((f"class not in 0..{NUM_CLASSES - 1}", f" ({cls!r})"))
+    try:
+        ok = math.isfinite(float(conf))
+    except ValueError:
+        ok = False
+    if not ok:
+        faults.append(("confidence not a finite number", f" ({conf!r})"))
+    return faults
+
+
+def parse_prediction_string(text: str) -> list[tuple[int, float, str]]:
+    """Split a PredictionString into ``(class_id, confidence, mask_string)`` triples.
+
+    Empty or blank -> ``[]``. Raises ``ValueError`` when the token count is not a multiple
+    of 3, a class is not an integer in 0..18, or a confidence is not a finite number
+    (:func:`triple_faults`). Mask strings are not decoded here (:mod:`hpa_kernel.formats.rle`).
+    """
+    tokens = str(text).split()
+    if len(tokens) % 3:
+        raise ValueError(f"{len(tokens)} tokens is not a whole number of 'class confidence mask' triples")
+    out = []
+    for k in range(0, len(tokens), 3):
+        c, conf, mask = tokens[k : k + 3]
+        faults = triple_faults(c, conf)
+        if faults:
+            raise ValueError(f"triple {k // 3}: {faults[0][0]}{faults[0][1]}")
+        out.append((int(c), float(conf), mask))
+    return out
+
+
+def check_row(image_id: str, row: Row) -> Row:
+    """``row`` as ``(int width, int height, str predstring)``, or ``ValueError`` naming the fault
+    (not integers, a comma/quote/newline in the string, predictions without a positive size)."""
     try:
         width, height, text = row
     except (TypeError, ValueError):
@@ -127,7 +177,7 @@ def write_submission(
     ``rows`` maps ID -> ``(width, height, predstring)``. An ID of ``sample_ids`` without a
     row is an error (``KeyError`` listing them) unless ``fallback`` gives its size -- one
     ``(width, height)`` for all, or ``{ID: (width, height)}`` such as
-    :func:`hpa_kernel.io.read_sample_sizes` returns -- in which case it is written with an
+    ``hpa_kernel.formats.images.read_sample(path).sizes`` is -- in which case it is written with an
     empty PredictionString and a warning. Rows for IDs not in the sample are not written
     (warning); a duplicate sample ID is written once.
 
@@ -150,14 +200,14 @@ def write_submission(
 
     def row_for(image_id: str) -> Row:
         if image_id in rows:
-            return _check_row(image_id, rows[image_id])
+            return check_row(image_id, rows[image_id])
         if isinstance(fallback, Mapping):
             if image_id not in fallback:
                 raise KeyError(f"no row and no fallback size for sample ID {image_id!r}")
             w, h = fallback[image_id]
         else:
             w, h = fallback  # type: ignore[misc]
-        return _check_row(image_id, (w, h, ""))
+        return check_row(image_id, (w, h, ""))
 
     lines = [(image_id, *row_for(image_id)) for image_id in order]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,11 +272,11 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
     confidence, and a mask string that decodes at the row's size to a non-empty mask.
     Faults of one kind in one row are reported once, with the first offending triple and a
     count. Mask strings are checked in one vectorised pass without decoding them to pixels
-    (:func:`hpa_kernel.rle.check_masks`), each distinct (mask, size) once.
+    (:func:`hpa_kernel.formats.rle.check_masks`), each distinct (mask, size) once.
     """
     path, sample_path = Path(path), Path(sample_path)
     try:
-        sample = read_sample_sizes(sample_path)
+        sample = read_sample(sample_path).sizes
     except (OSError, ValueError, csv.Error) as e:
         return [f"sample {sample_path}: cannot read ({' '.join(str(e).split())})"]
     if not sample:
@@ -277,18 +327,8 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
             continue
         for t in range(len(tokens) // 3):
             cls, conf, mask = tokens[3 * t : 3 * t + 3]
-            try:
-                c = int(cls)
-            except ValueError:
-                c = -1
-            if not 0 <= c < NUM_CLASSES:
-                faults.setdefault(f"class not in 0..{NUM_CLASSES - 1}", []).append((t, f" ({cls!r})"))
-            try:
-                ok = math.isfinite(float(conf))
-            except ValueError:
-                ok = False
-            if not ok:
-                faults.setdefault("confidence not a finite number", []).append((t, f" ({conf!r})"))
+            for what, detail in triple_faults(cls, conf):
+                faults.setdefault(what, []).append((t, detail))
             if w is None or h is None:
                 faults.setdefault("masks not checked (no valid size)", []).append((t, ""))
             else:
@@ -314,7 +354,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
 # ----------------------------------------------------------------------------------------
 
 
-def read_rows(path: str | os.PathLike) -> dict[str, Row]:
+def read_submission(path: str | os.PathLike) -> dict[str, Row]:
     """The rows of a submission CSV written by :func:`write_submission`: ``{ID: (width,
     height, predstring)}``. ``ValueError`` for another header, a repeated ID or a bad size."""
     header, body = _read_rows(Path(path))
@@ -344,12 +384,12 @@ def merge_submissions(
     rows: dict[str, Row] = {}
     seen_in: dict[str, str] = {}
     for part in parts:
-        for image_id, row in read_rows(part).items():
+        for image_id, row in read_submission(part).items():
             if image_id in rows:
                 raise ValueError(f"{part}: ID {image_id} is also in {seen_in[image_id]}")
             rows[image_id] = row
             seen_in[image_id] = str(part)
-    sample_ids = list(read_sample_sizes(sample_path))
+    sample_ids = read_sample(sample_path).ids
     missing = [i for i in sample_ids if i not in rows]
     if missing:
         raise ValueError(f"{len(missing)} sample ID(s) in no part, e.g. {missing[:5]}")

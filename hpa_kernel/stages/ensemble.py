@@ -1,7 +1,8 @@
-"""Ensembling per cell and class (DESIGN.md 2.5): Step 1 × Step 2, then models.
+"""Ensembling per cell and class (``docs/METHOD.md``, "Ensemble"): Step 1 × Step 2, then models,
+then the one class-selection rule (:func:`select_top_classes`).
 
 Everything works on per-image score matrices ``(n_cells, 19)``; weights are normalised to
-sum to 1. Flip TTA at the model level is :func:`hpa_kernel.model.forward_tta`.
+sum to 1. Flip TTA is in :mod:`hpa_kernel.stages.model` (``TTA_FLIPS``).
 """
 
 from __future__ import annotations

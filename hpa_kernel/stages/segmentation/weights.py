@@ -1,7 +1,7 @@
 """Load the public hpacellseg U-Net weight files without running code from them.
 
 ``dpn_unet_nuclei_v1.pth`` and ``dpn_unet_cell_3ch_v1.pth`` are whole pickled
-``pytorch_zoo.unet.DPNUnet`` modules (DESIGN 2.1), possibly wrapped in
+``pytorch_zoo.unet.DPNUnet`` modules (``docs/METHOD.md``, "Segmentation"), possibly wrapped in
 ``torch.nn.DataParallel``, in torch's zip or legacy (non-zip) format. ``pytorch_zoo`` is
 not installable and a plain ``torch.load`` of such a file would import and run whatever
 the pickle names. This module instead reads them with a *restricted unpickler*:
@@ -32,7 +32,6 @@ whose one-line message names the file and the problem.
 from __future__ import annotations
 
 import _compat_pickle
-import inspect
 import os
 import pickle
 import types
@@ -45,7 +44,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 import torch
 from torch import nn
 
-from hpa_kernel.segmentation.network import DPNUnet, build_dpn_unet, expected_state_dict_shapes
+from hpa_kernel.stages.segmentation.network import DPNUnet, build_dpn_unet, expected_state_dict_shapes
 
 __all__ = [
     "WeightFileError",
@@ -434,26 +433,15 @@ def _check_state(state: StateDict, path: Path) -> StateDict:
     )
 
 
-def _supports_meta_assign() -> bool:
-    """torch >= 2.1: ``torch.device`` is a context manager and ``load_state_dict(assign=)``."""
-    return hasattr(torch.device("cpu"), "__enter__") and "assign" in inspect.signature(
-        nn.Module.load_state_dict
-    ).parameters
-
-
 def _network_from_state(state: StateDict) -> DPNUnet:
-    """A DPNUnet holding ``state``. On torch >= 2.1 it is built on the meta device and the
-    file's tensors are assigned (no random init, no second copy of 139 M numbers)."""
-    if _supports_meta_assign():
-        with torch.device("meta"):
-            net = build_dpn_unet()
-        net.load_state_dict(state, strict=True, assign=True)
-        if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):  # pragma: no cover
-            raise RuntimeError("DPNUnet kept meta tensors after loading")
-        return net
-    net = build_dpn_unet()  # pragma: no cover - old torch
-    net.load_state_dict(state, strict=True)  # pragma: no cover
-    return net  # pragma: no cover
+    """A DPNUnet holding ``state``: built on the meta device and the file's tensors assigned
+    (no random init, no second copy of 139 M numbers)."""
+    with torch.device("meta"):
+        net = build_dpn_unet()
+    net.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):  # pragma: no cover
+        raise RuntimeError("DPNUnet kept meta tensors after loading")
+    return net
 
 
 def load_hpa_unet(path: PathLike, device: Union[str, torch.device] = "cpu") -> DPNUnet:

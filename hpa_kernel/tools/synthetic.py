@@ -14,7 +14,7 @@ Public API
 - :func:`make_image` -> :class:`SyntheticImage`
 - :func:`write_dataset` -> a Kaggle-layout folder with per-cell truth
 - :func:`sample_dataset` -> the small bundled sample set (generated on demand)
-- CLI: ``python -m hpa_kernel.synthetic --out DIR --images N --seed S``
+- CLI: ``python -m hpa_kernel.tools.synthetic --out DIR --images N --seed S``
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Sequence, Union
 import cv2
 import numpy as np
 
-from .classes import NEGATIVE, NUM_CLASSES, format_labels
-from .io import CHANNELS, channel_path
+from hpa_kernel.classes import NEGATIVE, NUM_CLASSES, format_labels
+from hpa_kernel.formats.images import CHANNELS, channel_path
 
 logger = logging.getLogger(__name__)
 
@@ -1156,8 +1156,8 @@ def sample_dataset(out: str | Path | None = None) -> Path:
 # CLI
 # --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hpa_kernel.synthetic --out DIR --images N --seed S [...]``."""
-    p = argparse.ArgumentParser(prog="python -m hpa_kernel.synthetic", description=__doc__.split("\n\n")[0])
+    """``python -m hpa_kernel.tools.synthetic --out DIR --images N --seed S [...]``."""
+    p = argparse.ArgumentParser(prog="python -m hpa_kernel.tools.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", type=int, default=8, help="number of images")
     p.add_argument("--seed", type=int, default=0)

@@ -8,12 +8,13 @@ every area threshold multiplied by the *area factor* ``sy * sx`` and the
 closing disk radius by its square root, where ``(sy, sx)`` is the linear
 scale of the maps relative to the original image. ``scale=1`` is the stock
 full-resolution flow; ``scale=512 / 2048`` runs the same chain on maps at
-512 px (the fast path of DESIGN 2.1).
+512 px (the fast path, ``docs/METHOD.md``, "Segmentation").
 
 Two stock quirks that shape the masks are kept on purpose (the network
 weights were tuned together with them); each is marked ``QUIRK`` below.
-:func:`label_cell_stock` is the stock function written out call by call;
-at scale 1 (below 256 cells) :func:`label_cell` gives the same label images.
+``tests/oracles.py`` has the stock function written out call by call
+(``label_cell_stock``); at scale 1 (below 256 cells) :func:`label_cell` gives the
+same label images.
 
 * the border term ``nuc[..., 1] + cell[..., 1]`` is a ``uint8`` addition
   that wraps around 256;
@@ -42,6 +43,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, measure, segmentation
 from skimage.morphology import disk
+
+from hpa_kernel.stages.labels import relabel, remove_small_labels
 
 logger = logging.getLogger(__name__)
 
@@ -80,32 +83,6 @@ def _area_factor(scale: Scale) -> float:
 def closing_radius(scale: Scale) -> int:
     """Radius of the closing disk at ``scale``: ``6 * sqrt(sy * sx)``, rounded, at least 1."""
     return max(1, int(np.floor(CLOSING_RADIUS * np.sqrt(_area_factor(scale)) + 0.5)))
-
-
-def remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
-    """Zero every label whose pixel count is ``< min_area`` (labels kept as they are)."""
-    if min_area <= 1 or labels.size == 0:
-        return labels
-    sizes = np.bincount(labels.ravel())
-    too_small = sizes < min_area
-    too_small[0] = False
-    if not too_small.any():
-        return labels
-    out = labels.copy()
-    out[too_small[labels]] = 0
-    return out
-
-
-def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..n in ascending order of the old labels (int32)."""
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        return labels.astype(np.int32)
-    present = np.bincount(labels.ravel()) > 0
-    present[0] = False
-    lut = np.cumsum(present, dtype=np.int32)
-    lut[~present] = 0
-    return lut[labels]
 
 
 def remove_small_components(mask: np.ndarray, min_area: float, connectivity: int = 1) -> np.ndarray:
@@ -308,144 +285,10 @@ def label_cell(
     cells = _fill_label_holes(cells)
     cells = measure.label(cells > 0)
     cells = remove_small_labels(cells, CELL_MIN_AREA * area)
-    cells = relabel_consecutive(cells)
+    cells = relabel(cells)
 
     kept = measure.label((cells > 0) & (nuclei > 0))
     kept = remove_small_labels(kept, NUCLEUS_MIN_AREA * area)
     nuclei = np.where(kept > 0, cells, 0).astype(np.int32)
     logger.debug("label_cell: %d cells at %s (area factor %.4f)", cells.max(), cells.shape, area)
     return nuclei, cells
-
-
-def predictions_from_labels(
-    labels: np.ndarray, border_width: float = 1.0, sigma: float = 1.0
-) -> np.ndarray:
-    """Plausible 3-channel U-Net output (uint8 softmax x 255) for a label image.
-
-    For tests and benchmarks "with the same network outputs": border =
-    pixels within ``border_width`` of a label change (between cells or to the
-    background), interior = the rest of the labelled area, background = the
-    rest; each channel is Gaussian-smoothed with ``sigma`` and the three are
-    renormalised to sum to 1.
-
-    Parameters
-    ----------
-    labels : (H, W) int
-        Cells or nuclei, 0 = background.
-    border_width, sigma : float
-        In pixels of ``labels``.
-
-    Returns
-    -------
-    (H, W, 3) uint8
-        Background, border, interior.
-    """
-    labels = np.asarray(labels)
-    edges = segmentation.find_boundaries(labels, mode="inner") & (labels > 0)
-    if border_width > 1:
-        dist = ndi.distance_transform_edt(~edges)
-        edges = (dist < border_width) & (labels > 0)
-    fg = labels > 0
-    maps = np.stack([~fg, edges, fg & ~edges], axis=-1).astype(np.float32)
-    if sigma > 0:
-        maps = cv2.GaussianBlur(maps, (0, 0), sigma)
-    maps /= np.maximum(maps.sum(axis=-1, keepdims=True), 1e-6)
-    return np.rint(maps * 255.0).astype(np.uint8)
-
-
-def best_match_iou(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
-    """For every true label 1..n, its best IoU over the predicted labels.
-
-    Computed from one contingency table of (true, predicted) label pairs, no
-    per-label masks. Labels absent from ``true_labels`` (gaps in 1..n) are
-    left out.
-
-    Returns
-    -------
-    (k,) float64
-        One value per true label present, in ascending label order; 0 for a
-        true cell that no prediction touches.
-    """
-    t = np.asarray(true_labels, dtype=np.int64).ravel()
-    p = np.asarray(pred_labels, dtype=np.int64).ravel()
-    if t.shape != p.shape:
-        raise ValueError(f"label images differ in size: {np.shape(true_labels)} vs {np.shape(pred_labels)}")
-    nt, npred = int(t.max(initial=0)) + 1, int(p.max(initial=0)) + 1
-    table = np.bincount(t * npred + p, minlength=nt * npred).reshape(nt, npred)
-    area_t = table.sum(axis=1)
-    area_p = table.sum(axis=0)
-    inter = table[1:, 1:].astype(np.float64)
-    union = area_t[1:, None] + area_p[None, 1:] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    best = iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
-    return best[area_t[1:] > 0]
-
-
-def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """hpacellseg's ``label_cell`` written out step by step with scikit-image /
-    scipy calls as stock makes them (ported to scikit-image 0.26), full
-    resolution only, **including** the ``uint8`` cast of the cell labels.
-
-    A reference for tests and benchmarks, not for the pipeline: use
-    :func:`label_cell` (same masks below 256 cells, any scale, faster, no wrap).
-    Returns ``(nuclei, cells)``.
-    """
-    from skimage.morphology import closing, remove_small_holes as sk_holes
-    from skimage.morphology import remove_small_objects as sk_small
-
-    def small(ar, min_size):  # old `min_size` (remove size < min_size) == new `max_size=min_size-1`
-        return sk_small(ar, max_size=min_size - 1)
-
-    def fill(image):
-        boundaries = segmentation.find_boundaries(image)
-        image = np.multiply(image, np.invert(boundaries))
-        image = ndi.binary_fill_holes(image > 0)
-        return ndi.label(image)[0]
-
-    def wsh(mask_img, threshold, border_img, seeds, threshold_adjustment, small_object_size_cutoff):
-        img_copy = np.copy(mask_img)
-        m = seeds * border_img
-        img_copy[m <= threshold + threshold_adjustment] = 0
-        img_copy[m > threshold + threshold_adjustment] = 1
-        img_copy = small(img_copy.astype(bool), small_object_size_cutoff).astype(np.uint8)
-        mask_img[mask_img <= threshold] = 0
-        mask_img[mask_img > threshold] = 1
-        mask_img = sk_holes(mask_img.astype(bool), max_size=1000 - 1)
-        mask_img = small(mask_img, 8).astype(np.uint8)
-        markers = ndi.label(img_copy, output=np.uint32)[0]
-        return segmentation.watershed(mask_img, markers, mask=mask_img, watershed_line=True)
-
-    nuc, cell = nuclei_pred, cell_pred
-    nuclei_label = wsh(
-        nuc[..., 2] / 255.0, 0.4, 1 - (nuc[..., 1] + cell[..., 1]) / 255.0 > 0.05, nuc[..., 2] / 255,
-        threshold_adjustment=-0.25, small_object_size_cutoff=500,
-    )
-    nuclei_label = small(nuclei_label, 2500)
-    nuclei_label = measure.label(nuclei_label)
-    threshold_value = max(0.22, filters.threshold_otsu(cell[..., 2] / 255) * 0.5)
-    cell_region = np.multiply(
-        cell[..., 2] / 255 > threshold_value,
-        np.invert(np.asarray(cell[..., 1] / 255 > 0.05, dtype=np.int8)),
-    )
-    sk = np.asarray(cell_region, dtype=np.int8)
-    distance = np.clip(cell[..., 2], 255 * threshold_value, cell[..., 2])
-    cell_label = segmentation.watershed(-distance, nuclei_label, mask=sk)
-    cell_label = small(cell_label, 5500).astype(np.uint8)  # the stock wrap
-    cell_label = closing(cell_label, disk(6))
-    cell_label = fill(cell_label)
-    sk = np.asarray(
-        np.add(np.asarray(cell_label > 0, dtype=np.int8), np.asarray(cell[..., 1] / 255 > 0.05, dtype=np.int8)) > 0,
-        dtype=np.int8,
-    )
-    cell_label = segmentation.watershed(-distance, cell_label, mask=sk)
-    cell_label = fill(cell_label)
-    cell_label = np.asarray(cell_label > 0, dtype=np.uint8)
-    cell_label = measure.label(cell_label)
-    cell_label = small(cell_label, 5500)
-    cell_label = measure.label(cell_label)
-    cell_label = np.asarray(cell_label, dtype=np.uint16)
-    nuclei_label = np.multiply(cell_label > 0, nuclei_label) > 0
-    nuclei_label = measure.label(nuclei_label)
-    nuclei_label = small(nuclei_label, 2500)
-    nuclei_label = np.multiply(cell_label, nuclei_label > 0)
-    return nuclei_label, cell_label

@@ -24,24 +24,20 @@ import logging
 import zlib
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_util
-from scipy import ndimage
+
+from hpa_kernel.stages.labels import label_runs, resize_labels
 
 __all__ = [
     "encode_mask",
     "decode_mask",
     "encode_label_image",
-    "resize_labels",
-    "label_runs",
-    "label_boxes",
     "check_masks",
 ]
 
 logger = logging.getLogger(__name__)
 
-_INT32_MAX = np.iinfo(np.int32).max
 # Longest COCO counts value we accept, in 5-bit chunks: 6 chunks = 30 bits with the sign,
 # enough for runs up to 2**29 pixels; pycocotools' C decoder overflows an int beyond that.
 _MAX_CHUNKS = 6
@@ -106,81 +102,11 @@ def decode_mask(text: str, height: int, width: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
-def _label_dtype(labels: np.ndarray) -> np.dtype:
-    """Smallest dtype cv2 resizes exactly that holds every label (uint16 or int32)."""
-    if labels.size == 0:
-        raise ValueError("label image is empty")
-    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise ValueError(f"label image must have an integer dtype, got {labels.dtype}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0:
-        raise ValueError(f"label image has negative labels (min {lo})")
-    if hi <= np.iinfo(np.uint16).max:
-        return np.dtype(np.uint16)
-    if hi <= _INT32_MAX:
-        return np.dtype(np.int32)
-    raise ValueError(f"label {hi} does not fit in int32")
-
-
-def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Scale a label image to ``height x width`` with nearest neighbour (``cv2.INTER_NEAREST``).
-
-    Labels are carried as uint16 when they fit, else int32 (cv2 silently narrows int64, so
-    it is never passed int64). Returns the resized labels in that dtype; a label image that
-    already has the target size is returned as a (possibly converted) array without resizing.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"label image must be 2-D, got shape {labels.shape}")
-    h, w = _check_size(height, width)
-    arr = labels.astype(_label_dtype(labels), copy=False)
-    if arr.shape == (h, w):
-        return arr
-    return cv2.resize(arr, (w, h), interpolation=cv2.INTER_NEAREST)
-
-
-def label_boxes(labels: np.ndarray, cell_ids: Iterable[int] | np.ndarray) -> np.ndarray:
-    """Bounding boxes ``(n, 4)`` int64 as ``(y0, x0, y1, x1)``, half-open, one per cell id.
-
-    One ``scipy.ndimage.find_objects`` pass over the label image; an id that is absent (or
-    ``<= 0``) gets the empty box ``(0, 0, 0, 0)``.
-    """
-    cell_ids = np.asarray(cell_ids if isinstance(cell_ids, np.ndarray) else list(cell_ids), dtype=np.int64).reshape(-1)
-    boxes = np.zeros((cell_ids.size, 4), dtype=np.int64)
-    lab = np.asarray(labels)
-    if cell_ids.size == 0 or lab.size == 0:
-        return boxes
-    if not np.issubdtype(lab.dtype, np.integer):
-        lab = lab.astype(np.int64)
-    max_label = int(max(cell_ids.max(), 0))
-    if max_label == 0:
-        return boxes
-    objects = ndimage.find_objects(lab, max_label=max_label)
-    for i, cid in enumerate(cell_ids.tolist()):  # n small tuples: no pixel work here
-        sl = objects[cid - 1] if 0 < cid <= len(objects) else None
-        if sl is not None:
-            boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
-    return boxes
-
-
-def label_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of equal labels in the Fortran-order (column-major) flattening of ``labels``.
-
-    Returns ``(starts, lengths, values)``: one entry per maximal run, in flattening order.
-    """
-    flat = np.ascontiguousarray(labels.T).ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change)).astype(np.int64)
-    ends = np.concatenate((change, [flat.size])).astype(np.int64)
-    return starts, ends - starts, flat[starts]
-
-
 def encode_label_image(
     labels: np.ndarray,
     width: int,
     height: int,
     cell_ids: Iterable[int] | np.ndarray | None = None,
-    keep_empty: bool = False,
 ) -> dict[int, str]:
     """Encode every cell of a label image as a competition mask string at ``width x height``.
 
@@ -191,17 +117,16 @@ def encode_label_image(
     width, height:
         Original image size, as in the CSV columns ``ImageWidth, ImageHeight``.
     cell_ids:
-        Labels to encode; default: every nonzero label present in ``labels``.
-    keep_empty:
-        A requested label with no pixel at ``width x height`` (absent from ``labels``, or
-        lost by downscaling) is left out of the result by default (the metric drops empty
-        masks and the validator rejects them). With ``keep_empty=True`` it is returned as
-        the empty-mask string, like ``encode_mask(resized == cell_id)``.
+        Labels to encode; default: every nonzero label present in ``labels``. A requested
+        label with no pixel at ``width x height`` (absent from ``labels``, or lost by
+        downscaling) is left out of the result (the metric drops empty masks and the
+        validator rejects them).
 
     Returns
     -------
     ``{cell_id: mask string}`` in ascending ``cell_id`` order; each string equals
-    ``encode_mask(resize_labels(labels, width, height) == cell_id)`` byte for byte.
+    ``encode_mask(resize_labels(labels, width, height) == cell_id)`` byte for byte
+    (:func:`hpa_kernel.stages.labels.resize_labels`).
     """
     h, w = _check_size(height, width)
     resized = resize_labels(labels, w, h)
@@ -254,10 +179,6 @@ def encode_label_image(
     missing = np.setdiff1d(wanted, present)
     if missing.size:
         logger.debug("%d requested cell(s) have no pixel at %dx%d: %s", missing.size, w, h, missing[:10].tolist())
-        if keep_empty:
-            empty = _pack(mask_util.frPyObjects([{"size": [h, w], "counts": [total]}], h, w)[0]["counts"])
-            out.update({cid: empty for cid in missing.tolist()})
-            out = dict(sorted(out.items()))
     return out
 
 
