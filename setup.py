@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "train": ["albumentations>=2.0", "iterative-stratification", "pyyaml"],
-        "test": ["pytest", "albumentations>=2.0", "iterative-stratification", "pyyaml"],
+        "test": ["pytest", "pyarrow", "albumentations>=2.0", "iterative-stratification", "pyyaml"],
     },
     entry_points={
         "console_scripts": [

@@ -8,8 +8,8 @@ shifted by 16 px (mask IoU about 0.8), each with 1-4 classes per cell. Timed per
 
 * merge: both rows -> cells (parse, decode every distinct mask into one label image), IoU
   matching (joint bincount + assignment), weighted mean, the merged PredictionString --
-  everything :func:`hpa_kernel.team_merge.merge_row` and the row decoding do;
-* read: decoding that image's four channel PNGs (``hpa_kernel.io.read_rgby``).
+  everything :func:`hpa_kernel.run.merge.merge_row` and the row decoding do;
+* read: decoding that image's four channel PNGs (``hpa_kernel.formats.images.read_rgby``).
 
 Target: merge below read. The end-to-end CLI (CSV read, write, validation) is timed too.
 
@@ -18,7 +18,7 @@ our kernel (``python -m hpa_kernel.submit``, bundled demo weights, CPU, 1 thread
 "better" (the true cells, noisy confidences: the cell's classes ~ N(0.7, 0.2), the image's
 other classes ~ N(0.3, 0.2)) and "worse" (the true cells, confidences uniform noise for the
 image's classes), merged with ``python -m hpa_kernel.merge`` and scored with
-``hpa_kernel.metric`` (mask IoU).
+``hpa_kernel.tools.metric`` (mask IoU).
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.io import read_rgby, read_sample
+from hpa_kernel.formats.images import read_rgby, read_sample
 from hpa_kernel.merge import build_parser as merge_parser, main as merge_main
-from hpa_kernel.metric import evaluate, read_label_image, read_truth_index
-from hpa_kernel.rle import encode_label_image
-from hpa_kernel.submission import prediction_string, read_rows, write_submission
-from hpa_kernel.synthetic import make_image, write_dataset
-from hpa_kernel.team_merge import MergeOptions, SubmissionInput, merge_inputs, merge_row
-from hpa_kernel.cells_table import pyarrow_available
+from hpa_kernel.tools.metric import evaluate, read_label_image, read_truth_index
+from hpa_kernel.formats.rle import encode_label_image
+from hpa_kernel.formats.submission import prediction_string, read_submission, write_submission
+from hpa_kernel.tools.synthetic import make_image, write_dataset
+from hpa_kernel.run.merge import MergeOptions, SubmissionInput, merge_inputs, merge_row
+from hpa_kernel.formats.cells import pyarrow_available
 
 SEED = 9000
 
@@ -72,7 +72,7 @@ def shifted(labels: np.ndarray, d: int) -> np.ndarray:
 def speed(args, tmp: Path) -> None:
     import cv2
 
-    from hpa_kernel.io import CHANNELS, channel_path
+    from hpa_kernel.formats.images import CHANNELS, channel_path
 
     rng = np.random.default_rng(SEED)
     rows_a, rows_b, ids = {}, {}, []
@@ -81,7 +81,7 @@ def speed(args, tmp: Path) -> None:
     for k in range(args.images):
         img = make_image(np.random.default_rng([SEED, k]), 2048, 2048, n_cells=40)
         image_id = f"speed{k}"
-        for c, name in enumerate(CHANNELS):  # 8-bit, PNG compression 1: as hpa_kernel.synthetic writes
+        for c, name in enumerate(CHANNELS):  # 8-bit, PNG compression 1: as hpa_kernel.tools.synthetic writes
             cv2.imwrite(str(channel_path(folder, image_id, name)), np.ascontiguousarray(img.rgby[..., c]),
                         [cv2.IMWRITE_PNG_COMPRESSION, 1])
         lab = img.cell_labels
@@ -180,8 +180,8 @@ def quality(args, tmp: Path) -> None:
         ("ours + worse   (1,0.2)", merged("ow2", str(ours), str(worse), "--weights", "1,0.2")),
         ("ours + worse   (1,1)", merged("ow1", str(ours), str(worse))),
     ]
-    n_cells = {k: len(set(read_rows(p)[k2][2].split()[2::3])) for k, p in (("ours", ours), ("better", better))
-               for k2 in list(read_rows(p))[:1]}
+    n_cells = {k: len(set(read_submission(p)[k2][2].split()[2::3])) for k, p in (("ours", ours), ("better", better))
+               for k2 in list(read_submission(p))[:1]}
     print(f"  cells on the first image: ours {n_cells['ours']}, truth {n_cells['better']}")
     for name, path in results:
         print(f"  {name:40s} mAP {score(path):.4f}")

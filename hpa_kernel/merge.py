@@ -1,4 +1,4 @@
-"""Command line: merge other pipelines' predictions by cell (:mod:`hpa_kernel.team_merge`).
+"""Command line: merge other pipelines' predictions by cell (:mod:`hpa_kernel.run.merge`).
 
     python -m hpa_kernel.merge INPUT [INPUT ...] --sample sample_submission.csv --out merged.csv
         [--weights 1,0.5,...] [--iou 0.5] [--unmatched zero|take] [--mean weighted|rank]
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from hpa_kernel.cellmatch import MEANS, UNMATCHED
-from hpa_kernel.team_merge import MergeOptions, merge_inputs
+from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED
+from hpa_kernel.run.merge import MergeOptions, merge_inputs
 
 logger = logging.getLogger("hpa_kernel")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_kernel.cells_table import (
+from hpa_kernel.formats.cells import (
     BASE_COLUMNS,
     STEPS,
     CellsWriter,

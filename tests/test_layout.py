@@ -21,6 +21,7 @@ ALLOWED = {
     "tools": {"classes", "config", "stages", "formats"},
     "run": {"classes", "config", "integrity", "stages", "formats"},
     "submit": {"classes", "config", "integrity", "stages", "formats", "run", "tools"},
+    "merge": {"classes", "config", "stages", "formats", "run"},
     "__main__": {"submit"},
 }
 

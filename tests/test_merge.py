@@ -9,21 +9,21 @@ import sys
 import numpy as np
 import pytest
 
-from hpa_kernel.cellmatch import RankTable, combine_scores, contingency, iou_matrix, match_cells, merge_cells
-from hpa_kernel.cells_table import CellsWriter
+from hpa_kernel.stages.cellmatch import RankTable, combine_scores, contingency, iou_matrix, match_cells, merge_cells
+from hpa_kernel.formats.cells import CellsWriter
 from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.merge import main as merge_main
-from hpa_kernel.rle import decode_mask, encode_label_image, encode_mask
-from hpa_kernel.submission import (
+from hpa_kernel.formats.rle import decode_mask, encode_label_image, encode_mask
+from hpa_kernel.formats.submission import (
     COLUMNS,
     format_confidence,
     prediction_string,
-    read_rows,
+    read_submission,
     validate_submission,
     write_submission,
 )
-from hpa_kernel.submission_cells import decode_label_image, row_cells
-from hpa_kernel.synthetic import make_image
+from hpa_kernel.formats.submission_cells import decode_label_image, row_cells
+from hpa_kernel.tools.synthetic import make_image
 
 SIZE = 384
 
@@ -253,7 +253,7 @@ def test_shifted_submission_merges_every_cell_with_weights(tmp_path, images, sam
     theirs = _write(tmp_path / "theirs.csv", images, transform=shifted)
     out = tmp_path / "merged.csv"
     assert _merge(ours, theirs, "--sample", sample, "--out", out, "--weights", "1,0.5") == 0
-    merged, a_rows, b_rows = read_rows(out), read_rows(ours), read_rows(theirs)
+    merged, a_rows, b_rows = read_submission(out), read_submission(ours), read_submission(theirs)
     assert list(merged) == [i for i, _, _ in images] + ["nocells"]  # every ID, sample order
     for image_id, labels, scores in images:
         got = _parse(merged[image_id][2])
@@ -272,7 +272,7 @@ def test_shifted_submission_merges_every_cell_with_weights(tmp_path, images, sam
     out2 = tmp_path / "merged_ref1.csv"
     assert _merge(ours, theirs, "--sample", sample, "--out", out2, "--reference", "1") == 0
     for image_id in a_rows:
-        assert set(_parse(read_rows(out2)[image_id][2])) <= set(_parse(b_rows[image_id][2]))
+        assert set(_parse(read_submission(out2)[image_id][2])) <= set(_parse(b_rows[image_id][2]))
 
 
 def test_cell_in_one_input_only_zero_or_take(tmp_path, images, sample):
@@ -299,14 +299,14 @@ def test_cell_in_one_input_only_zero_or_take(tmp_path, images, sample):
 
     out = tmp_path / "zero.csv"
     assert _merge(ours, theirs, "--sample", sample, "--out", out) == 0
-    got = _parse(read_rows(out)[image_id][2])
+    got = _parse(read_submission(out)[image_id][2])
     assert extra_mask not in got  # zero: only the reference's cells
     assert got[lone_mask][5] == pytest.approx(0.25 / 2, rel=1e-5)  # 0 from the input without it
     assert len(got) == n
 
     out = tmp_path / "take.csv"
     assert _merge(ours, theirs, "--sample", sample, "--out", out, "--unmatched", "take") == 0
-    got = _parse(read_rows(out)[image_id][2])
+    got = _parse(read_submission(out)[image_id][2])
     assert got[lone_mask][5] == pytest.approx(0.25, rel=1e-5)  # taken from the input that has it
     assert got[extra_mask] == {5: 0.5}  # the extra cell, its mask and score from "theirs"
     assert len(got) == n + 1
@@ -314,13 +314,13 @@ def test_cell_in_one_input_only_zero_or_take(tmp_path, images, sample):
 
 def test_every_id_keeps_its_row_despite_bad_inputs(tmp_path, images, sample, caplog):
     ours = _write(tmp_path / "ours.csv", images)
-    rows = read_rows(ours)
+    rows = read_submission(ours)
     partial = tmp_path / "partial.csv"  # lacks img1, a wrong size for img2, a bad mask in img0
     bad0 = rows["img0"][2].rsplit(" ", 1)[0] + " AAAA"
     write_submission({"img0": (SIZE, SIZE, bad0), "img2": (SIZE + 1, SIZE, rows["img2"][2])}, ["img0", "img2"], partial)
     out = tmp_path / "merged.csv"
     assert _merge(ours, partial, "--sample", sample, "--out", out, "--unmatched", "take") == 0
-    merged = read_rows(out)
+    merged = read_submission(out)
     assert list(merged) == ["img0", "img1", "img2", "nocells"]
     assert validate_submission(out, sample) == []
     assert merged["img1"] == rows["img1"] and merged["img2"] == rows["img2"]  # "take": ours alone
@@ -332,7 +332,7 @@ def test_rank_mean_keeps_the_order_of_a_self_merge(tmp_path, images, sample):
     ours = _write(tmp_path / "ours.csv", images)
     out = tmp_path / "rank.csv"
     assert _merge(ours, ours, "--sample", sample, "--out", out, "--mean", "rank") == 0
-    a, b = read_rows(ours), read_rows(out)
+    a, b = read_submission(ours), read_submission(out)
     for image_id in a:
         pa, pb = _parse(a[image_id][2]), _parse(b[image_id][2])
         assert list(pa) == list(pb)
@@ -365,9 +365,9 @@ def test_cells_folder_input_equals_its_submission(tmp_path, images, sample):
     assert _merge(sub, "--sample", sample, "--out", out_b) == 0
     assert out_a.read_bytes() == out_b.read_bytes()
     for image_id in rows:
-        assert read_rows(out_a)[image_id] == rows[image_id]
+        assert read_submission(out_a)[image_id] == rows[image_id]
     assert _merge(folder, sub, "--sample", sample, "--out", out_a) == 0  # mixed kinds
-    assert read_rows(out_a) == read_rows(out_b)
+    assert read_submission(out_a) == read_submission(out_b)
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,7 @@ def iou_matrix(
     """Mask IoU ``(na, nb)`` of cell ``i`` of ``a`` (label ``i + 1``) with cell ``j`` of ``b``.
 
     ``areas_a`` / ``areas_b``: the cells' own areas when a label image cannot show them
-    (overlapping masks, see :func:`hpa_kernel.submission_cells.decode_label_image`);
+    (overlapping masks, see :func:`hpa_kernel.formats.submission_cells.decode_label_image`);
     default: pixel counts of the labels. Their length sets the number of cells.
     """
     na = None if areas_a is None else len(areas_a)

@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.rle import label_boxes, resize_labels
+from hpa_kernel.stages.labels import label_boxes, resize_labels
 
 __all__ = [
     "STEPS",

@@ -1,14 +1,14 @@
 """Merge several pipelines' predictions by cell into one submission (``python -m hpa_kernel.merge``).
 
 Inputs are Kaggle submissions (any pipeline's ``submission.csv``) or per-cell export
-folders (``submit --save-cells DIR``, :mod:`hpa_kernel.cells_table`). Per image every
+folders (``submit --save-cells DIR``, :mod:`hpa_kernel.formats.cells`). Per image every
 input's cells become one label image at the original size (a submission: its distinct
-mask strings decoded once, :func:`hpa_kernel.submission_cells.row_cells`; an export: its
+mask strings decoded once, :func:`hpa_kernel.formats.submission_cells.row_cells`; an export: its
 label PNG scaled up with nearest neighbour, as the pipeline's RLE does), the cells are
-matched and their scores combined by :func:`hpa_kernel.cellmatch.merge_cells`, and the
+matched and their scores combined by :func:`hpa_kernel.stages.cellmatch.merge_cells`, and the
 row is written with each output cell's mask string taken from the input that owns it
 (the reference's strings are reused byte for byte; an export's cells are encoded with
-:func:`hpa_kernel.rle.encode_label_image`).
+:func:`hpa_kernel.formats.rle.encode_label_image`).
 
 An input's fault on one image (a missing ID, another size, a malformed row) is logged and
 that input counts as having no cells there; every sample ID gets its row.
@@ -25,13 +25,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hpa_kernel.cellmatch import MEANS, UNMATCHED, RankTable, merge_cells
-from hpa_kernel.cells_table import read_cells, read_labels, scores as table_scores
+from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED, RankTable, merge_cells
+from hpa_kernel.formats.cells import read_cells, read_labels, scores as table_scores
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.io import read_sample
-from hpa_kernel.rle import encode_label_image, resize_labels
-from hpa_kernel.submission import prediction_string, read_rows, validate_submission, write_submission
-from hpa_kernel.submission_cells import row_cells, row_scores
+from hpa_kernel.formats.images import read_sample
+from hpa_kernel.formats.rle import encode_label_image
+from hpa_kernel.stages.labels import resize_labels
+from hpa_kernel.formats.submission import prediction_string, read_submission, validate_submission, write_submission
+from hpa_kernel.formats.submission_cells import row_cells, row_scores
 
 __all__ = ["MergeOptions", "ImageCells", "SubmissionInput", "CellsInput", "open_input", "merge_row", "merge_inputs", "MergeSummary"]
 
@@ -90,7 +91,7 @@ class SubmissionInput:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.rows = read_rows(self.path)
+        self.rows = read_submission(self.path)
 
     def ids(self) -> set[str]:
         return set(self.rows)

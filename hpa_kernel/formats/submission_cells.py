@@ -3,13 +3,13 @@
 A PredictionString lists a cell once per class, its mask string repeated. :func:`row_cells`
 turns the row back into cells -- the distinct mask strings in order of first appearance,
 an ``(n, 19)`` score matrix, the cells' areas and one label image at the original size --
-so that cells of different pipelines can be matched by IoU (:mod:`hpa_kernel.cellmatch`).
+so that cells of different pipelines can be matched by IoU (:mod:`hpa_kernel.stages.cellmatch`).
 
 :func:`decode_label_image` decodes many mask strings into one label image without making a
 full-size mask per cell: each string's COCO counts are parsed (vectorised over its bytes,
 the inverse of pycocotools' ``rleToString``) into runs of the Fortran-order flattening,
 and the runs are painted with one fancy assignment. The strings are first checked with
-:func:`hpa_kernel.rle.check_masks`, the codec's validator.
+:func:`hpa_kernel.formats.rle.check_masks`, the codec's validator.
 
 (Codec functions: they belong beside ``rle.encode_label_image`` / ``submission.prediction_string``
 and may be moved there.)
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.metric import parse_prediction_string
-from hpa_kernel.rle import check_masks
+from hpa_kernel.formats.submission import parse_prediction_string
+from hpa_kernel.formats.rle import check_masks
 
 __all__ = ["SubmissionCells", "mask_runs", "decode_label_image", "row_scores", "row_cells"]
 
@@ -39,7 +39,7 @@ def mask_runs(text: str) -> tuple[np.ndarray, np.ndarray]:
     """Foreground runs ``(starts, lengths)`` (int64) of one **valid** mask string.
 
     Positions index the Fortran-order (column-major) flattening of the mask. The string
-    must have passed :func:`hpa_kernel.rle.check_masks`; nothing is re-checked here.
+    must have passed :func:`hpa_kernel.formats.rle.check_masks`; nothing is re-checked here.
     """
     counts = zlib.decompress(base64.b64decode(text))
     c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
@@ -74,7 +74,7 @@ def decode_label_image(
     Mask ``i`` becomes label ``i + 1``; a pixel covered by several masks goes to the first
     listed. Returns ``(labels, areas)``: ``areas[i]`` is mask i's own pixel count (overlap
     included). Raises ``ValueError`` naming the first string that does not decode at
-    ``height x width`` (use :func:`hpa_kernel.rle.check_masks` to filter beforehand).
+    ``height x width`` (use :func:`hpa_kernel.formats.rle.check_masks` to filter beforehand).
     """
     areas, errors = check_masks(list(texts), int(height), int(width))
     for i, e in enumerate(errors):
