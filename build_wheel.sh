@@ -2,7 +2,9 @@
 # Build everything the offline Kaggle kernel needs:
 #
 #   OUT/hpa_kernel-<version>-py3-none-any.whl   the package (no weights inside)
-#   OUT/wheelhouse/                             runtime wheels a Kaggle GPU image may lack
+#   OUT/wheelhouse/                             runtime wheels a Kaggle GPU image may lack: the
+#                                               dependency closure of --deps and of hpa_kernel's
+#                                               own requirements, minus KAGGLE_PROVIDED (below)
 #   OUT/kaggle_dataset/                         wheel + wheelhouse/ + weights/ + dataset-metadata.json,
 #                                               ready for `kaggle datasets create -p OUT/kaggle_dataset --dir-mode zip`
 #   OUT/kaggle_kernel/                          submission/kernel.py + kernel-metadata.json naming that dataset,
@@ -12,13 +14,22 @@
 # wheels and folders of earlier runs are removed. The wheel is reproducible
 # (SOURCE_DATE_EPOCH = time of the last commit unless set).
 #
-# Usage: bash build_wheel.sh [--python 3.10[,3.11]] [--platform manylinux2014_x86_64] [--out dist]
+# Usage: bash build_wheel.sh [--python 3.10[,3.11]] [--platform manylinux_2_28_x86_64] [--out dist]
 #                            [--deps "timm pycocotools"] [--no-wheelhouse]
 #                            [--weights weights] [--dataset-id USERNAME/hpa-kernel]
 #                            [--title TITLE] [--license other] [--kernel-id USER/hpa-kernel-submit]
 #                            [--extra-dataset OWNER/SLUG] [--no-weights-check]
+#                            [--print-kaggle-provided]
 # Environment: PYTHON (the interpreter that builds; default python3).
 set -euo pipefail
+
+# What the Kaggle GPU image brings (with everything these need). The wheelhouse never
+# carries them, nor walks into their dependencies; everything else hpa_kernel, timm and
+# pycocotools need (pyyaml, safetensors, huggingface_hub and its dependencies, ...) is
+# carried. The one place this list lives (README "Run on Kaggle" points here;
+# `--print-kaggle-provided` prints it for tests and scripts).
+KAGGLE_PROVIDED=(torch torchvision torchaudio numpy pandas scipy scikit-image
+                 opencv-python opencv-python-headless opencv-contrib-python joblib tqdm pillow)
 
 PROG="build_wheel.sh"
 die() { echo "$PROG: error: $*" >&2; exit 1; }
@@ -35,10 +46,14 @@ Options:
   --out DIR            output folder (default: <repo>/dist)
   --python X.Y[,X.Z]   Python version(s) of the Kaggle image, for the wheelhouse
                        (default 3.10,3.11,3.12: compiled wheels exist once per version)
-  --platform TAG       platform tag for the wheelhouse (default manylinux2014_x86_64)
+  --platform TAG       newest platform tag the Kaggle image runs (default manylinux_2_28_x86_64:
+                       wheels for glibc 2.28 and older; manylinux2014_x86_64 = glibc 2.17)
   --deps "A B==1.0"    wheelhouse requirements, space or comma separated, replacing the default
                        list (timm pycocotools, pinned to the versions installed here when they
-                       are); torch/torchvision/torchaudio are refused: Kaggle brings its own
+                       are). The wheelhouse holds their dependency closure and that of
+                       hpa_kernel's requirements, without the packages the Kaggle image
+                       brings (--print-kaggle-provided); torch/torchvision/torchaudio are
+                       refused: Kaggle brings its own CUDA build
   --no-wheelhouse      do not download anything (offline / CI): the wheelhouse stays empty
   --offline            same as --no-wheelhouse
   --weights DIR        weights folder copied into the dataset (default: <repo>/weights);
@@ -50,7 +65,13 @@ Options:
   --kernel-id ID       Kaggle kernel id OWNER/SLUG (default <dataset owner>/hpa-kernel-submit)
   --extra-dataset ID   another dataset the kernel attaches (repeatable), e.g. the one holding
                        the HPA segmentation weights
+  --print-kaggle-provided  print the packages taken from the Kaggle image, one a line, and exit
   -h, --help           this help
+
+The wheel is built with the building interpreter's setuptools (no download) when it can
+make wheels (setuptools >= 70.1, or the `wheel` package installed); otherwise pip builds
+it in an isolated environment with setuptools and wheel from the index, and with
+--no-wheelhouse/--offline the script stops and says what to install.
 
 Environment: PYTHON = interpreter used to build (default python3). SOURCE_DATE_EPOCH
 (default: time of the last git commit) fixes the timestamps inside the wheel.
@@ -60,7 +81,7 @@ EOF
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-python3}"
 PY_VERSIONS="3.10,3.11,3.12"
-PLATFORM="manylinux2014_x86_64"
+PLATFORM="manylinux_2_28_x86_64"
 OUT="$REPO/dist"
 DEPS=""
 DEPS_SET=0
@@ -96,6 +117,7 @@ while [[ $# -gt 0 ]]; do
         --license) need_value "$@"; LICENSE="$2"; shift 2 ;;
         --kernel-id) need_value "$@"; KERNEL_ID="$2"; shift 2 ;;
         --extra-dataset) need_value "$@"; EXTRA_SOURCES+=("$2"); shift 2 ;;
+        --print-kaggle-provided) printf '%s\n' "${KAGGLE_PROVIDED[@]}"; exit 0 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$arg' (see --help)" ;;
     esac
@@ -113,6 +135,19 @@ OWNER="${DATASET_ID%%/*}"
 for src in ${EXTRA_SOURCES[@]+"${EXTRA_SOURCES[@]}"}; do
     [[ "$src" =~ ^[A-Za-z0-9_-]+/[A-Za-z0-9_-]+$ ]] || die "--extra-dataset wants OWNER/slug, not '$src'"
 done
+[[ "$PLATFORM" =~ ^(manylinux_2_([0-9]+)|manylinux2014|manylinux2010|manylinux1)_([a-z0-9_]+)$ ]] \
+    || die "--platform wants a manylinux tag such as manylinux_2_28_x86_64 or manylinux2014_x86_64, not '$PLATFORM'"
+# pip takes the listed tags literally: list every manylinux tag up to the one asked for.
+case "${BASH_REMATCH[1]}" in
+    manylinux2014) GLIBC_MINOR=17 ;; manylinux2010) GLIBC_MINOR=12 ;; manylinux1) GLIBC_MINOR=5 ;;
+    *) GLIBC_MINOR="${BASH_REMATCH[2]}" ;;
+esac
+ARCH="${BASH_REMATCH[3]}"
+PLATFORM_ARGS=()
+for ((minor = GLIBC_MINOR; minor >= 5; minor--)); do PLATFORM_ARGS+=(--platform "manylinux_2_${minor}_$ARCH"); done
+(( GLIBC_MINOR < 17 )) || PLATFORM_ARGS+=(--platform "manylinux2014_$ARCH")
+(( GLIBC_MINOR < 12 )) || PLATFORM_ARGS+=(--platform "manylinux2010_$ARCH")
+PLATFORM_ARGS+=(--platform "manylinux1_$ARCH")
 (( ${#TITLE} >= 6 && ${#TITLE} <= 50 )) || die "--title must have 6 to 50 characters (Kaggle's rule), not ${#TITLE}"
 
 VERSION="$(sed -n 's/^__version__ = "\([^"]*\)".*/\1/p' "$REPO/hpa_kernel/__init__.py")"
@@ -143,7 +178,16 @@ done
 command -v "$PY" >/dev/null 2>&1 || die "python interpreter '$PY' not found (set PYTHON=...)"
 "$PY" -c 'import sys; assert sys.version_info >= (3, 9)' 2>/dev/null || die "'$PY' must be Python >= 3.9"
 "$PY" -m pip --version >/dev/null 2>&1 || die "'$PY -m pip' does not work: install pip"
-"$PY" -c 'import setuptools' 2>/dev/null || die "setuptools is needed to build the wheel: $PY -m pip install setuptools wheel"
+"$PY" -c 'import setuptools' 2>/dev/null || die "setuptools is needed to build the wheel: $PY -m pip install 'setuptools>=70.1'"
+# setuptools < 70.1 makes wheels only with the `wheel` package ("invalid command 'bdist_wheel'").
+BUILD_ISOLATION=0
+if ! "$PY" -c 'from setuptools.dist import Distribution; Distribution().get_command_class("bdist_wheel")' >/dev/null 2>&1; then
+    st_version="$("$PY" -c 'import setuptools; print(setuptools.__version__)')"
+    [[ "$WHEELHOUSE" == 1 ]] \
+        || die "setuptools $st_version cannot build wheels without the 'wheel' package: $PY -m pip install wheel (or 'setuptools>=70.1'); or drop --no-wheelhouse to let pip fetch both"
+    BUILD_ISOLATION=1
+    log "setuptools $st_version cannot build wheels without the 'wheel' package: pip builds in an isolated environment (fetches setuptools and wheel)"
+fi
 
 # Wheelhouse requirements.
 REQS=()
@@ -185,11 +229,17 @@ fi
     || die "source snapshot is missing setup.py or hpa_kernel/__init__.py"
 export SOURCE_DATE_EPOCH
 
-# 2. The wheel: no dependencies, no build isolation, no index (works offline).
+# 2. The wheel: no dependencies; no build isolation and no index (works offline) unless
+#    this setuptools cannot make wheels by itself (see the checks).
 log "building $WHEEL_NAME (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)"
-if ! ( cd "$STAGE/src" && PIP_NO_INDEX=1 "$PY" -m pip wheel --no-deps --no-build-isolation --no-index \
-        --disable-pip-version-check -w "$STAGE/wheel" . ) >"$STAGE/wheel.log" 2>&1; then
+if [[ "$BUILD_ISOLATION" == 0 ]]; then
+    build=(env PIP_NO_INDEX=1 "$PY" -m pip wheel --no-deps --no-build-isolation --no-index)
+else
+    build=("$PY" -m pip wheel --no-deps --use-pep517)  # older pips would run setup.py bdist_wheel here
+fi
+if ! ( cd "$STAGE/src" && "${build[@]}" --disable-pip-version-check -w "$STAGE/wheel" . ) >"$STAGE/wheel.log" 2>&1; then
     tail -n 40 "$STAGE/wheel.log" >&2
+    [[ "$BUILD_ISOLATION" == 0 ]] || die "building the wheel in an isolated environment failed (log above); offline: $PY -m pip install wheel"
     die "building the wheel failed (log above)"
 fi
 [[ -f "$STAGE/wheel/$WHEEL_NAME" ]] || { ls -l "$STAGE/wheel" >&2; die "expected $WHEEL_NAME, pip made something else"; }
@@ -227,19 +277,141 @@ for s in stray:
 sys.exit(1 if missing or stray else 0)
 PYEOF
 
-# 4. The wheelhouse.
-if [[ "$WHEELHOUSE" == 1 && ${#REQS[@]} -gt 0 ]]; then
+# 4. The wheelhouse: for each Python version, the dependency closure of the wheel's own
+#    requirements and of --deps, not entering KAGGLE_PROVIDED. For the Python version that
+#    builds, a package installed here in a version the requirement allows is taken in that
+#    version (what was tested here); otherwise pip picks the newest wheel for the target. `pip download --no-deps` fetches
+#    each wheel; the edges come from the wheels' own metadata, their markers evaluated for
+#    the target Python and platform. wheelhouse/requirements.txt lists what was carried.
+if [[ "$WHEELHOUSE" == 1 ]]; then
+    : >"$STAGE/wheelhouse/requirements.txt"
     for pyv in "${PY_LIST[@]}"; do
-        log "wheelhouse for Python $pyv / $PLATFORM: ${REQS[*]}"
-        if ! "$PY" -m pip download --only-binary=:all: --no-deps --disable-pip-version-check \
-                --python-version "$pyv" --platform "$PLATFORM" --implementation cp \
-                -d "$STAGE/wheelhouse" "${REQS[@]}" >"$STAGE/download.log" 2>&1; then
+        log "wheelhouse for Python $pyv / $PLATFORM: closure of hpa_kernel's requirements${REQS[*]+ and ${REQS[*]}}"
+        if ! "$PY" - "$STAGE/wheel/$WHEEL_NAME" "$STAGE/wheelhouse" "$pyv" "$ARCH" "${KAGGLE_PROVIDED[*]}" \
+                ${REQS[@]+"${REQS[@]}"} -- "${PLATFORM_ARGS[@]}" <<'PYEOF' 2>"$STAGE/download.log"; then
+import email.parser
+import importlib.metadata as md
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+try:
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+except ImportError:  # pip always brings its own copy
+    from pip._vendor.packaging.markers import default_environment
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.specifiers import SpecifierSet
+
+args = sys.argv[1:]
+cut = args.index("--")
+(wheel, wheelhouse, pyv, arch, provided), roots, platform_args = args[:5], args[5:cut], args[cut + 1:]
+wheelhouse = Path(wheelhouse)
+
+
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def fail(msg):
+    print(msg, file=sys.stderr)
+    sys.exit(1)
+
+
+explicit = {norm(Requirement(r).name) for r in roots}
+provided = {norm(n) for n in provided.split()} - explicit  # named in --deps: carried anyway
+here = ".".join(map(str, sys.version_info[:2]))
+env = dict(default_environment(), python_version=pyv, platform_machine=arch, sys_platform="linux",
+           platform_system="Linux", os_name="posix", implementation_name="cpython",
+           platform_python_implementation="CPython")
+if here != pyv:
+    env["python_full_version"] = env["implementation_version"] = pyv + ".0"
+
+
+def requires(path):
+    """Requires-Dist of a wheel file."""
+    with zipfile.ZipFile(path) as z:
+        meta = [n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
+        if len(meta) != 1:
+            fail(f"{path.name}: no single .dist-info/METADATA inside")
+        msg = email.parser.Parser().parsestr(z.read(meta[0]).decode("utf-8"))
+    return msg.get_all("Requires-Dist") or []
+
+
+def needed(text, extras, parent):
+    """(requirement, parent) if it applies to the target with the parent's extras, else None."""
+    req = Requirement(text)
+    if req.marker is not None and not any(req.marker.evaluate(dict(env, extra=e)) for e in {"", *extras}):
+        return None
+    return req, parent
+
+
+chosen = {}  # name -> (version, wheel file, extras handled)
+edges = [needed(r, (), "hpa_kernel") for r in requires(Path(wheel))] + [needed(r, (), "--deps") for r in roots]
+taken = set()
+while True:
+    level = {}
+    for req, parent in filter(None, edges):
+        name = norm(req.name)
+        if name in provided:
+            taken.add(name)
+            continue
+        spec, extras, parents = level.get(name, (SpecifierSet(), set(), []))
+        level[name] = (spec & req.specifier, extras | set(req.extras), parents + [f"{parent} ({req})"])
+    edges = []
+    todo = {}
+    for name, (spec, extras, parents) in level.items():
+        if name in chosen:
+            version, path, done = chosen[name]
+            if not spec.contains(version, prereleases=True):
+                fail(f"{name} {version} was chosen, but {'; '.join(parents)} needs {name}{spec}: pin it with --deps")
+            if extras - done:  # new extras: their requirements too
+                chosen[name] = (version, path, done | extras)
+                edges += [needed(r, extras - done, name) for r in requires(path)]
+            continue
+        try:  # the version installed here, when the target is this Python (others may not support it)
+            mine = md.version(name) if pyv == here else None
+        except md.PackageNotFoundError:
+            mine = None
+        todo[name] = (f"{name}=={mine}" if mine and spec.contains(mine, prereleases=True) else f"{name}{spec}", extras)
+    if not todo:
+        break
+    with tempfile.TemporaryDirectory(dir=wheelhouse.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               "--python-version", pyv, "--implementation", "cp", *platform_args, "-d", tmp,
+               *(r for r, _ in todo.values())]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            fail(r.stdout[-4000:] + f"\npip download failed for {' '.join(r for r, _ in todo.values())}")
+        for f in sorted(Path(tmp).glob("*.whl")):
+            name, version = norm(f.name.split("-")[0]), f.name.split("-")[1]
+            if name not in todo:
+                fail(f"pip download brought {f.name}, which was not asked for")
+            dest = wheelhouse / f.name
+            if not dest.exists():
+                shutil.move(str(f), dest)
+            extras = todo.pop(name)[1]
+            chosen[name] = (version, dest, extras)
+            edges += [needed(r, extras, name) for r in requires(dest)]
+        if todo:
+            fail(f"no wheel came for {', '.join(r for r, _ in todo.values())}")
+with open(wheelhouse / "requirements.txt", "a") as f:
+    for name in sorted(chosen):
+        f.write(f'{name}=={chosen[name][0]} ; python_version == "{pyv}"\n')
+print(f"  Python {pyv}: {len(chosen)} wheels: " + ", ".join(f"{n}=={chosen[n][0]}" for n in sorted(chosen)), file=sys.stderr)
+print(f"  Python {pyv}: from the Kaggle image: {', '.join(sorted(taken))}", file=sys.stderr)
+PYEOF
             tail -n 30 "$STAGE/download.log" >&2
-            die "downloading the wheelhouse for Python $pyv failed (log above); without network use --no-wheelhouse"
+            die "the wheelhouse for Python $pyv failed (log above); without network use --no-wheelhouse"
         fi
+        cat "$STAGE/download.log" >&2
     done
-elif [[ "$WHEELHOUSE" == 1 ]]; then
-    log "wheelhouse: --deps is empty, nothing to download"
 else
     log "wheelhouse: skipped (--no-wheelhouse); the kernel relies on the Kaggle image's packages"
 fi

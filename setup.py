@@ -31,13 +31,13 @@ setup(
     ],
     extras_require={
         "train": ["albumentations>=2.0", "iterative-stratification", "pyyaml"],
-        "test": ["pytest", "albumentations>=2.0", "iterative-stratification", "pyyaml"],
+        "test": ["pytest", "pyarrow", "albumentations>=2.0", "iterative-stratification", "pyyaml"],
     },
     entry_points={
         "console_scripts": [
             "hpa-submit=hpa_kernel.submit:main",
-            "hpa-validate=hpa_kernel.validate:main",
-            "hpa-metric=hpa_kernel.metric:main",
+            "hpa-validate=hpa_kernel.tools.validate:main",
+            "hpa-metric=hpa_kernel.tools.metric:main",
         ]
     },
 )

@@ -36,10 +36,11 @@ def main() -> None:
     import torch
 
     from hpa_kernel.config import load_config
-    from hpa_kernel.model import PuzzleCAM, save_checkpoint
-    from hpa_kernel.pipeline import RunOptions, run
-    from hpa_kernel.segmentation.network import build_dpn_unet
-    from hpa_kernel.synthetic import write_dataset
+    from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
+    from hpa_kernel.run.options import RunOptions
+    from hpa_kernel.run.pipeline import run
+    from hpa_kernel.stages.segmentation.network import build_dpn_unet
+    from hpa_kernel.tools.synthetic import write_dataset
 
     if a.device.startswith("cuda"):
         print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)

@@ -31,9 +31,9 @@ NETWORK = ("seg_network", "forward_full", "forward_crops")
 
 def make_data(root: Path, n_ids: int, unique: int, size: int, seed: int) -> Path:
     """A Kaggle-layout folder of ``n_ids`` IDs that are hard links to ``unique`` images."""
-    from hpa_kernel import io
-    from hpa_kernel.submission import write_submission
-    from hpa_kernel.synthetic import write_dataset
+    from hpa_kernel.formats import images as io
+    from hpa_kernel.formats.submission import write_submission
+    from hpa_kernel.tools.synthetic import write_dataset
 
     base = root / "base"
     if not (base / "sample_submission.csv").exists():
@@ -57,7 +57,7 @@ def make_data(root: Path, n_ids: int, unique: int, size: int, seed: int) -> Path
 def make_weights(root: Path, backbone: str, image_size: int, crop_size: int) -> Path:
     import torch
 
-    from hpa_kernel.model import PuzzleCAM, save_checkpoint
+    from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
 
     folder = root / "weights"
     folder.mkdir(exist_ok=True)
@@ -76,7 +76,8 @@ def make_weights(root: Path, backbone: str, image_size: int, crop_size: int) -> 
 def child(data: str, manifest: str, out: str) -> None:
     """One run in this process; prints JSON with stage seconds and peak RSS."""
     from hpa_kernel.config import load_config
-    from hpa_kernel.pipeline import RunOptions, run
+    from hpa_kernel.run.options import RunOptions
+    from hpa_kernel.run.pipeline import run
 
     s = run(load_config(manifest), RunOptions(data_dir=Path(data), out=Path(out), device="cpu",
                                                progress=False, resume=False))

@@ -12,7 +12,7 @@ the same classifier scores every cell four ways:
 
 An oracle row (true image labels broadcast with confidence 1) shows how far image-level
 labels alone can go. Each variant is written as a submission and scored with
-``hpa_kernel.metric`` (mask IoU).
+``hpa_kernel.tools.metric`` (mask IoU).
 """
 
 from __future__ import annotations
@@ -38,16 +38,17 @@ def main() -> None:
         raise SystemExit("held-out seeds start at 9000 (training uses 1000-1999)")
 
     from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES, parse_labels
-    from hpa_kernel.ensemble import combine_steps
-    from hpa_kernel.io import list_test_ids, load_image
-    from hpa_kernel.metric import evaluate, read_label_image
-    from hpa_kernel.model import classify_image, load_checkpoint
-    from hpa_kernel.rle import encode_label_image, resize_labels
-    from hpa_kernel.segmentation import segment_classic
-    from hpa_kernel.step1 import step1_scores
-    from hpa_kernel.step2 import crop_cells, predict_crops
-    from hpa_kernel.submission import prediction_string, write_submission
-    from hpa_kernel.synthetic import write_dataset
+    from hpa_kernel.stages.ensemble import combine_steps
+    from hpa_kernel.formats.images import load_image, read_test_set
+    from hpa_kernel.tools.metric import evaluate, read_label_image
+    from hpa_kernel.stages.model import classify_image, load_checkpoint
+    from hpa_kernel.formats.rle import encode_label_image
+    from hpa_kernel.stages.labels import resize_labels
+    from hpa_kernel.stages.segmentation.classic import segment_classic
+    from hpa_kernel.stages.step1 import step1_scores
+    from hpa_kernel.stages.step2 import crop_cells, predict_crops
+    from hpa_kernel.formats.submission import prediction_string, write_submission
+    from hpa_kernel.tools.synthetic import write_dataset
 
     root = a.out or Path(tempfile.mkdtemp(prefix="hpa_quality_"))
     data = root / "data"
@@ -55,7 +56,7 @@ def main() -> None:
     if not (data / "sample_submission.csv").exists():
         write_dataset(data, images=a.images, seed=a.seed, sizes=sizes, depth="mixed", split="test", progress=False)
     model, meta = load_checkpoint(a.checkpoint)
-    ids = list_test_ids(data)
+    ids = read_test_set(data)[0]
     truth = pd.read_csv(data / "train.csv", dtype={"ID": str}).set_index("ID")["Label"]
     variants = ("oracle image labels", "broadcast", "step1", "step2", "ensemble")
     rows: dict[tuple[str, str], dict[str, tuple[int, int, str]]] = {}

@@ -5,7 +5,7 @@
 A 512x512 label image with ~40-60 irregular cells (Voronoi regions of random seeds, cut by a
 noisy blob around each seed) is encoded at ``size x size`` two ways:
 
-* all at once: ``hpa_kernel.rle.encode_label_image`` (scale once, runs grouped by label);
+* all at once: ``hpa_kernel.formats.rle.encode_label_image`` (scale once, runs grouped by label);
 * per cell:   for each cell, resize its 512 mask to full size (nearest) and ``encode_mask`` it.
 
 Both are timed side by side, best of ``--repeats``; the outputs must be identical. Then a
@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from hpa_kernel.rle import encode_label_image, encode_mask
-from hpa_kernel.submission import prediction_string, validate_submission, write_submission
+from hpa_kernel.formats.rle import encode_label_image, encode_mask
+from hpa_kernel.formats.submission import prediction_string, validate_submission, write_submission
 
 
 def make_labels(rng: np.random.Generator, size: int = 512, cells: int = 50) -> np.ndarray:

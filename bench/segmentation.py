@@ -3,9 +3,9 @@
     python bench/segmentation.py [--images 4] [--size 2048] [--repeats 3] [--seed 0]
                                  [--no-network] [--no-literal] [--device cpu]
 
-"With the same network outputs": for each synthetic image (``hpa_kernel.synthetic``,
+"With the same network outputs": for each synthetic image (``hpa_kernel.tools.synthetic``,
 ``size x size``) plausible U-Net outputs are made from its ground truth at 512 px
-(``postprocess.predictions_from_labels``: interior / border / background, smoothed), i.e.
+(``tests/oracles.py``'s ``predictions_from_labels``: interior / border / background, smoothed), i.e.
 what the networks would output on the 512 input. Then, side by side on those maps:
 
 * (a) fast:  ``label_cell`` at 512 with thresholds scaled by (512/size)^2, then the label
@@ -27,22 +27,21 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from hpa_kernel.io import resize_rgby
-from hpa_kernel.segmentation.classic import segment_classic
-from hpa_kernel.segmentation.network import build_dpn_unet
-from hpa_kernel.segmentation.postprocess import (
-    best_match_iou,
-    label_cell,
-    label_cell_stock,
-    label_nuclei,
-    predictions_from_labels,
-)
+from hpa_kernel.formats.images import resize_rgby
+from hpa_kernel.stages.segmentation.classic import segment_classic
+from hpa_kernel.stages.segmentation.network import build_dpn_unet
+from hpa_kernel.stages.segmentation.postprocess import label_cell, label_nuclei
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracles import best_match_iou, label_cell_stock, predictions_from_labels  # noqa: E402 (the tests own them)
 
 S = 512
 
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="device of the network forward timing")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from hpa_kernel.synthetic import make_image
+    from hpa_kernel.tools.synthetic import make_image
 
     size = a.size
     rep_full = max(1, a.repeats - 1)

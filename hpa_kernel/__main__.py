@@ -2,6 +2,6 @@
 
 import sys
 
-from .submit import main
+from hpa_kernel.submit import main
 
 sys.exit(main())

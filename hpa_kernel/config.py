@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.json"
 ENV_MANIFEST = "HPA_KERNEL_WEIGHTS"
+#: the segmenters a manifest may name (``segmentation.method``); each is one registered
+#: class of :mod:`hpa_kernel.stages.segmentation` (a test keeps the two lists equal)
+SEGMENTATION_METHODS: tuple[str, ...] = ("classic", "hpa")
 
 
 def default_manifest() -> Path:
@@ -129,8 +132,8 @@ def config_from_dict(
     if isinstance(seg_raw, str):
         seg_raw = {"method": seg_raw}
     method = seg_raw.get("method", "hpa" if seg_raw.get("cell") else "classic")
-    if method not in ("classic", "hpa"):
-        raise ConfigError(f"segmentation.method must be 'classic' or 'hpa', not {method!r}")
+    if method not in SEGMENTATION_METHODS:
+        raise ConfigError(f"segmentation.method must be one of {list(SEGMENTATION_METHODS)}, not {method!r}")
     seg = SegmentationConfig(
         method=method,
         nuclei=_resolve(root, seg_raw.get("nuclei"), "segmentation.nuclei", allow_outside),

@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import ConfigError, KernelConfig, load_config
+from hpa_kernel.config import ConfigError, KernelConfig, load_config
 
 logger = logging.getLogger(__name__)
 

@@ -177,6 +177,11 @@ def install(dataset_dir: Path, python: str = sys.executable) -> str:
         # Usually a dependency known here under another distribution name (opencv-python
         # vs opencv-python-headless): install the wheel alone and check the imports.
         logger.warning("pip could not resolve the dependencies:\n%s", r.stdout[-3000:])
+        carried = wheelhouse / "requirements.txt"
+        if carried.is_file():  # what build_wheel.sh carried for the missing ones (timm, ...)
+            r1 = _pip(python, [*links, "-r", str(carried)])
+            if r1.returncode != 0:
+                logger.warning("installing %s failed too:\n%s", carried, r1.stdout[-3000:])
         logger.warning("installing the wheel without dependencies and checking the imports instead")
     else:
         logger.info("dependencies satisfied")

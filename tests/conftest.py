@@ -18,7 +18,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained, tiny Puzzle-CAM checkpoint (64 px full image, 32 px crops)."""
     import torch
 
-    from hpa_kernel.model import PuzzleCAM, save_checkpoint
+    from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
 
     torch.manual_seed(0)
     model = PuzzleCAM("resnet10t", pretrained=False).eval()
@@ -53,7 +53,7 @@ def tiny_manifest(tmp_path_factory, tiny_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """A Kaggle-layout folder of 4 small synthetic images (8- and 16-bit, one non-square)."""
-    from hpa_kernel.synthetic import write_dataset
+    from hpa_kernel.tools.synthetic import write_dataset
 
     out = tmp_path_factory.mktemp("data")
     write_dataset(out, images=4, seed=9100, sizes=(512, (384, 512), 640), depth="mixed", split="test")

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-import hpa_kernel.device as device_mod
+import hpa_kernel.run.device as device_mod
 from hpa_kernel.config import load_config
-from hpa_kernel.device import DeviceError, arch_supported, cuda_problem, resolve_device
-from hpa_kernel.pipeline import RunOptions, run
-from hpa_kernel.submission import validate_submission
+from hpa_kernel.run.device import DeviceError, arch_supported, cuda_problem, resolve_device
+from hpa_kernel.run.options import RunOptions
+from hpa_kernel.run.pipeline import run
+from hpa_kernel.formats.submission import validate_submission
 from hpa_kernel.submit import main
 
 CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpa_kernel.ensemble import combine_models, combine_steps, select_top_classes
+from hpa_kernel.stages.ensemble import combine_models, combine_steps, select_top_classes
 
 
 def test_combine_steps_weights_are_normalised():

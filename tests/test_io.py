@@ -1,4 +1,4 @@
-"""Tests for hpa_kernel.io: Kaggle layout, RGBY reading and its faults, resizing, prefetch."""
+"""Tests for hpa_kernel.formats.images: Kaggle layout, RGBY reading and its faults, resizing, prefetch."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import cv2
 import numpy as np
 import pytest
 
-from hpa_kernel.io import (
+from hpa_kernel.formats.images import (
     CHANNELS,
     ImageReadError,
     LoadedImage,
-    list_test_ids,
     load_image,
-    prefetch,
     read_rgby,
-    read_sample_sizes,
+    read_sample,
+    read_test_set,
     resize_rgby,
 )
+from hpa_kernel.run.prefetch import prefetch
 
 
 def _planes(h: int, w: int, dtype=np.uint8, seed: int = 0) -> list[np.ndarray]:
@@ -38,7 +38,7 @@ def _write(folder, image_id: str, planes: list[np.ndarray]) -> None:
 # ------------------------------------------------------------------ layout
 
 
-def test_list_test_ids_sample_order_and_duplicates(tmp_path, caplog):
+def test_read_test_set_sample_order_and_duplicates(tmp_path, caplog):
     (tmp_path / "sample_submission.csv").write_text(
         "ID,ImageWidth,ImageHeight,PredictionString\n"
         "b,2048,2048,0 1 eNoLCAgAARQA6A==\n"
@@ -46,37 +46,37 @@ def test_list_test_ids_sample_order_and_duplicates(tmp_path, caplog):
         "b,2048,2048,0 1 eNoLCAgAARQA6A==\n"
         "c,,,\n"
     )
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
-        assert list_test_ids(tmp_path) == ["b", "a", "c"]
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
+        assert read_test_set(tmp_path)[0] == ["b", "a", "c"]
     assert "more than once" in caplog.text
-    assert read_sample_sizes(tmp_path / "sample_submission.csv") == {
+    assert read_sample(tmp_path / "sample_submission.csv").sizes == {
         "b": (2048, 2048), "a": (1728, 1728), "c": (0, 0)
     }
 
 
-def test_list_test_ids_falls_back_to_test_folder(tmp_path, caplog):
+def test_read_test_set_falls_back_to_test_folder(tmp_path, caplog):
     _write(tmp_path / "test", "zz", _planes(4, 4))
     _write(tmp_path / "test", "aa", _planes(4, 4))
     (tmp_path / "test" / "mm_red.png").write_bytes(b"")  # incomplete: kept, with a warning
     (tmp_path / "test" / "notes.txt").write_text("x")
     (tmp_path / "test" / "qq_purple.png").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
-        assert list_test_ids(tmp_path) == ["aa", "mm", "zz"]
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
+        assert read_test_set(tmp_path)[0] == ["aa", "mm", "zz"]
     assert "lack some channel" in caplog.text
 
 
-def test_list_test_ids_empty_folder_is_a_clear_error(tmp_path):
+def test_read_test_set_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no test images"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
     (tmp_path / "test").mkdir()
     with pytest.raises(FileNotFoundError, match="no test images"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
     (tmp_path / "sample_submission.csv").write_text("ID,ImageWidth,ImageHeight,PredictionString\n")
     with pytest.raises(FileNotFoundError, match="has no IDs"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
     (tmp_path / "sample_submission.csv").write_text("Id,Label\nx,1\n")
     with pytest.raises(ValueError, match="no 'ID' column"):
-        list_test_ids(tmp_path)
+        read_test_set(tmp_path)[0]
 
 
 # ------------------------------------------------------------------ reading
@@ -97,7 +97,7 @@ def test_read_rgby_mixed_depth_goes_to_16_bit(tmp_path, caplog):
     planes[2] = np.full((5, 5), 255, np.uint8)
     planes[2][0, 0] = 0
     _write(tmp_path, "img", planes)
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
         rgby = read_rgby(tmp_path, "img")
     assert rgby.dtype == np.uint16
     assert rgby[0, 0, 2] == 0 and rgby[1, 1, 2] == 65535
@@ -112,7 +112,7 @@ def test_read_rgby_colour_png_reduced_to_max_plane(tmp_path, caplog):
     green_bgr[0, 0, 0] = 255  # and a bright pixel in B
     _write(tmp_path, "img", planes)
     cv2.imwrite(str(tmp_path / "img_green.png"), green_bgr)
-    with caplog.at_level(logging.WARNING, logger="hpa_kernel.io"):
+    with caplog.at_level(logging.WARNING, logger="hpa_kernel.formats.images"):
         rgby = read_rgby(tmp_path, "img")
     expected = planes[1].copy()
     expected[0, 0] = 255

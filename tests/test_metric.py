@@ -1,4 +1,4 @@
-"""Tests of hpa_kernel.metric: tiny hand-made cases whose AP is worked out on paper.
+"""Tests of hpa_kernel.tools.metric: tiny hand-made cases whose AP is worked out on paper.
 
 AP arithmetic convention used in the comments: detections ranked by confidence, P = running
 precision, R = running recall, P made monotone from the right (Pm), AP = sum(dR * Pm).
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_kernel import metric
-from hpa_kernel.metric import (
+from hpa_kernel.tools import metric
+from hpa_kernel.tools.metric import (
     MetricResult,
     SubmissionError,
     TruthError,
@@ -28,10 +28,10 @@ from hpa_kernel.metric import (
     mask_boxes,
     mask_iou,
     match_class,
-    parse_prediction_string,
     score_image,
 )
-from hpa_kernel.rle import encode_mask
+from hpa_kernel.formats.rle import encode_mask
+from hpa_kernel.formats.submission import parse_prediction_string, write_submission
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -366,10 +366,14 @@ def write_truth(root, images: dict[str, tuple[np.ndarray, dict[int, list[int]]]]
     return root
 
 
-def sub_row(image_id: str, labels: np.ndarray, dets) -> dict:
+def sub_row(labels: np.ndarray, dets) -> tuple[int, int, str]:
     h, w = labels.shape
-    pred = " ".join(f"{c} {conf} {encode_mask(mk)}" for c, conf, mk in dets)
-    return {"ID": image_id, "ImageWidth": w, "ImageHeight": h, "PredictionString": pred}
+    return w, h, " ".join(f"{c} {conf} {encode_mask(mk)}" for c, conf, mk in dets)
+
+
+def write_csv(rows: dict, path) -> None:
+    """Rows as a submission file, in their order (the package's writer wants a sample)."""
+    write_submission(rows, list(rows), path)
 
 
 # A non-square 16-bit label image: cell ids above 255.
@@ -405,29 +409,20 @@ def make_submission():
         (18, 0.6, m(LAB16, 2)),
         (7, 0.99, m(LAB16, 2)),
     ]
-    return pd.DataFrame(
-        [sub_row("img1", LAB16, dets), sub_row("img2", LAB3, []), sub_row("extra", LAB3, [(0, 0.5, m(LAB3, 1))])]
-    )
+    return {"img1": sub_row(LAB16, dets), "img2": sub_row(LAB3, []), "extra": sub_row(LAB3, [(0, 0.5, m(LAB3, 1))])}
 
 
-def test_evaluate_files_and_dataframe(truth_dir, tmp_path):
-    df = make_submission()
-    r = evaluate(df, truth_dir)
+def test_evaluate_files_and_rows(truth_dir, tmp_path):
+    rows = make_submission()
+    r = evaluate(rows, truth_dir)
     assert isinstance(r, MetricResult)
     assert r.per_class == {0: approx(2 / 3), 5: approx(0.5), 18: 1.0}
     assert r.mAP == approx(13 / 18)
     assert r.n_gt == {0: 3, 5: 1, 18: 1} and r.n_images == 2 and r.n_dropped == 1
     path = tmp_path / "sub.csv"
-    df.to_csv(path, index=False)
+    write_csv(rows, path)
     assert evaluate(path, truth_dir).mAP == approx(13 / 18)
     assert evaluate(str(path), truth_dir, iou="box").mAP == approx(13 / 18)
-
-
-def test_evaluate_nan_prediction_string_means_no_detections(truth_dir):
-    df = make_submission()
-    df["PredictionString"] = df["PredictionString"].astype(object)
-    df.loc[1, "PredictionString"] = np.nan  # img2, as pandas reads an empty cell by default
-    assert evaluate(df, truth_dir).mAP == approx(13 / 18)
 
 
 def test_evaluate_decodes_each_mask_once(truth_dir, monkeypatch):
@@ -445,21 +440,23 @@ def test_evaluate_decodes_each_mask_once(truth_dir, monkeypatch):
 
 
 def test_evaluate_rejects_size_mismatch(truth_dir):
-    df = make_submission()
-    df.loc[0, ["ImageWidth", "ImageHeight"]] = [6, 11]  # swapped
+    rows = make_submission()
+    rows["img1"] = (6, 11, rows["img1"][2])  # swapped
     with pytest.raises(SubmissionError, match="img1"):
-        evaluate(df, truth_dir)
+        evaluate(rows, truth_dir)
 
 
 def test_evaluate_errors(truth_dir, tmp_path):
     with pytest.raises(TruthError, match="does not exist"):
         evaluate(make_submission(), tmp_path / "nowhere")
-    with pytest.raises(SubmissionError, match="column"):
-        evaluate(make_submission().drop(columns="ImageHeight"), truth_dir)
-    df = make_submission()
-    df.loc[0, "PredictionString"] = "0 0.9 not-base64!"
+    no_height = tmp_path / "no_height.csv"
+    no_height.write_text("ID,ImageWidth,PredictionString\nimg1,11,\n")
+    with pytest.raises(SubmissionError, match="columns"):
+        evaluate(no_height, truth_dir)
+    rows = make_submission()
+    rows["img1"] = (*rows["img1"][:2], "0 0.9 not-base64!")
     with pytest.raises(SubmissionError, match="img1"):
-        evaluate(df, truth_dir)
+        evaluate(rows, truth_dir)
     (truth_dir / "labels" / "img2.png").unlink()
     with pytest.raises(TruthError, match="img2.png"):
         evaluate(make_submission(), truth_dir)
@@ -467,7 +464,7 @@ def test_evaluate_errors(truth_dir, tmp_path):
 
 def test_cli_prints_table_and_map_last(truth_dir, tmp_path, capsys):
     path = tmp_path / "sub.csv"
-    make_submission().to_csv(path, index=False)
+    write_csv(make_submission(), path)
     assert main(["--truth", str(truth_dir), str(path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == f"mAP {13 / 18:.6f}"
@@ -478,7 +475,7 @@ def test_cli_prints_table_and_map_last(truth_dir, tmp_path, capsys):
 
 def test_cli_errors_are_one_line(truth_dir, tmp_path, capsys):
     path = tmp_path / "sub.csv"
-    make_submission().to_csv(path, index=False)
+    write_csv(make_submission(), path)
     assert main(["--truth", str(tmp_path / "nowhere"), str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "nowhere" in err[0]
@@ -493,9 +490,9 @@ def test_cli_errors_are_one_line(truth_dir, tmp_path, capsys):
 
 def test_cli_as_module(truth_dir, tmp_path):
     path = tmp_path / "sub.csv"
-    make_submission().to_csv(path, index=False)
+    write_csv(make_submission(), path)
     proc = subprocess.run(
-        [sys.executable, "-m", "hpa_kernel.metric", "--truth", str(truth_dir), str(path)],
+        [sys.executable, "-m", "hpa_kernel.tools.metric", "--truth", str(truth_dir), str(path)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from hpa_kernel.model import (
+from hpa_kernel.stages.model import (
     CHECKPOINT_FORMAT,
     RGBY_MEAN,
     RGBY_STD,
@@ -131,10 +131,9 @@ def test_forward_tta_unflips_maps():
     with torch.no_grad():
         logits, maps = stub.forward_with_maps(x)
         for flips in [("none", "h", "v"), ("h",), ("v",), ("hv",)]:
-            for batched in (True, False):
-                lt, mt = forward_tta(stub, x, flips=flips, batched=batched)
-                torch.testing.assert_close(mt, maps)  # exact only if maps are flipped back
-                torch.testing.assert_close(lt, logits)
+            lt, mt = forward_tta(stub, x, flips=flips)
+            torch.testing.assert_close(mt, maps)  # exact only if maps are flipped back
+            torch.testing.assert_close(lt, logits)
         _, no_unflip = stub.forward_with_maps(x.flip(3))
         assert not torch.allclose(no_unflip, maps)
 
@@ -146,12 +145,9 @@ def test_forward_tta_on_puzzlecam(model, batch):
         torch.testing.assert_close(l1, logits)
         torch.testing.assert_close(m1, maps)
         lb, mb = forward_tta(model, batch)
-        lu, mu = forward_tta(model, batch, batched=False)
         _, mh = model.forward_with_maps(batch.flip(3))
         _, mv = model.forward_with_maps(batch.flip(2))
     torch.testing.assert_close(mb, (maps + mh.flip(3) + mv.flip(2)) / 3, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(lb, lu, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(mb, mu, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lb, mb.mean(dim=(2, 3)))
     with pytest.raises(ValueError):
         forward_tta(model, batch, flips=())

@@ -1,12 +1,19 @@
 """Packaging: build_wheel.sh, the Kaggle kernel script, and an offline install that runs.
 
 The slow end-to-end test builds the wheel with ``build_wheel.sh --no-wheelhouse``, makes
-a fresh virtual environment with ``--system-site-packages`` and installs the wheel with
-``pip --no-index`` (``PIP_NO_INDEX=1``, pip's configuration files ignored). The system
-site-packages (torch, timm, opencv, ...) stand in for the Kaggle image's preinstalled
-stack; the wheel itself must bring everything else. The kernel script then runs
-``python -m hpa_kernel.submit`` with the venv's python from an unrelated working
-directory, and ``python -m hpa_kernel.validate`` checks the CSV.
+a fresh virtual environment that sees the packages of the interpreter running the tests
+(a system Python's or a venv's: see ``make_venv``) and installs the wheel with
+``pip --no-index`` (``PIP_NO_INDEX=1``, pip's configuration files ignored). Those packages
+(torch, timm, opencv, ...) stand in for the Kaggle image's preinstalled stack; the wheel
+itself must bring everything else. The kernel script then runs ``python -m hpa_kernel.submit``
+with the venv's python from an unrelated working directory, and ``python -m hpa_kernel.tools.validate``
+checks the CSV.
+
+The wheelhouse tests need the package index (CI has it; they skip, saying so, where it
+cannot be reached): one installs the wheelhouse offline into a venv that sees only the
+packages the Kaggle image provides (``build_wheel.sh --print-kaggle-provided`` and what they
+need, linked from this interpreter's site-packages; timm, pycocotools, pyyaml, ... hidden),
+one builds with a setuptools older than 70.1 and no ``wheel`` package.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -47,6 +56,37 @@ def clean_env(**extra: str) -> dict[str, str]:
     env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHON=sys.executable)
     env.update(extra)
     return env
+
+
+def site_dirs() -> list[str]:
+    """The site-packages folders the running interpreter imports from (a venv's own, plus
+    the system's when it sees them; the user's when enabled)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def make_venv(path: Path, sees: list[str] | None = None, with_pip: bool = False) -> str:
+    """A fresh venv (made from the base interpreter also when the tests run in a venv) that
+    sees the packages of ``sees`` (default: ``site_dirs()``) after its own, the way
+    ``--system-site-packages`` would see a system Python's; returns its python.
+
+    ``--system-site-packages`` alone is not enough: inside a venv it names the *base*
+    interpreter's site-packages, not the venv's where the README command installed torch.
+    """
+    cmd = [sys.executable, "-m", "venv", str(path)] + ([] if with_pip else ["--without-pip"])
+    subprocess.run(cmd, check=True, env=clean_env())
+    py = str(path / "bin" / "python")
+    purelib = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        stdout=subprocess.PIPE, text=True, check=True, env=clean_env(),
+    ).stdout.strip()  # fmt: skip
+    dirs = site_dirs() if sees is None else sees
+    if dirs:  # addsitedir also runs the .pth files there, as for system site-packages
+        line = "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs)
+        Path(purelib, "_tests_outer_site.pth").write_text(line + "\n")
+    return py
 
 
 def run_build(*args: str, env: dict[str, str] | None = None, script: Path = BUILD) -> subprocess.CompletedProcess:
@@ -288,23 +328,24 @@ def test_build_is_reproducible_and_removes_stale_files(tmp_path: Path) -> None:
 
 def test_build_fails_when_a_subpackage_would_be_left_out(tmp_path: Path) -> None:
     src = snapshot(tmp_path / "src")
-    (src / "hpa_kernel" / "segmentation" / "__init__.py").unlink()  # no longer a package
+    (src / "hpa_kernel" / "stages" / "segmentation" / "__init__.py").unlink()  # no longer a package
     weights = make_weights(src / "weights")
     r = run_build("--no-wheelhouse", "--out", str(tmp_path / "dist"), script=src / "build_wheel.sh")
-    assert r.returncode != 0 and "not in the wheel: hpa_kernel/segmentation/" in r.stdout, r.stdout
+    assert r.returncode != 0 and "not in the wheel: hpa_kernel/stages/segmentation/" in r.stdout, r.stdout
     assert "the wheel is incomplete" in r.stdout
     assert not (tmp_path / "dist" / WHEEL).exists() and weights.is_dir()
 
 
-def fake_wheel(folder: Path, version: str, requires: list[str]) -> Path:
-    """A minimal pure-python ``hpa_kernel`` wheel (fast to install) with given requirements."""
+def fake_wheel(folder: Path, version: str, requires: list[str], name: str = "hpa_kernel") -> Path:
+    """A minimal pure-python wheel (fast to install) with given requirements."""
     import base64
 
-    dist = f"hpa_kernel-{version}.dist-info"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
     files = {
-        "hpa_kernel/__init__.py": f'__version__ = "{version}"\n',
-        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: hpa_kernel\nVersion: {}\n{}".format(
-            version, "".join(f"Requires-Dist: {r}\n" for r in requires)
+        f"{name}/__init__.py": f'__version__ = "{version}"\n',
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+            name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)
         ),
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -313,7 +354,6 @@ def fake_wheel(folder: Path, version: str, requires: list[str]) -> Path:
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
         record.append(f"{name},sha256={digest},{len(text.encode())}")
     files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
-    path = folder / f"hpa_kernel-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
         for name, text in files.items():
             z.writestr(name, text)
@@ -324,20 +364,21 @@ def test_install_falls_back_when_a_dependency_is_known_under_another_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pip cannot resolve a requirement (e.g. opencv-python-headless when the image has
-    opencv-python): the kernel installs the wheel alone, then judges by the imports."""
+    opencv-python): the kernel installs what the wheelhouse carries (its requirements.txt)
+    and the wheel alone, then judges by the imports."""
     k = load_kernel()
     dataset = tmp_path / "dataset"
     (dataset / "wheelhouse").mkdir(parents=True)
-    fake_wheel(dataset, "0.0.7", ["json-under-another-name-xyz"])
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
+    fake_wheel(dataset, "0.0.7", ["json-under-another-name-xyz", "carried_xyz"])
+    fake_wheel(dataset / "wheelhouse", "1.0", [], name="carried_xyz")  # stands for timm, pyyaml...
+    (dataset / "wheelhouse" / "requirements.txt").write_text("carried_xyz==1.0\n")
+    py = make_venv(tmp_path / "venv")
     env = clean_env()
     for name in set(os.environ) - set(env):
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json",))  # importable under its module name
+    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json", "carried_xyz"))  # json: importable under its module name
     assert k.install(dataset, py) == "0.0.7"
     monkeypatch.setattr(k, "RUNTIME_MODULES", ("json", "module_nobody_has_xyz"))
     with pytest.raises(k.KernelError, match="module_nobody_has_xyz"):
@@ -370,15 +411,14 @@ def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoin
     names = set(zipfile.ZipFile(dataset / WHEEL).namelist())
     modules = {f for f in tracked if f.endswith(".py") and (REPO / f).is_file()}
     assert modules and not modules - names, f"not in the wheel: {sorted(modules - names)}"
-    assert {"hpa_kernel/submit.py", "hpa_kernel/pipeline.py", "hpa_kernel/segmentation/__init__.py"} <= names
+    assert {"hpa_kernel/submit.py", "hpa_kernel/run/pipeline.py", "hpa_kernel/stages/segmentation/__init__.py"} <= names
     assert not [n for n in names if n.startswith("weights/") or n.endswith((".pt", ".pth"))]
     entry_points = zipfile.ZipFile(dataset / WHEEL).read(f"hpa_kernel-{hpa_kernel.__version__}.dist-info/entry_points.txt")
     assert b"hpa-submit = hpa_kernel.submit:main" in entry_points
 
-    # 3. a fresh venv; system site-packages stand in for the Kaggle image's stack
+    # 3. a fresh venv; this interpreter's packages stand in for the Kaggle image's stack
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
+    py = make_venv(venv)
     work = tmp_path / "work"  # not the repo: nothing importable from the cwd
     work.mkdir()
     out = tmp_path / "out" / "submission.csv"
@@ -403,9 +443,191 @@ def test_offline_install_in_fresh_venv_and_submit(tmp_path: Path, tiny_checkpoin
 
     # 6. the CSV validates
     v = subprocess.run(
-        [py, "-m", "hpa_kernel.validate", str(out), "--sample", str(small_dataset / "sample_submission.csv")],
+        [py, "-m", "hpa_kernel.tools.validate", str(out), "--sample", str(small_dataset / "sample_submission.csv")],
         cwd=work, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
     )  # fmt: skip
     assert v.returncode == 0, v.stdout
     lines = out.read_text().splitlines()
     assert lines[0] == "ID,ImageWidth,ImageHeight,PredictionString" and len(lines) == 5
+
+
+# ------------------------------------------------------------------ wheelhouse and old setuptools (package index)
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def index_env(**extra: str) -> dict[str, str]:
+    """A subprocess environment that reaches the package index the way pip here is configured."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("HPA_")}
+    env.update(PYTHON=sys.executable, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PIP_NO_INDEX", None)
+    env.update(extra)
+    return env
+
+
+def need_index(tmp_path: Path) -> None:
+    """Skip (saying why) only where pip cannot download from its index."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp_path / "probe"), "packaging"],
+        env=index_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
+    )  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"the package index cannot be reached (pip download packaging: {r.stdout.strip().splitlines()[-1:]})")
+
+
+def kaggle_provided() -> list[str]:
+    r = run_build("--print-kaggle-provided")
+    assert r.returncode == 0 and "torch" in r.stdout.split(), r.stdout
+    return r.stdout.split()
+
+
+def image_view(dest: Path, names: list[str]) -> set[str]:
+    """``dest`` gets links to the installed distributions ``names`` and everything they need
+    (their requirements, transitively) from this interpreter's site-packages, nothing else:
+    a stand-in for an image that has those, with their real files. Returns the names linked."""
+    from importlib import metadata as md
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        from pip._vendor.packaging.requirements import Requirement
+
+    roots = [Path(d).resolve() for d in site_dirs()]
+    dists: dict[str, md.Distribution] = {}
+    shadowed = []
+    for d in md.distributions(path=[str(r) for r in roots]):
+        if norm(d.metadata["Name"]) in dists:
+            shadowed.append(d)
+        else:
+            dists[norm(d.metadata["Name"])] = d
+    seen: set[tuple[str, str]] = set()  # (name, extra) walked
+    todo = [(norm(n), "") for n in names if norm(n) in dists]
+    while todo:
+        n, extra = todo.pop()
+        if (n, extra) in seen:
+            continue
+        seen.add((n, extra))
+        for text in dists[n].requires or []:
+            req = Requirement(text)
+            if norm(req.name) in dists and (req.marker is None or req.marker.evaluate({"extra": extra})):
+                todo += [(norm(req.name), e) for e in ("", *req.extras)]
+    keep = {n for n, _ in seen}
+    # a prefix (folder or file) is linked whole when only kept distributions own files under it
+    owners: dict[tuple, set[bool]] = {}
+    files: list[tuple] = []
+    for n, d in [*dists.items(), *(("", s) for s in shadowed)]:
+        root = Path(d.locate_file("")).resolve()
+        for f in d.files or []:
+            if f.parts[0] == ".." or not (root / f).exists():
+                continue  # scripts in bin/, files not there
+            key = (root, *f.parts)
+            files.append((n in keep and d is dists[n], key))
+            for i in range(2, len(key) + 1):
+                owners.setdefault(key[:i], set()).add(n in keep and d is dists[n])
+    dest.mkdir(parents=True)
+    for kept, key in files:
+        if not kept:
+            continue
+        i = next((i for i in range(2, len(key) + 1) if owners[key[:i]] == {True}), len(key))
+        link = dest.joinpath(*key[1:i])
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(key[0]).joinpath(*key[1:i]))
+    return keep
+
+
+def run_py(py: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
+    return subprocess.run([py, *args], cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_wheelhouse_installs_offline_into_an_image_with_only_the_provided_packages(tmp_path: Path) -> None:
+    """The wheelhouse carries what timm, pycocotools and hpa_kernel need beyond the packages
+    the Kaggle image provides: pip installs hpa_kernel offline into an environment that has
+    only those (real files, linked from here), resolving every dependency, and it imports."""
+    need_index(tmp_path)
+    pyv = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    dist = tmp_path / "dist"
+    r = run_build("--python", pyv, "--out", str(dist), "--weights", str(make_weights(tmp_path / "weights")),
+                  env=index_env())  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:]
+    dataset = dist / "kaggle_dataset"
+    carried = {norm(f.name.split("-")[0]) for f in (dataset / "wheelhouse").glob("*.whl")}
+    provided = {norm(n) for n in kaggle_provided()}
+    assert {"timm", "pycocotools", "pyyaml", "safetensors", "huggingface-hub"} <= carried, carried
+    assert not carried & provided, carried & provided  # the image's own are never carried
+    listed = (dataset / "wheelhouse" / "requirements.txt").read_text().splitlines()
+    assert {norm(line.split("==")[0]) for line in listed} == carried and all(f'"{pyv}"' in x for x in listed)
+
+    kept = image_view(tmp_path / "image", [*provided, "pip"])
+    assert {"torch", "numpy", "pip"} <= kept and not kept & {"timm", "pycocotools", "pyyaml", "huggingface-hub"}, kept
+    venv = tmp_path / "kaggle"
+    py = make_venv(venv, sees=[str(tmp_path / "image")])
+    work = tmp_path / "work"
+    work.mkdir()
+    before = run_py(py, "-c", "import torch, torchvision, numpy, cv2, skimage, scipy, pandas, joblib, tqdm; import timm", cwd=work)
+    assert before.returncode != 0 and "No module named 'timm'" in before.stdout, before.stdout[-2000:]
+
+    r = run_py(py, "-m", "pip", "install", "--no-index", "--find-links", str(dataset / "wheelhouse"),
+               "--find-links", str(dataset), f"hpa_kernel=={hpa_kernel.__version__}", cwd=work)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:]
+    modules = [*load_kernel().RUNTIME_MODULES, "yaml", "safetensors", "huggingface_hub", "hpa_kernel.submit"]
+    code = (
+        "import importlib, sys\n"
+        "mods = [importlib.import_module(m) for m in sys.argv[1:]]\n"
+        "import timm\n"
+        "timm.create_model('resnet18', pretrained=False, num_classes=19, in_chans=4)\n"
+        "print(timm.__file__)\n"
+    )
+    r = run_py(py, "-c", code, *modules, cwd=work)
+    assert r.returncode == 0 and r.stdout.strip().startswith(str(venv)), r.stdout[-3000:]
+    r = run_py(py, "-m", "pip", "check", cwd=work)
+    assert r.returncode == 0, r.stdout
+    r = run_py(py, "-m", "hpa_kernel.submit", "--version", cwd=work)
+    assert r.returncode == 0 and hpa_kernel.__version__ in r.stdout, r.stdout
+
+
+CANNOT_MAKE_WHEELS = "from setuptools.dist import Distribution; Distribution().get_command_class('bdist_wheel')"
+
+
+@pytest.fixture(scope="module")
+def old_setuptools_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A bare venv whose setuptools is older than 70.1 and that has no ``wheel`` package."""
+    tmp = tmp_path_factory.mktemp("old_setuptools")
+    py = make_venv(tmp / "venv", sees=[], with_pip=True)  # ensurepip: pip, and setuptools 65.5 on 3.11
+    old = run_py(py, "-c", "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) >= 70)", cwd=tmp)
+    if old.returncode != 0:  # newer Pythons bundle no setuptools
+        need_index(tmp)
+        r = run_py(py, "-m", "pip", "install", "setuptools<70", cwd=tmp, env=index_env())
+        assert r.returncode == 0, r.stdout[-3000:]
+    run_py(py, "-m", "pip", "uninstall", "-y", "wheel", cwd=tmp)
+    r = run_py(py, "-c", CANNOT_MAKE_WHEELS, cwd=tmp)
+    assert r.returncode != 0 and "invalid command 'bdist_wheel'" in r.stdout, r.stdout  # the case under test
+    return py
+
+
+def test_build_offline_with_old_setuptools_says_what_to_install(tmp_path: Path, old_setuptools_python: str) -> None:
+    r = run_build("--no-wheelhouse", "--out", str(tmp_path / "dist"), "--weights", str(make_weights(tmp_path / "w")),
+                  env=clean_env(PYTHON=old_setuptools_python))  # fmt: skip
+    assert r.returncode == 1 and "invalid command" not in r.stdout, r.stdout
+    (line,) = r.stdout.strip().splitlines()
+    assert "cannot build wheels without the 'wheel' package" in line and "-m pip install wheel" in line, line
+    assert not (tmp_path / "dist" / WHEEL).exists()
+
+
+@pytest.mark.slow
+def test_build_with_old_setuptools_builds_in_isolation(tmp_path: Path, old_setuptools_python: str) -> None:
+    """With the index reachable the wheel (and the wheelhouse) are built all the same."""
+    need_index(tmp_path)
+    pyv = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    dist = tmp_path / "dist"
+    r = run_build("--python", pyv, "--out", str(dist), "--weights", str(make_weights(tmp_path / "w")),
+                  env=index_env(PYTHON=old_setuptools_python))  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "builds in an isolated environment" in r.stdout
+    names = set(zipfile.ZipFile(dist / WHEEL).namelist())
+    assert {"hpa_kernel/submit.py", "hpa_kernel/run/pipeline.py", "hpa_kernel/stages/segmentation/__init__.py"} <= names
+    assert any(p.name.startswith("timm-") for p in (dist / "wheelhouse").iterdir())

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-import hpa_kernel.parallel as parallel
-from hpa_kernel.parallel import ParallelResult, Shard, join_parts, part_path, plan_devices
-from hpa_kernel.submission import read_rows, validate_submission
+import hpa_kernel.run.parallel as parallel
+from hpa_kernel.run.parallel import ParallelResult, Shard, join_parts, part_path, plan_devices
+from hpa_kernel.formats.submission import read_submission, validate_submission
+from hpa_kernel.run.journal import Journal
 from hpa_kernel.submit import main
 
 
@@ -67,12 +68,12 @@ def test_join_takes_a_dead_shards_journal_and_fills_the_rest(tmp_path):
     ok = Shard(0, 2, "cpu", part_path(out, 0, 2), ["a", "c"], rc=0)
     dead = Shard(1, 2, "cpu", part_path(out, 1, 2), ["b", "d"], rc=3)
     ok.out.write_text("ID,ImageWidth,ImageHeight,PredictionString\na,10,10,0 1 eNoLAAA=\nc,10,10,\n")
-    with open(dead.journal, "w") as f:
-        f.write(json.dumps({"fingerprint": "x"}) + "\n")
-        f.write(json.dumps({"id": "b", "w": 20, "h": 20, "p": "5 0.5 eNoLAAA="}) + "\n")
+    journal = Journal(dead.journal, "x", resume=False)  # the dead shard finished b
+    journal.add("b", 20, 20, "5 0.5 eNoLAAA=", None)
+    journal.close(remove=False)
     result = ParallelResult([ok, dead])
     join_parts(result, ["a", "b", "c", "d"], out, fallback_size=lambda i: (30, 40))
-    rows = read_rows(out)
+    rows = read_submission(out)
     assert list(rows) == ["a", "b", "c", "d"]
     assert rows["b"] == (20, 20, "5 0.5 eNoLAAA=") and rows["d"] == (30, 40, "")
     assert result.filled == ["d"]
@@ -146,7 +147,7 @@ def test_a_shard_that_dies_twice_still_leaves_every_row(monkeypatch, small_datas
     assert _parallel(small_dataset, tiny_manifest, out) == 1
     sample = small_dataset / "sample_submission.csv"
     assert validate_submission(out, sample) == []
-    got, want = read_rows(out), read_rows(single_run)
+    got, want = read_submission(out), read_submission(single_run)
     ids = list(pd.read_csv(sample)["ID"])
     assert list(got) == ids
     lost = ids[1::2][1:]  # shard 1's images after its first
@@ -170,7 +171,7 @@ def test_a_shard_process_ends_with_its_parent(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     child = (
-        "import os, time, hpa_kernel.parallel as p; "
+        "import os, time, hpa_kernel.run.parallel as p; "
         f"assert p.die_with_parent(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     )
     parent = (
@@ -208,11 +209,9 @@ def test_die_with_parent_only_in_a_shard_process(monkeypatch):
 
 
 def test_usable_cuda_devices_skips_the_ones_torch_cannot_run(monkeypatch, caplog):
-    import hpa_kernel.device as device
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(device, "cuda_problem", lambda d: "no kernels" if d == "cuda:1" else None)
+    monkeypatch.setattr(parallel, "cuda_problem", lambda d: "no kernels" if d == "cuda:1" else None)
     assert parallel.usable_cuda_devices() == ["cuda:0", "cuda:2"]
     assert "not using cuda:1: no kernels" in caplog.text
     assert plan_devices("auto", "auto") == ["cuda:0", "cuda:2"]

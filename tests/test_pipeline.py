@@ -13,8 +13,10 @@ import pytest
 
 from hpa_kernel import __version__
 from hpa_kernel.config import load_config
-from hpa_kernel.pipeline import LEVEL_EMPTY, Budget, RunOptions, run, select_ids
-from hpa_kernel.submission import validate_submission
+from hpa_kernel.run.budget import LEVEL_EMPTY, Budget
+from hpa_kernel.run.options import RunOptions, select_ids
+from hpa_kernel.run.pipeline import run
+from hpa_kernel.formats.submission import validate_submission
 from hpa_kernel.submit import main
 
 from conftest import write_manifest
@@ -65,7 +67,7 @@ def test_overlays_written(full_run, small_dataset):
 
 
 def test_metric_scores_the_output(full_run, small_dataset):
-    from hpa_kernel.metric import evaluate
+    from hpa_kernel.tools.metric import evaluate
 
     _, out = full_run
     res = evaluate(out, small_dataset / "truth")

@@ -21,8 +21,9 @@ import pandas as pd
 import pytest
 
 from hpa_kernel.config import ConfigError, load_config
-from hpa_kernel.pipeline import RunOptions, run
-from hpa_kernel.submission import validate_submission
+from hpa_kernel.run.options import RunOptions
+from hpa_kernel.run.pipeline import run
+from hpa_kernel.formats.submission import validate_submission
 
 CH = ("red", "green", "blue", "yellow")
 
@@ -39,7 +40,7 @@ def _write_rgby(folder: Path, image_id: str, rgby: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     """(folder, {id: fault}) with every fault planted next to clean images."""
-    from hpa_kernel.synthetic import make_image, write_dataset
+    from hpa_kernel.tools.synthetic import make_image, write_dataset
 
     root = tmp_path_factory.mktemp("faulty")
     write_dataset(root, images=8, seed=9200, sizes=(512,), depth="mixed", split="test")
@@ -120,7 +121,7 @@ def test_output_validates(faulty, faulty_run):
 
 
 def test_odd_but_valid_images_are_predicted(faulty, faulty_run):
-    from hpa_kernel.rle import decode_mask
+    from hpa_kernel.formats.rle import decode_mask
 
     _, faults = faulty
     _, out = faulty_run
@@ -168,7 +169,7 @@ def _journal_lines(path: Path) -> int:
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_bytes(tiny_manifest, tmp_path):
     """SIGKILL mid-way; the restart redoes only what is missing; same bytes as uninterrupted."""
-    from hpa_kernel.synthetic import write_dataset
+    from hpa_kernel.tools.synthetic import write_dataset
 
     data = tmp_path / "data"
     write_dataset(data, images=6, seed=9300, sizes=(512,), depth=8, split="test")
@@ -197,7 +198,7 @@ def test_killed_run_resumes_to_identical_bytes(tiny_manifest, tmp_path):
 
 def test_time_budget_exhausted_writes_every_row_without_decoding(small_dataset, tiny_manifest, tmp_path):
     """A budget spent before the first image: empty rows for all, no image decoded, valid file."""
-    from hpa_kernel.pipeline import LEVEL_EMPTY
+    from hpa_kernel.run.budget import LEVEL_EMPTY
 
     out = tmp_path / "sub.csv"
     summary = run(load_config(tiny_manifest),
@@ -213,29 +214,31 @@ def test_time_budget_exhausted_writes_every_row_without_decoding(small_dataset, 
 
 def test_time_budget_switches_to_step1_only_mid_run(small_dataset, tiny_manifest, tmp_path, monkeypatch):
     """When the budget says so after the first image, the rest run Step 1 only (no crops)."""
-    from hpa_kernel import pipeline
+    from hpa_kernel.run.budget import LEVEL_STEP1_ONLY, Budget
+    from hpa_kernel.stages.predictor import Predictor
 
     calls = []
 
     def scripted(self, current, remaining, now):
         calls.append(remaining)
-        return pipeline.LEVEL_STEP1_ONLY if len(calls) > 1 else current
+        return LEVEL_STEP1_ONLY if len(calls) > 1 else current
 
-    monkeypatch.setattr(pipeline.Budget, "level", scripted)
+    monkeypatch.setattr(Budget, "level", scripted)
     out = tmp_path / "sub.csv"
     n = len(pd.read_csv(small_dataset / "sample_submission.csv"))
-    crops = []
-    real = pipeline.predict_image
+    step2 = []
+    real = Predictor.predict
 
-    def spy(*args, **kw):
-        crops.append(args[7])  # the level each image ran at
-        return real(*args, **kw)
+    def spy(self, image, size, step2_=True, **kw):
+        step2.append(kw.get("step2", step2_))  # what each image ran with
+        return real(self, image, size, **kw)
 
-    monkeypatch.setattr(pipeline, "predict_image", spy)
+    monkeypatch.setattr(Predictor, "predict", spy)
     summary = run(load_config(tiny_manifest),
                   RunOptions(data_dir=small_dataset, out=out, device="cpu", progress=False, time_budget=3600))
-    assert summary.degraded_at == {pipeline.LEVEL_STEP1_ONLY: 1}
-    assert crops == [pipeline.LEVEL_FULL] + [pipeline.LEVEL_STEP1_ONLY] * (n - 1)
+    assert summary.degraded_at == {LEVEL_STEP1_ONLY: 1}
+    assert step2 == [True] + [False] * (n - 1)
+    assert "crops" in summary.stage_seconds
     sub = pd.read_csv(out, keep_default_na=False)
     assert len(sub) == n and all(sub["PredictionString"])
     assert validate_submission(out, small_dataset / "sample_submission.csv") == []
@@ -257,7 +260,7 @@ def test_classifier_refusals_are_clean(tmp_path):
     """A pickle that would run code is refused by the checkpoint loader without running it."""
     import torch
 
-    from hpa_kernel.model import CheckpointError, load_checkpoint
+    from hpa_kernel.stages.model import CheckpointError, load_checkpoint
 
     class Evil:
         def __reduce__(self):

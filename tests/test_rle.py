@@ -1,4 +1,4 @@
-"""Tests for hpa_kernel.rle: one-mask codec, all-cells encoder, string checker."""
+"""Tests for hpa_kernel.formats.rle: one-mask codec, all-cells encoder, string checker."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from hpa_kernel.rle import (
+from hpa_kernel.formats.rle import (
     check_masks,
     decode_mask,
     encode_label_image,
     encode_mask,
-    label_runs,
-    resize_labels,
 )
+from hpa_kernel.stages.labels import resize_labels
 
 
 def _coco_decode(text: str, h: int, w: int) -> np.ndarray:
@@ -109,15 +108,6 @@ def test_decode_mask_rejects_negative_run():
 # ------------------------------------------------------------------ all cells at once
 
 
-def test_label_runs_fortran_order():
-    lab = np.array([[1, 1], [2, 1]])
-    starts, lengths, values = label_runs(lab)
-    # Fortran flattening: 1, 2, 1, 1
-    np.testing.assert_array_equal(starts, [0, 1, 2])
-    np.testing.assert_array_equal(lengths, [1, 1, 2])
-    np.testing.assert_array_equal(values, [1, 2, 1])
-
-
 @pytest.mark.parametrize("size", [(16, 16, 64, 64), (12, 20, 37, 23), (30, 10, 11, 7), (9, 9, 9, 9)])
 def test_encode_label_image_matches_per_cell_encode(size):
     h, w, out_w, out_h = size
@@ -155,12 +145,10 @@ def test_encode_label_image_empty_and_absent():
     lab = np.zeros((6, 6), np.int32)
     assert encode_label_image(lab, 12, 12) == {}
     lab[1:3, 1:3] = 2
-    # 5 is absent: left out by default, the empty-mask string with keep_empty
+    # 5 is absent: left out (an empty mask is no detection)
     assert list(encode_label_image(lab, 12, 12, cell_ids=[2, 5])) == [2]
-    out = _assert_matches_per_cell(lab, 12, 12, cell_ids=[5, 2], keep_empty=True)
-    assert list(out) == [2, 5]
-    assert out[5] == encode_mask(np.zeros((12, 12), bool))
-    assert not decode_mask(out[5], 12, 12).any()
+    out = _assert_matches_per_cell(lab, 12, 12, cell_ids=[5, 2])
+    assert list(out) == [2]
 
 
 def test_encode_label_image_subset_of_cells():
@@ -202,13 +190,6 @@ def test_encode_label_image_rejects_bad_input():
         encode_label_image(np.zeros((2, 2), np.int32), 0, 4)
     with pytest.raises(ValueError, match="positive"):
         encode_label_image(np.ones((2, 2), np.int32), 4, 4, cell_ids=[0, 1])
-
-
-def test_resize_labels_keeps_dtype_range():
-    lab = np.array([[0, 70_000], [5, 1]], np.int64)
-    r = resize_labels(lab, 4, 4)
-    assert r.dtype == np.int32 and r.max() == 70_000
-    assert resize_labels(np.array([[0, 3]], np.uint8), 4, 2).dtype == np.uint16
 
 
 # ------------------------------------------------------------------ many strings at once

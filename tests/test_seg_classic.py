@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from hpa_kernel.segmentation.classic import segment_classic, segment_nuclei
-from hpa_kernel.segmentation.postprocess import best_match_iou
+from hpa_kernel.stages.segmentation.classic import segment_classic, segment_nuclei
+from oracles import best_match_iou
 
 S = 512
 
@@ -17,7 +17,7 @@ S = 512
 def to_512(rgby: np.ndarray) -> np.ndarray:
     """The pipeline's 512 image (``io.resize_rgby``; cv2 INTER_AREA until io lands)."""
     try:
-        from hpa_kernel.io import resize_rgby
+        from hpa_kernel.formats.images import resize_rgby
     except ImportError:  # io.py not there yet: the same contract, done here
         scale = 255.0 if rgby.dtype == np.uint8 else 65535.0
         return cv2.resize(rgby.astype(np.float32) / scale, (S, S), interpolation=cv2.INTER_AREA)
@@ -33,7 +33,7 @@ def labels_to_512(labels: np.ndarray) -> np.ndarray:
     [(0, 1024, 1024, 8), (7, 2048, 2048, 16), (5, 1024, 1536, 8), (2, 2048, 1536, 8)],
 )
 def test_synthetic_mean_best_match_iou(seed: int, height: int, width: int, depth: int) -> None:
-    synthetic = importlib.import_module("hpa_kernel.synthetic")
+    synthetic = importlib.import_module("hpa_kernel.tools.synthetic")
     im = synthetic.make_image(np.random.default_rng(seed), height, width, depth=depth)
     cells, nuclei = segment_classic(to_512(im.rgby))
     truth = labels_to_512(im.cell_labels)

@@ -1,4 +1,4 @@
-"""Tests for hpa_kernel.segmentation.network: the hpacellseg DPN-92 U-Net.
+"""Tests for hpa_kernel.stages.segmentation.network: the hpacellseg DPN-92 U-Net.
 
 The 139 M-parameter network is built once for the module; forwards run on 64 x 64 inputs.
 The reference forward below re-derives the original pytorch_zoo computation (tuple-passing
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpa_kernel.segmentation import network as net_mod
-from hpa_kernel.segmentation.network import (
+from hpa_kernel.stages.segmentation import network as net_mod
+from hpa_kernel.stages.segmentation.network import (
     ENCODER_WIDTHS,
     DPNUnet,
     DualPathBlock,

@@ -6,17 +6,15 @@ import cv2
 import numpy as np
 import pytest
 
-from hpa_kernel.segmentation.postprocess import (
-    best_match_iou,
+from hpa_kernel.stages.labels import remove_small_labels
+from hpa_kernel.stages.segmentation.postprocess import (
     closing_radius,
     label_cell,
-    label_cell_stock,
     label_nuclei,
-    predictions_from_labels,
     remove_small_holes,
-    remove_small_labels,
     scale_factors,
 )
+from oracles import best_match_iou, label_cell_stock, predictions_from_labels
 
 
 def grid_labels(n: int, pitch: int, nucleus_radius: int, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Tests for hpa_kernel.segmentation.weights: the restricted loader of hpacellseg weights.
+"""Tests for hpa_kernel.stages.segmentation.weights: the restricted loader of hpacellseg weights.
 
 The test files are written here in the public format: module classes named like
 pytorch_zoo's (``pytorch_zoo.unet.DPNUnet``, ``pytorch_zoo.dpn.DualPathBlock``, ...) are
@@ -28,10 +28,10 @@ import pytest
 import torch
 from torch import nn
 
-from hpa_kernel.segmentation import network as net
-from hpa_kernel.segmentation import weights as weights_mod
-from hpa_kernel.segmentation.network import expected_state_dict_shapes
-from hpa_kernel.segmentation.weights import (
+from hpa_kernel.stages.segmentation import network as net
+from hpa_kernel.stages.segmentation import weights as weights_mod
+from hpa_kernel.stages.segmentation.network import expected_state_dict_shapes
+from hpa_kernel.stages.segmentation.weights import (
     StandIn,
     WeightFileError,
     load_hpa_unet,

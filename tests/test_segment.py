@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from hpa_kernel.config import SegmentationConfig
-from hpa_kernel.segmentation import SegResult, Segmenter, predict_hpa, segment
-from hpa_kernel.segmentation.inference import MEAN, STD, pad_to_multiple
-from hpa_kernel.segmentation.postprocess import best_match_iou
+from hpa_kernel.stages.segmentation import SegResult, create_segmenter, segmenter_names
+from hpa_kernel.stages.segmentation.inference import predict_hpa
+from hpa_kernel.stages.segmentation.inference import MEAN, STD, pad_to_multiple
+from oracles import best_match_iou
 
 
 class Conv1x1(nn.Module):
@@ -119,7 +120,7 @@ def hpa_config(scale: str) -> SegmentationConfig:
 @pytest.mark.parametrize("scale", ["512", "full"])
 def test_segmenter_hpa_scales(scale: str) -> None:
     image, truth = blob_image()
-    seg = Segmenter(hpa_config(scale), models=oracle_nets())
+    seg = create_segmenter(hpa_config(scale), models=oracle_nets())
     out = seg.segment(np.stack([image, image, np.zeros_like(image)]), [(1024, 1024)] * 3)
     assert len(out) == 3 and all(isinstance(r, SegResult) for r in out)
     for r in out:
@@ -137,8 +138,8 @@ def test_segmenter_fast_and_full_agree_on_432() -> None:
     """1728 px originals give S = 432 (not a multiple of 32)."""
     image, truth = blob_image(432)
     sizes = [(1728, 1728)]
-    fast = Segmenter(hpa_config("512"), models=oracle_nets()).segment(image[None], sizes)[0]
-    full = Segmenter(hpa_config("full"), models=oracle_nets()).segment(image[None], sizes)[0]
+    fast = create_segmenter(hpa_config("512"), models=oracle_nets()).segment(image[None], sizes)[0]
+    full = create_segmenter(hpa_config("full"), models=oracle_nets()).segment(image[None], sizes)[0]
     assert fast.cells.shape == full.cells.shape == (432, 432)
     assert fast.n_cells == full.n_cells == 6
     assert best_match_iou(full.cells, fast.cells).mean() > 0.9
@@ -146,46 +147,46 @@ def test_segmenter_fast_and_full_agree_on_432() -> None:
 
 def test_segmenter_classic_logs_and_segments(caplog: pytest.LogCaptureFixture) -> None:
     image, truth = blob_image()
-    with caplog.at_level(logging.INFO, logger="hpa_kernel.segmentation"):
-        seg = Segmenter(SegmentationConfig(method="classic"))
+    with caplog.at_level(logging.INFO, logger="hpa_kernel.stages.segmentation"):
+        seg = create_segmenter(SegmentationConfig(method="classic"))
     assert "weight-free" in caplog.text and "no segmentation weights" in caplog.text
     [res] = seg.segment(image, [(256, 256)])
     assert res.cells.dtype == np.int32 and res.n_cells == 6
     assert best_match_iou(truth, res.cells).min() > 0.8
-    [res2] = segment(image[None], [(256, 256)])  # convenience, default config = classic
+    [res2] = create_segmenter().segment(image[None], [(256, 256)])  # default config = classic
     assert np.array_equal(res.cells, res2.cells)
 
 
 def test_segmenter_refuses_bad_arguments() -> None:
     image, _ = blob_image(64)
-    seg = Segmenter()
+    seg = create_segmenter()
     with pytest.raises(ValueError):
         seg.segment(np.stack([image, image]), [(64, 64)])  # one size for two images
     with pytest.raises(ValueError):
         seg.segment(image[..., :3], [(64, 64)])
     with pytest.raises(ValueError):
-        Segmenter(SegmentationConfig(method="hpa"))  # no weight paths
+        create_segmenter(SegmentationConfig(method="hpa"))  # no weight paths
     with pytest.raises(ValueError):
-        Segmenter(SegmentationConfig(method="cellpose"))
+        create_segmenter(SegmentationConfig(method="cellpose"))
 
 
 def test_missing_or_wrong_weight_files_raise_the_loaders_error(tmp_path) -> None:
-    weights = importlib.import_module("hpa_kernel.segmentation.weights")
+    weights = importlib.import_module("hpa_kernel.stages.segmentation.weights")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a pickle at all")
     for nuclei, cell in [(tmp_path / "missing.pth", tmp_path / "missing2.pth"), (junk, junk)]:
         cfg = SegmentationConfig(method="hpa", nuclei=nuclei, cell=cell)
         with pytest.raises(weights.WeightFileError):
-            Segmenter(cfg)
+            create_segmenter(cfg)
 
 
 def test_full_scale_relabel_keeps_more_than_255_cells() -> None:
-    from hpa_kernel.segmentation import _consistent_relabel
+    from hpa_kernel.stages.labels import relabel
 
     cells = np.repeat(np.repeat(np.arange(1, 301, dtype=np.int32).reshape(15, 20), 4, 0), 4, 1)
     cells[cells == 7] = 0  # a vanished cell leaves a gap
     nuclei = np.where(np.arange(cells.shape[1])[None, :] % 4 == 1, cells, 0)
-    res = _consistent_relabel(cells, nuclei)
+    res = SegResult(*relabel(cells, nuclei))
     assert res.cells.dtype == np.int32 and res.cells.max() == 299
     assert np.array_equal(np.unique(res.cells), np.arange(300))
     inside = res.nuclei > 0
@@ -194,7 +195,7 @@ def test_full_scale_relabel_keeps_more_than_255_cells() -> None:
 
 def test_predict_hpa_with_the_real_network_shape() -> None:
     """The DPN U-Net (random weights) through predict_hpa on a small odd-sized image."""
-    network = importlib.import_module("hpa_kernel.segmentation.network")
+    network = importlib.import_module("hpa_kernel.stages.segmentation.network")
     torch.manual_seed(0)
     net = network.build_dpn_unet()
     images = np.random.default_rng(0).random((1, 24, 24, 4), dtype=np.float32)  # padded to 32
@@ -202,3 +203,10 @@ def test_predict_hpa_with_the_real_network_shape() -> None:
     assert nuc.shape == cell.shape == (1, 24, 24, 3) and nuc.dtype == np.uint8
     # softmax x 255: the three channels sum to 255 up to rounding
     assert np.abs(nuc.astype(int).sum(-1) - 255).max() <= 2
+
+
+def test_every_manifest_method_is_a_registered_segmenter() -> None:
+    from hpa_kernel.config import SEGMENTATION_METHODS
+
+    assert segmenter_names() == sorted(SEGMENTATION_METHODS)
+    assert type(create_segmenter()).name == "classic"

@@ -1,23 +1,18 @@
 """Step 1 (CAM ∩ cells): hand-made cases with known answers, and the vectorised code
-against the straightforward reference in bench/step1.py on random inputs."""
+against the straightforward reference (tests/oracles.py) on random inputs, bit for bit."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from hpa_kernel.classes import NEGATIVE
-from hpa_kernel.step1 import grouped_quantiles, present_ids, step1_scores
+from hpa_kernel.stages.labels import present_ids
+from hpa_kernel.stages.step1 import grouped_quantiles, step1_scores
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench" / "step1.py"
-_spec = importlib.util.spec_from_file_location("bench_step1", _BENCH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-reference = bench.step1_scores_reference
+import oracles
+from oracles import step1_scores_reference as reference
 
 
 def two_cells(size: int = 10) -> np.ndarray:
@@ -102,24 +97,6 @@ def test_examined_but_nothing_kept_gives_max_p():
     np.testing.assert_allclose(reference(cams, probs, labels), expected, atol=1e-7)
 
 
-def test_top_classes_ranked_by_probability():
-    labels, cams, probs = two_cells(), cams_zero(), base_probs()
-    for c, p in [(3, 0.9), (5, 0.5), (7, 0.7)]:
-        cams[c, :, :5] = 1.0
-        probs[c] = p
-    s = step1_scores(cams, probs, labels, top_classes=2)
-    assert s[0, 3] == pytest.approx(0.9) and s[0, 7] == pytest.approx(0.7) and s[0, 5] == 0
-    assert s[1, NEGATIVE] == pytest.approx(probs[NEGATIVE])
-    np.testing.assert_allclose(reference(cams, probs, labels, top_classes=2), s, atol=1e-7)
-    # a cell whose only class is cut gets Negative
-    cams2, probs2 = cams.copy(), probs.copy()
-    cams2[5] = 0
-    cams2[5, :, 5:] = 1.0  # class 5 now only on cell 2
-    s2 = step1_scores(cams2, probs2, labels, top_classes=2)
-    assert s2[1, 5] == 0 and s2[1, NEGATIVE] == pytest.approx(probs[NEGATIVE])
-    assert step1_scores(cams2, probs2, labels, top_classes=3)[1, 5] == pytest.approx(0.5)
-
-
 def test_negative_examined_through_its_cam():
     labels, cams, probs = two_cells(), cams_zero(), base_probs()
     cams[3, :, :5] = 1.0
@@ -190,61 +167,37 @@ def test_grouped_quantiles_equal_numpy_quantile():
     group[group == 4] = n  # group 4 empty
     for q in (0.99, 0.5, 0.0, 1.0):
         qg, qa, counts = grouped_quantiles(np.ascontiguousarray(values.T), group, n, quantile=q)
-        np.testing.assert_allclose(qa, np.quantile(values, q, axis=0), rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(qa, np.quantile(values, q, axis=0))
         for g in range(n):
             if counts[g] == 0:
                 assert g == 4 and np.all(qg[g] == 0)
                 continue
-            np.testing.assert_allclose(qg[g], np.quantile(values[group == g], q, axis=0), rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(qg[g], np.quantile(values[group == g], q, axis=0))
 
 
-def test_grouped_quantiles_relu_zeros_and_wrong_bounds():
+def test_grouped_quantiles_relu_zeros_and_negative_values():
     rng = np.random.default_rng(8)
     P, n = 5000, 9
     values = np.maximum(rng.standard_normal((3, P)).astype(np.float32), 0)  # half exact zeros
     values[2, :4000] = 0  # a class that is mostly zero
     group = rng.integers(0, n + 1, P).astype(np.int32)
-    for bounds in (None, np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 0.5]])):
-        for q in (0.99, 0.5, 0.1):
-            qg, qa, _ = grouped_quantiles(values, group, n, quantile=q, bounds=bounds)
-            np.testing.assert_allclose(qa, np.quantile(values, q, axis=1), atol=1e-6)
-            for g in range(n):
-                np.testing.assert_allclose(qg[g], np.quantile(values[:, group == g], q, axis=1), atol=1e-6)
-    # bounds claiming a floor of 0 while values go negative: still exact
+    for q in (0.99, 0.5, 0.1):
+        qg, qa, _ = grouped_quantiles(values, group, n, quantile=q)
+        np.testing.assert_array_equal(qa, np.quantile(values, q, axis=1))
+        for g in range(n):
+            np.testing.assert_array_equal(qg[g], np.quantile(values[:, group == g], q, axis=1))
+    # negative values: their order is the float order too
     neg = values - 0.25
-    qg, qa, _ = grouped_quantiles(neg, group, n, quantile=0.5, bounds=np.array([[0.0, 1.0]] * 3))
-    np.testing.assert_allclose(qa, np.quantile(neg, 0.5, axis=1), atol=1e-6)
-    np.testing.assert_allclose(qg[3], np.quantile(neg[:, group == 3], 0.5, axis=1), atol=1e-6)
-
-
-def test_grouped_quantiles_redo_wrong_guesses(monkeypatch):
-    """Thresholds guessed too high (for some groups, and for the whole array) are detected
-    by the exact counts and redone: the result is still exact."""
-    import hpa_kernel.step1 as step1
-
-    rng = np.random.default_rng(6)
-    P, k, n = 2000, 3, 7
-    values = rng.random((P, k), dtype=np.float32)
-    group = rng.integers(0, n + 1, P).astype(np.int32)
-    real = step1._guess_thresholds
-
-    def too_high(*args, **kw):
-        T, T_all = real(*args, **kw)
-        T[:, ::2] = 0.999  # far too few values above this
-        return T, np.full_like(T_all, 0.999)
-
-    monkeypatch.setattr(step1, "_guess_thresholds", too_high)
-    qg, qa, _ = grouped_quantiles(np.ascontiguousarray(values.T), group, n, quantile=0.9)
-    np.testing.assert_allclose(qa, np.quantile(values, 0.9, axis=0), atol=1e-6)
-    for g in range(n):
-        np.testing.assert_allclose(qg[g], np.quantile(values[group == g], 0.9, axis=0), atol=1e-6)
+    qg, qa, _ = grouped_quantiles(neg, group, n, quantile=0.5)
+    np.testing.assert_array_equal(qa, np.quantile(neg, 0.5, axis=1))
+    np.testing.assert_array_equal(qg[3], np.quantile(neg[:, group == 3], 0.5, axis=1))
 
 
 @pytest.mark.parametrize(
     "seed, size, cam, kind, kwargs",
     [
         (0, 128, 16, "uniform", {}),
-        (1, 128, 8, "uniform", {"top_classes": 5}),
+        (1, 128, 8, "uniform", {"min_ratio": 0.5}),
         (2, 96, 12, "sparse", {}),
         (3, 128, 16, "smooth", {"quantile": 0.9, "min_ratio": 0.3}),
         (4, 64, 16, "uniform", {"min_prob": 0.5}),
@@ -253,7 +206,7 @@ def test_grouped_quantiles_redo_wrong_guesses(monkeypatch):
 )
 def test_vectorised_equals_reference_on_random_inputs(seed, size, cam, kind, kwargs):
     rng = np.random.default_rng(seed)
-    labels = bench.voronoi_labels(rng, size, 40)
+    labels = oracles.voronoi_labels(rng, size, 40)
     cams = rng.random((19, cam, cam), dtype=np.float32)
     if kind == "sparse":  # relu-like: many exact zeros, ties
         cams = np.maximum(cams - 0.7, 0) / 0.3
@@ -270,68 +223,7 @@ def test_vectorised_equals_reference_on_random_inputs(seed, size, cam, kind, kwa
     got = step1_scores(cams, probs, labels, **kwargs)
     want = reference(cams, probs, labels, **kwargs)
     assert len(got) == len(np.unique(labels)) - 1
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got, want)  # bit for bit: np.quantile's own rule
     assert (got > 0).sum() > len(got)  # not trivially empty
 
 
-def test_class_chunks_and_coarse_histograms_give_the_same_scores(monkeypatch):
-    import hpa_kernel.step1 as step1
-
-    rng = np.random.default_rng(7)
-    labels = bench.voronoi_labels(rng, 64, 30)
-    cams = rng.random((19, 8, 8), dtype=np.float32)
-    probs = rng.random(19).astype(np.float32)
-    whole = step1_scores(cams, probs, labels)
-    monkeypatch.setattr(step1, "_MAX_PLANE_BYTES", 3 * 64 * 64 * 4)  # 3 classes at a time
-    monkeypatch.setattr(step1, "_MAX_HIST_BINS", 1)  # the coarsest guesses
-    np.testing.assert_array_equal(step1_scores(cams, probs, labels), whole)
-
-
-def test_values_on_the_floor_are_counted_not_sorted(monkeypatch):
-    """Values equal to a row's minimum (flat maps, raised floors, relu zeros) are counted
-    per group; only the values above it reach the sort, and the result stays exact."""
-    import hpa_kernel.step1 as step1
-
-    rng = np.random.default_rng(11)
-    P, n = 4000, 6
-    values = np.empty((3, P), dtype=np.float32)
-    values[0] = 0.5  # flat
-    values[1] = np.maximum(rng.random(P, dtype=np.float32), 0.9)  # 90 % on a raised floor
-    values[2] = np.maximum(rng.standard_normal(P).astype(np.float32), -0.2)  # negative floor
-    group = rng.integers(0, n + 1, P).astype(np.int32)
-    sorted_sizes = []
-    real = step1._select_sorted
-
-    def spy(keys_group, vals, n_groups, rank):
-        sorted_sizes.append(len(vals))
-        return real(keys_group, vals, n_groups, rank)
-
-    monkeypatch.setattr(step1, "_select_sorted", spy)
-    for q in (0.99, 0.5):
-        sorted_sizes.clear()
-        qg, qa, _ = grouped_quantiles(values, group, n, quantile=q)
-        np.testing.assert_allclose(qa, np.quantile(values, q, axis=1), rtol=0, atol=1e-6)
-        for g in range(n):
-            np.testing.assert_allclose(qg[g], np.quantile(values[:, group == g], q, axis=1), rtol=0, atol=1e-6)
-        assert sorted_sizes[0] == 0  # the flat row sorts nothing
-        assert sorted_sizes[1] <= 0.1 * P + 50  # only the values above the floor, at most
-
-
-def test_bench_floor_and_tile_share_count_what_they_say():
-    rng = np.random.default_rng(12)
-    labels = bench.voronoi_labels(rng, 64, 10)
-    cams = rng.random((19, 8, 8), dtype=np.float32)
-    probs = np.full(19, 0.5, dtype=np.float32)
-    probs[:4] = 0.001  # not examined
-    f = bench.numpy_floor(cams, probs, labels, repeats=1)
-    counts = np.bincount(labels.ravel())[1:]
-    counts = counts[counts > 0]
-    assert f["classes"] == 15
-    assert f["values"] == 15 * int((counts - np.floor(0.99 * (counts - 1))).sum())
-    share = bench.tile_share(cams, probs, labels)
-    assert 0 < share < 1
-    flat = np.full_like(cams, 0.3)  # every value on the floor: nothing to evaluate
-    assert bench.tile_share(flat, probs, labels) == 0
-    spike = np.zeros_like(cams)
-    spike[:, 0, 0] = 1.0  # only the tiles touching CAM pixel (0, 0) can reach a quantile > 0
-    assert 0 < bench.tile_share(spike, probs, labels) < 0.2

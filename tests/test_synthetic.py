@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from hpa_kernel.classes import NEGATIVE, parse_labels
-from hpa_kernel.synthetic import (
+from hpa_kernel.tools.synthetic import (
     SyntheticImage,
     image_id,
     main,
@@ -368,8 +368,8 @@ def test_sample_dataset_generated_once(tmp_path: Path) -> None:
 
 def _truth_submission(out: Path, path: Path, assign) -> Path:
     """A submission of every true cell (its truth mask) with classes ``assign(id, cells)``, conf 1."""
-    from hpa_kernel.rle import encode_label_image
-    from hpa_kernel.submission import prediction_string, write_submission
+    from hpa_kernel.formats.rle import encode_label_image
+    from hpa_kernel.formats.submission import prediction_string, write_submission
 
     sample = pd.read_csv(out / "sample_submission.csv")
     cells = pd.read_csv(out / "truth" / "cells.csv", dtype={"Label": str})
@@ -385,8 +385,8 @@ def _truth_submission(out: Path, path: Path, assign) -> Path:
 
 
 def test_truth_as_submission_scores_map_one_and_shuffled_far_lower(tmp_path: Path) -> None:
-    from hpa_kernel.metric import evaluate
-    from hpa_kernel.submission import validate_submission
+    from hpa_kernel.tools.metric import evaluate
+    from hpa_kernel.formats.submission import validate_submission
 
     out = write_dataset(tmp_path / "d", 6, seed=77, sizes=(256, (192, 288), 320), depth="mixed", progress=False)
     truth = out / "truth"

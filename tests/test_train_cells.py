@@ -1,12 +1,12 @@
-"""Cell tables for Step-2-like training crops: from truth and from the segmenter."""
+"""Cell tables: from the segmenter (image labels, several workers, uint16 masks) and from
+synthetic truth (evaluation only)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-
-from hpa_kernel.synthetic import write_dataset
-from hpa_kernel.train.cells import build_cell_table, main
+from hpa_kernel.tools.synthetic import write_dataset
+from hpa_kernel.train.cells import SegmentOptions, build_cell_table, main
 from hpa_kernel.train.dataset import CellCropDataset, load_cells
 from hpa_kernel.train.prepare import prepare_cache
 
@@ -26,27 +26,36 @@ def test_truth_cells_carry_per_cell_labels(cache):
     truth = pd.read_csv(root / "data" / "truth" / "cells.csv")
     merged = t.merge(truth, on=["ID", "cell_id"], suffixes=("", "_truth"))
     assert len(merged) == len(t) > 0 and (merged["Label"] == merged["Label_truth"]).all()
-    for iid, mask in zip(t["ID"], t["mask"]):
+    for mask in t["mask"]:
         m = np.load(index.parent / mask)
-        assert m.shape == (128, 128) and m.dtype == np.int32
-    crops = CellCropDataset(load_cells(index.parent / "cells.csv"), 64, (0.5,) * 4, (0.25,) * 4)
+        assert m.shape == (128, 128) and m.dtype == np.uint16
+    crops = CellCropDataset(load_cells(index.parent / "cells.csv"), 64)
     x, y = crops[0]
-    assert x.shape == (4, 64, 64) and y.sum() >= 1
+    assert x.shape == (64, 64, 4) and y.sum() >= 1
 
 
-def test_segmented_cells_get_the_image_labels(cache):
-    from hpa_kernel.segmentation import Segmenter
-
+def test_segmented_cells_get_the_image_labels_with_any_number_of_workers(cache):
     root, index = cache
-    t = build_cell_table(index, segmenter=Segmenter(), max_per_image=5, min_area=4, progress=False)
+    one = build_cell_table(index, segment=SegmentOptions(workers=1, batch_size=2), max_per_image=5, min_area=4,
+                           progress=False)
+    masks_one = {i: np.load(index.parent / "cells" / f"{i}.npy") for i in one["ID"].unique()}
+    two = build_cell_table(index, segment=SegmentOptions(workers=2, batch_size=1), max_per_image=5, min_area=4,
+                           progress=False)
+    pd.testing.assert_frame_equal(one, two)
+    for i, m in masks_one.items():
+        again = np.load(index.parent / "cells" / f"{i}.npy")
+        assert again.dtype == np.uint16 and np.array_equal(again, m)
     labels = pd.read_csv(index).set_index("ID")["Label"]
-    assert len(t) > 0 and t.groupby("ID").size().max() <= 5
-    assert (t["Label"].to_numpy() == labels.loc[t["ID"]].to_numpy()).all()
-    assert set(t["fold"]) <= {0, 1}
+    assert len(one) > 0 and one.groupby("ID").size().max() <= 5
+    assert (one["Label"].to_numpy() == labels.loc[one["ID"]].to_numpy()).all()
+    assert set(one["fold"]) <= {0, 1}
 
 
-def test_exactly_one_source(cache):
+def test_exactly_one_source_and_cli(cache, capsys):
     root, index = cache
     with pytest.raises(ValueError, match="exactly one"):
         build_cell_table(index, progress=False)
-    assert main(["--index", str(index), "--truth", str(root / "data" / "truth")]) == 0
+    assert main(["--index", str(index), "--segment", "--device", "cpu", "--workers", "1"]) == 0
+    assert "cells ->" in capsys.readouterr().out
+    assert main(["--index", str(root / "none.csv"), "--segment"]) == 2
+    assert main(["--index", str(index), "--segment", "--nuclei", "n.pth"]) == 2

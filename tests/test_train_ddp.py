@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.tools.synthetic import write_dataset
 from hpa_kernel.train.prepare import prepare_cache
 
 
@@ -21,8 +21,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     write_dataset(tmp_path / "data", 12, seed=1004, sizes=64, depth=8, split="train", progress=False)
     s = prepare_cache(tmp_path / "data" / "train.csv", [tmp_path / "data" / "train"], tmp_path / "cache",
                       size=64, workers=1, n_folds=4, progress=False)
-    cfg = {"index_csv": str(s.index_path), "backbone": "test_resnet", "image_size": 64, "crop_size": 64,
-           "epochs": 1, "batch_size": 2, "workers": 0, "threads": 1, "device": "cpu", "out": str(tmp_path / "run")}
+    cfg = {"index_csv": str(s.index_path), "backbone": "test_resnet", "pretrained": False, "image_size": 64,
+           "train_crop": None, "crop_size": 64, "epochs": 1, "best_from_epoch": 1, "batch_size": 2, "workers": 0,
+           "threads": 1, "device": "cpu", "out": str(tmp_path / "run")}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     p = subprocess.run(
@@ -32,7 +33,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "rank 0/2 joined the gloo process group" in p.stderr
-    assert "world size 2" in p.stderr
+    assert "world size 2" in p.stderr and "2 per rank x 2 rank(s) = global batch 4" in p.stderr
     assert p.stdout.count("done: 1 epoch(s)") == 1  # only rank 0 reports and writes
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert len(metrics) == 1 and metrics["val_loss"].notna().all()

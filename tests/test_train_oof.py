@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 
-from hpa_kernel.model import PuzzleCAM, save_checkpoint
-from hpa_kernel.synthetic import write_dataset
-from hpa_kernel.train.oof import STEP1_COLS, STEP2_COLS, OOFOptions, export_oof, main
+from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
+from hpa_kernel.tools.synthetic import write_dataset
+from hpa_kernel.train.oof import IMAGE_COLS, STEP1_COLS, STEP2_COLS, OOFOptions, export_oof, export_oof_tables, main
 from hpa_kernel.train.prepare import prepare_cache
 
 
@@ -40,9 +40,9 @@ def test_export_rows_per_cell(setup):
 
 
 def test_step2_matches_the_kernel_functions(setup):
-    from hpa_kernel.model import load_checkpoint
-    from hpa_kernel.segmentation import Segmenter
-    from hpa_kernel.step2 import crop_cells, predict_crops
+    from hpa_kernel.stages.model import load_checkpoint
+    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
+    from hpa_kernel.stages.step2 import crop_cells, predict_crops
     from hpa_kernel.train.oof import _load_512
 
     root, index, ckpt = setup
@@ -60,9 +60,15 @@ def test_step2_matches_the_kernel_functions(setup):
 def test_cli_csv_and_parquet(setup, tmp_path, capsys):
     root, index, ckpt = setup
     args = ["--index-csv", str(index), "--checkpoint", str(ckpt), "--fold", "0", "--size", "192", "--limit", "2"]
-    assert main(args + ["--out", str(tmp_path / "oof.csv")]) == 0
+    assert main(args + ["--out", str(tmp_path / "oof.csv"), "--device", "auto"]) == 0
     t = pd.read_csv(tmp_path / "oof.csv")
     assert t["ID"].nunique() <= 2 and "cells of" in capsys.readouterr().out
+    images = pd.read_csv(tmp_path / "oof.images.csv")  # the per-image file beside the per-cell one
+    assert list(images.columns) == ["ID", "fold", "width", "height", "Label", "n_cells", *IMAGE_COLS]
+    assert len(images) == 2 and set(t["ID"]) <= set(images["ID"])
+    assert (images.set_index("ID")["n_cells"] == t.groupby("ID").size().reindex(images["ID"], fill_value=0)).all()
+    p = images[IMAGE_COLS].to_numpy()
+    assert ((p > 0) & (p < 1)).all()
     try:
         import pyarrow  # noqa: F401
     except ImportError:
@@ -77,3 +83,17 @@ def test_empty_fold_is_an_error(setup):
     root, index, ckpt = setup
     with pytest.raises(ValueError, match="fold 3 has no images"):
         export_oof(index, ckpt, fold=3, progress=False)
+
+
+def test_image_probabilities_are_the_full_image_forward(setup):
+    from hpa_kernel.stages.model import classify_image, load_checkpoint
+    from hpa_kernel.train.oof import _load_512
+
+    root, index, ckpt = setup
+    cells, images = export_oof_tables(index, ckpt, fold=0, opts=OOFOptions(size=192, limit=1), progress=False)
+    row = next(pd.read_csv(index).query("fold == 0").assign(path=lambda d: str(root / "cache") + "/" + d["path"])
+               .itertuples(index=False))
+    model, _ = load_checkpoint(ckpt)
+    probs, _ = classify_image(model, _load_512(row, [], 192))
+    assert images["ID"].tolist() == [row.ID]
+    assert np.allclose(images[IMAGE_COLS].to_numpy()[0], probs, atol=1e-6)

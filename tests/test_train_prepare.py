@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 
-from hpa_kernel.synthetic import write_dataset
+from hpa_kernel.tools.synthetic import write_dataset
 from hpa_kernel.train.folds import FoldError
 from hpa_kernel.train.prepare import main, prepare_cache
 
@@ -55,7 +55,7 @@ def test_prepare_merges_sources_and_skips_bad_rows(two_sources, tmp_path):
 
 
 def test_prepare_matches_the_kernel_resize(two_sources, tmp_path):
-    from hpa_kernel.io import read_rgby, resize_rgby
+    from hpa_kernel.formats.images import read_rgby, resize_rgby
 
     root, df = two_sources
     csv = tmp_path / "one.csv"
@@ -88,3 +88,50 @@ def test_prepare_cli_parallel(two_sources, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "8 image(s) cached" in out and "class counts per fold" in out
     assert len(pd.read_csv(tmp_path / "cache" / "index.csv")) == 8
+
+
+def test_wrong_src_folder_is_refused_before_any_work(two_sources, tmp_path, caplog):
+    from hpa_kernel.train.prepare import PrepareError
+
+    root, df = two_sources
+    csv = root / "a" / "train.csv"
+    with pytest.raises(PrepareError, match=r"--src .*nowhere: not a folder"):
+        prepare_cache(csv, [tmp_path / "nowhere"], tmp_path / "c", size=32, workers=1, progress=False)
+    with pytest.raises(PrepareError, match=r"none of the 8 CSV rows has its PNGs in --src .*b"):
+        prepare_cache(csv, [root / "b" / ".." / "a"], tmp_path / "c", size=32, workers=1, progress=False)
+    assert not (tmp_path / "c" / "images").exists()  # nothing was written
+    assert main(["--csv", str(csv), "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
+    assert main(["--csv", str(tmp_path / "none.csv"), "--src", str(root / "b"), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_a_cache_of_another_size_is_refused(two_sources, tmp_path):
+    from hpa_kernel.train.prepare import PrepareError
+
+    root, df = two_sources
+    csv = tmp_path / "two.csv"
+    df.iloc[:2].to_csv(csv, index=False)
+    prepare_cache(csv, [root / "a" / "train"], tmp_path / "c", size=64, workers=1, n_folds=0, progress=False)
+    with pytest.raises(PrepareError, match=r"holds a 64 px cache; --size 32 needs another --out"):
+        prepare_cache(csv, [root / "a" / "train"], tmp_path / "c", size=32, workers=1, n_folds=0, progress=False)
+    (tmp_path / "c" / "cache.json").unlink()  # an older cache without the record: the arrays tell
+    with pytest.raises(PrepareError, match=r"holds a 64 px cache"):
+        prepare_cache(csv, [root / "a" / "train"], tmp_path / "c", size=32, workers=1, n_folds=0, progress=False)
+    s = prepare_cache(csv, [root / "a" / "train"], tmp_path / "c", size=32, workers=1, n_folds=0, overwrite=True,
+                      progress=False)
+    assert s.written == 2 and np.load(tmp_path / "c" / "images" / f"{df['ID'][0]}.npy").shape == (32, 32, 4)
+
+
+def test_folds_need_iterative_stratification_before_caching(two_sources, tmp_path, monkeypatch):
+    import sys
+
+    from hpa_kernel.train.prepare import PrepareError
+
+    root, df = two_sources
+    monkeypatch.setitem(sys.modules, "iterstrat", None)  # as if the package were not installed
+    with pytest.raises(PrepareError, match="pip install iterative-stratification"):
+        prepare_cache(root / "a" / "train.csv", [root / "a" / "train"], tmp_path / "c", size=32, workers=1,
+                      n_folds=4, progress=False)
+    assert not (tmp_path / "c").exists()
+    s = prepare_cache(root / "a" / "train.csv", [root / "a" / "train"], tmp_path / "c", size=32, workers=1,
+                      n_folds=0, progress=False)  # no folds asked: no need for it
+    assert s.written == 6

@@ -56,7 +56,7 @@ def test_combo_loss_parts():
     f = torch.randn(2, 19, 4, 4)
     f_re = f + 0.5
     y = (torch.rand(2, 19) > 0.5).float()
-    out = ComboLoss(gamma=0.25)(logits, f, f_re, y)
+    out = ComboLoss(gamma=0.25)(logits, f, f_re, y)  # an explicit gamma is honoured
     bce = nn.functional.binary_cross_entropy_with_logits(logits, y)
     bce_re = nn.functional.binary_cross_entropy_with_logits(f_re.mean((2, 3)), y)
     assert out["bce"] == pytest.approx(float(bce), rel=1e-6)

@@ -1,53 +1,89 @@
+"""The recipe's sampler rule on a label table worked out by hand."""
+
+from fractions import Fraction as Fr
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from hpa_kernel.train.sampler import DistributedWeightedSampler, class_weights, image_weights, make_sampler
+from hpa_kernel.train.sampler import (
+    DistributedWeightedSampler,
+    class_weights,
+    clip_value,
+    draw_shares,
+    image_weights,
+    main,
+)
+
+# 11 images; class counts: 0 -> 6, 16 -> 4, 8 -> 3, 11 -> 2, 15 -> 1
+LABELS = [[0], [0], [0], [0, 16], [0, 8], [0, 15], [16], [16], [16, 11], [8], [8, 11]]
+# class weights 1/6, 1/4, 1/3, 1/2, 1: the third largest is 1/3 (class 8)
+# image weight = mean of its labels' class weights, then min(., 1/3):
+HAND = [Fr(1, 6), Fr(1, 6), Fr(1, 6),
+        (Fr(1, 6) + Fr(1, 4)) / 2,      # 5/24
+        (Fr(1, 6) + Fr(1, 3)) / 2,      # 1/4
+        Fr(1, 3),                       # (1/6 + 1) / 2 = 7/12, clipped
+        Fr(1, 4), Fr(1, 4),
+        Fr(1, 3),                       # (1/4 + 1/2) / 2 = 3/8, clipped
+        Fr(1, 3),
+        Fr(1, 3)]                       # (1/3 + 1/2) / 2 = 5/12, clipped
 
 
-def _labels() -> np.ndarray:
-    """100 images: class 0 in 80, class 8 in 10, class 11 in 2, class 15 in 1."""
-    y = np.zeros((100, 19), np.uint8)
-    y[:80, 0] = 1
-    y[80:90, 8] = 1
-    y[90:92, 11] = 1
-    y[92:93, 15] = 1
-    y[93:, 16] = 1
+def _y() -> np.ndarray:
+    y = np.zeros((len(LABELS), 19), np.uint8)
+    for i, ls in enumerate(LABELS):
+        y[i, ls] = 1
     return y
 
 
-def test_class_weights_inverse_frequency_clipped_at_class_8():
-    w = class_weights(_labels(), clip_class=8)
-    assert w[0] == pytest.approx(100 / 80)
-    assert w[8] == pytest.approx(10.0)
-    assert w[11] == pytest.approx(10.0) and w[15] == pytest.approx(10.0)  # clipped (would be 50, 100)
+def test_class_weights_are_inverse_counts():
+    w = class_weights(_y())
+    assert w[[0, 16, 8, 11, 15]] == pytest.approx([1 / 6, 1 / 4, 1 / 3, 1 / 2, 1.0])
     assert w[1] == 0  # absent
-    unclipped = class_weights(_labels(), clip_class=None)
-    assert unclipped[15] == pytest.approx(100.0)
+    assert clip_value(w, 3) == pytest.approx(1 / 3)
 
 
-def test_image_weights_favour_rare_classes():
-    y = _labels()
-    w = image_weights(y)
-    assert w.mean() == pytest.approx(1.0)
-    assert w[85] > w[0]  # intermediate filaments over nucleoplasm
-    assert w[90] == pytest.approx(w[85])  # mitotic spindle clipped at class 8
-    # an image with nucleoplasm + a rare class gets the rare class's weight under "max"
-    y2 = y.copy()
-    y2[0, 8] = 1
-    assert image_weights(y2, "max")[0] > image_weights(y2, "mean")[0]
+def test_image_weights_follow_the_hand_worked_rule():
+    want = np.array([float(v) for v in HAND])
+    got = image_weights(_y())
+    assert got.mean() == pytest.approx(1.0)
+    assert got / got.sum() == pytest.approx(want / want.sum(), rel=1e-12)
 
 
-def test_weighted_sampler_draws_rare_classes_more_often():
-    y = _labels()
-    s = make_sampler(image_weights(y), num_samples=20000, seed=0)
+def test_expected_draw_shares():
+    w = np.array([float(v) for v in HAND])
+    total = sum(HAND)
+    shares = draw_shares(_y(), image_weights(_y()))
+    assert shares[15] == pytest.approx(float(HAND[5] / total))
+    assert shares[11] == pytest.approx(float((HAND[8] + HAND[10]) / total))
+    assert shares[0] == pytest.approx(float(sum(HAND[:6]) / total))
+    assert shares[1] == 0 and w.size == 11
+
+
+def test_cli_writes_id_weight_and_prints_shares(tmp_path, capsys):
+    df = pd.DataFrame({"ID": [f"im{i}" for i in range(len(LABELS))], "Label": ["|".join(map(str, ls)) for ls in LABELS]})
+    df.to_csv(tmp_path / "train.csv", index=False)
+    assert main(["--csv", str(tmp_path / "train.csv"), "--out", str(tmp_path / "w.csv")]) == 0
+    out = pd.read_csv(tmp_path / "w.csv")
+    assert list(out.columns) == ["ID", "weight"] and out["ID"].tolist() == df["ID"].tolist()
+    want = np.array([float(v) for v in HAND])
+    assert out["weight"].to_numpy() / out["weight"].sum() == pytest.approx(want / want.sum(), rel=1e-5)
+    text = capsys.readouterr().out
+    row15 = next(line for line in text.splitlines() if line.split()[:1] == ["15"])
+    assert f"{100 * float(HAND[5] / sum(HAND)):.2f}" in row15
+    assert main(["--csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "w.csv")]) == 2
+
+
+def test_weighted_draws_match_the_expected_shares():
+    y = _y()
+    s = DistributedWeightedSampler(image_weights(y), 40000, seed=0)
     idx = np.fromiter(iter(s), int)
-    share_nucleoplasm = (idx < 80).mean()
-    assert share_nucleoplasm < 0.5  # 80 % of the images, far less of the draws
-    assert (idx >= 93).mean() > 0.1
+    drawn = y[idx].mean(0)
+    assert drawn[[0, 8, 11, 15, 16]] == pytest.approx(draw_shares(y, image_weights(y))[[0, 8, 11, 15, 16]], abs=0.01)
 
 
 def test_distributed_sampler_ranks_split_the_shared_draw():
-    w = image_weights(_labels())
+    w = image_weights(_y())
     full = DistributedWeightedSampler(w, 64, rank=0, world_size=1, seed=5)
     full.set_epoch(2)
     r0 = DistributedWeightedSampler(w, 64, rank=0, world_size=2, seed=5)

@@ -1,6 +1,8 @@
-"""``python -m hpa_kernel.train --config CONFIG [--epochs N] [--out DIR] [--resume PATH] ...``
+"""``python -m hpa_kernel.train --config CONFIG [--epochs N] [--out DIR] [--resume LAST | --init-from CKPT] ...``
 
-Single process, or one rank of ``torchrun --nproc_per_node N -m hpa_kernel.train ...``.
+Single process, or one rank of ``torchrun --nproc_per_node N -m hpa_kernel.train ...``
+(``batch_size`` is per rank). A bad config, a missing index / resume / init / pretrained
+file: one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", dest="batch_size", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--out", type=str)
-    ap.add_argument("--resume", type=str, help="last.pt of an earlier run")
+    ap.add_argument("--resume", type=str, help="last.pt of this stage: continue it (optimiser, schedule, epoch)")
+    ap.add_argument("--init-from", dest="init_from", type=str,
+                    help="best.pt/last.pt of an earlier stage: start a new stage from its weights")
+    ap.add_argument("--pretrained-file", dest="pretrained_file", type=str, help="local ImageNet weights (timm)")
     ap.add_argument("--fold", type=int)
     ap.add_argument("--index-csv", dest="index_csv", type=str)
     ap.add_argument("--backbone", type=str)
@@ -31,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--max-batches", dest="max_batches", type=int, help="cap batches per epoch (smoke runs)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. augment.p=0.5")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any config key, e.g. augment.noise.p=0.3 or pretrained=false")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -45,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sets = [parse_override(item) for item in args.set]
         cfg = load_train_config(args.config, overrides, sets)
+        cfg.check_files()
     except TrainConfigError as e:
         logging.getLogger("hpa_kernel.train").error("%s", e)
         return 2
     from hpa_kernel.train.engine import train
+    from hpa_kernel.train.pretrained import PretrainedError
 
-    history = train(cfg)
+    try:
+        history = train(cfg)
+    except (TrainConfigError, PretrainedError) as e:
+        logging.getLogger("hpa_kernel.train").error("%s", e)
+        return 2
     if rank == 0 and history:
         best = [h for h in history if h.best][-1:] or history[-1:]
         print(f"done: {len(history)} epoch(s) in {cfg.out}; best: {best[0].line(cfg.epochs)}")

@@ -1,15 +1,28 @@
 """The training loop: Puzzle-CAM siamese ComboLoss, Adam + ReduceLROnPlateau, checkpoints.
 
-- Adam (``lr``, ``beta1``), ReduceLROnPlateau(``plateau_factor``, ``plateau_patience``)
-  stepped on the validation ComboLoss (training loss when there is no validation fold).
-- fp16 autocast + GradScaler on CUDA only (``amp``).
-- ``OUT/best.pt``: the model with the best validation ComboLoss, written with
-  :func:`hpa_kernel.model.save_checkpoint` and the metadata the kernel's loader needs.
-- ``OUT/last.pt``: model + optimizer + scheduler + scaler + history, for ``--resume``.
-- ``OUT/metrics.csv``: one row per epoch (losses, lr, F1 macro at 0.5, mAP macro);
+- Every training sample is a random ``train_crop`` square (384 of 512) of its cached
+  image, augmented by the config's groups; validation sees the whole ``image_size`` image.
+- Adam (``lr``, ``beta1``), ReduceLROnPlateau(``plateau_factor``, ``plateau_patience``,
+  ``min_lr``) stepped once per epoch on the validation ComboLoss (the training loss when
+  there is no validation fold).
+- fp16 autocast + GradScaler on CUDA only (``amp``); ``cudnn.benchmark`` on CUDA.
+- Input: the loader ships uint8 pixels; :func:`~hpa_kernel.train.dataset.to_model_input`
+  scales and normalises them on the device. Loss parts are summed on the device and read
+  back every ``log_every`` steps (the progress bar's running loss) and at the epoch's end.
+- A sample that cannot be read or augmented is skipped and counted; the epoch's log line
+  says how many and which.
+- ``OUT/best.pt``: the model with the best validation ComboLoss from epoch
+  ``best_from_epoch`` on, written with :func:`hpa_kernel.stages.model.save_checkpoint` and the
+  metadata the kernel's loader needs.
+- ``OUT/last.pt``: model + optimizer + scheduler + scaler + history, for ``resume``
+  (the same stage); ``init_from`` starts a new stage from any earlier checkpoint's weights.
+- ``OUT/metrics.csv``: one row per epoch (losses, lr, F1 macro at 0.5, mAP macro, skipped);
   ``OUT/config.json``: the resolved config.
-- DDP under ``torchrun`` (``WORLD_SIZE > 1``): weighted sampling split between ranks,
-  validation sharded and gathered, only rank 0 writes.
+- DDP under ``torchrun`` (``WORLD_SIZE > 1``): ``batch_size`` is per rank (global batch =
+  ``batch_size x world size``), weighted sampling split between ranks, validation sharded
+  and gathered, only rank 0 writes. The lr is not scaled for you: the recipe's 3e-4 is for
+  a global batch of 36 (scale it linearly, ``lr x global / 36``, if you change the global
+  batch). Resuming a multi-node run needs ``out`` on a filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,12 +42,20 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from hpa_kernel.train.augment import RGBYAugment
 from hpa_kernel.train.config import TrainConfig
-from hpa_kernel.train.dataset import CellCropDataset, RGBYDataset, load_cells, load_index
+from hpa_kernel.train.dataset import (
+    CellCropDataset,
+    RGBYDataset,
+    Skipped,
+    collate_skipping,
+    load_cells,
+    load_index,
+    to_model_input,
+)
 from hpa_kernel.train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -45,10 +67,11 @@ from hpa_kernel.train.distributed import (
 from hpa_kernel.train.folds import format_fold_table
 from hpa_kernel.train.losses import ComboLoss
 from hpa_kernel.train.metrics import macro_f1, macro_map
+from hpa_kernel.train.pretrained import build_model, load_stage_weights
 from hpa_kernel.train.puzzle import PuzzleSiamese
 from hpa_kernel.train.sampler import DistributedWeightedSampler, image_weights
 
-__all__ = ["EpochStats", "Trainer", "train"]
+__all__ = ["EpochStats", "Trainer", "default_workers", "train"]
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss", "bce", "bce_re", "l1")
@@ -72,6 +95,7 @@ class EpochStats:
     val_map: float = math.nan
     val_cell_f1: float = math.nan
     val_cell_map: float = math.nan
+    skipped: int = 0
     seconds: float = 0.0
     best: bool = False
 
@@ -84,11 +108,24 @@ class EpochStats:
             s += f" | val {self.val_loss:.4f} F1 {self.val_f1:.4f} mAP {self.val_map:.4f}"
         if not math.isnan(self.val_cell_map):
             s += f" | cells F1 {self.val_cell_f1:.4f} mAP {self.val_cell_map:.4f}"
+        if self.skipped:
+            s += f" | {self.skipped} sample(s) skipped"
         return s + f" | {self.seconds:.0f}s" + (" *best*" if self.best else "")
 
 
+def default_workers(world_size: int = 1) -> int:
+    """DataLoader workers per rank from the CPU count: the cores this process may use,
+    shared between the ranks of this node, one left for the training process (>= 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, min(16, cpus // max(local, 1) - 1))
+
+
 def _model_meta(cfg: TrainConfig) -> dict[str, Any]:
-    from hpa_kernel.model import RGBY_MEAN, RGBY_STD
+    from hpa_kernel.stages.model import RGBY_MEAN, RGBY_STD
 
     return {
         "backbone": cfg.backbone,
@@ -105,19 +142,26 @@ class Trainer:
     """Builds data, model and optimiser from a :class:`TrainConfig` and runs :meth:`fit`."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo | None = None) -> None:
-        from hpa_kernel.model import PuzzleCAM
-
         self.cfg = cfg.validate()
+        cfg.check_files()
         self.info = info or DistInfo()
         self.device = torch.device(self.info.device)
         self.use_amp = bool(cfg.amp and self.device.type == "cuda")
         self.out = Path(cfg.out)
         if cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(int(cfg.threads))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
+        self.augment = RGBYAugment(cfg.augment, seed=cfg.seed + 1000 * self.info.rank)  # bad params fail here
 
-        self.model = PuzzleCAM(cfg.backbone, num_classes=cfg.num_classes, in_chans=4, pretrained=cfg.pretrained)
+        if cfg.init_from:
+            self.model, _ = build_model(cfg.backbone, cfg.num_classes, None)
+            self.source = load_stage_weights(self.model, cfg.init_from)
+        else:
+            self.model, self.source = build_model(cfg.backbone, cfg.num_classes,
+                                                  cfg.pretrained_file if cfg.pretrained else None)
         self.model.to(self.device)
         self.meta = _model_meta(cfg)
         net: nn.Module = PuzzleSiamese(self.model, cfg.puzzle_grid)
@@ -132,15 +176,40 @@ class Trainer:
             self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.history: list[EpochStats] = []
         self.best_loss = math.inf
         self.start_epoch = 0
+        self.workers = cfg.workers if cfg.workers is not None else default_workers(self.info.world_size)
+        self._log_start()
         self._build_data()
         if cfg.resume:
             self.load_state(cfg.resume)
+
+    def _log_start(self) -> None:
+        """The first lines of the log: what is being trained, and how."""
+        cfg, info = self.cfg, self.info
+        if not info.is_main:
+            return
+        logger.info("backbone: timm %s, %d classes, RGBY input %d px, training crops %s",
+                    cfg.backbone, cfg.num_classes, cfg.image_size,
+                    f"{cfg.train_crop} px (random)" if cfg.train_crop and cfg.train_crop < cfg.image_size else "none")
+        logger.info("start: %s", self.source)
+        logger.info("batch: %d per rank x %d rank(s) = global batch %d; lr %.2e; %s",
+                    cfg.batch_size, info.world_size, cfg.batch_size * info.world_size, cfg.lr,
+                    f"fp16 autocast on {self.device}" if self.use_amp else f"float32 on {self.device}")
+        logger.info("augmentation groups: %s", cfg.augment.describe())
+        logger.info("loss: ComboLoss gamma %g, puzzle grid %d; Adam betas (%g, %g); ReduceLROnPlateau(%g, "
+                    "patience %d, min_lr %g) on the val ComboLoss; best kept from epoch %d",
+                    cfg.gamma, cfg.puzzle_grid, cfg.beta1, cfg.beta2, cfg.plateau_factor, cfg.plateau_patience,
+                    cfg.min_lr, cfg.best_from_epoch)
+        logger.info("loader: %d worker(s) per rank%s", self.workers,
+                    " (from the CPU count)" if cfg.workers is None else "")
+        defaults = cfg.defaults_used()
+        if defaults:
+            logger.info("config defaults used: %s", ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
 
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
@@ -155,30 +224,16 @@ class Trainer:
             train_df, val_df = index.reset_index(drop=True), index.iloc[:0]
         if len(train_df) == 0:
             raise ValueError(f"no training images (fold {cfg.fold} holds all {len(index)})")
-        mean, std = self.meta["mean"], self.meta["std"]
-        augment = RGBYAugment(cfg.augment, seed=cfg.seed + 1000 * info.rank)
-        images = RGBYDataset(train_df, cfg.image_size, mean, std, augment, patch=cfg.train_patch)
-        self.val_set = RGBYDataset(val_df, cfg.image_size, mean, std) if len(val_df) else None
-        weights = self._part_weights(images.targets)
-        self.train_set: torch.utils.data.Dataset = images
+        self.train_set = RGBYDataset(train_df, cfg.image_size, self.augment, crop=cfg.train_crop)
+        self.val_set = RGBYDataset(val_df, cfg.image_size) if len(val_df) else None
         self.val_cells = None
-        n_cells = 0
-        if cfg.cells_csv and cfg.cell_fraction > 0:
-            cells = load_cells(cfg.cells_csv)
-            in_val = cells["ID"].isin(set(val_df["ID"]))
-            train_cells = cells[~in_val & cells["ID"].isin(set(train_df["ID"]))].reset_index(drop=True)
-            val_cells = cells[in_val].reset_index(drop=True).iloc[: cfg.val_cells_max]
-            if len(train_cells):
-                n_cells = len(train_cells)
-                f = cfg.cell_fraction
-                cell_set = CellCropDataset(train_cells, cfg.crop_size, mean, std, augment)
-                w_cells = self._part_weights(cell_set.targets)
-                weights = np.concatenate([weights * (1 - f) / len(weights), w_cells * f / len(w_cells)])
-                self.train_set = ConcatDataset([images, cell_set])
-            if len(val_cells):
-                self.val_cells = CellCropDataset(val_cells, cfg.crop_size, mean, std)
+        if cfg.val_cells_csv and len(val_df):  # evaluation only: never a training sample
+            cells = load_cells(cfg.val_cells_csv)
+            cells = cells[cells["ID"].isin(set(val_df["ID"]))].reset_index(drop=True).iloc[: cfg.val_cells_max]
+            self.val_cells = CellCropDataset(cells, cfg.crop_size) if len(cells) else None
         n_samples = cfg.samples_per_epoch or len(train_df)
-        if cfg.sampler == "weighted" or n_cells:
+        if cfg.sampler == "weighted":
+            weights = image_weights(self.train_set.targets, cfg.sampler_clip_rank)
             self.sampler = DistributedWeightedSampler(weights, n_samples, info.rank, info.world_size, cfg.seed)
         else:
             self.sampler = DistributedSampler(
@@ -188,10 +243,11 @@ class Trainer:
         g.manual_seed(cfg.seed + info.rank)
         common = dict(
             batch_size=cfg.batch_size,
-            num_workers=cfg.workers,
+            num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=cfg.workers > 0,
+            persistent_workers=self.workers > 0,
             worker_init_fn=_seed_worker,
+            collate_fn=collate_skipping,
         )
         self.train_loader = DataLoader(self.train_set, sampler=self.sampler, drop_last=False, generator=g, **common)
         self.val_loader = self._shard_loader(self.val_set, common)
@@ -200,18 +256,11 @@ class Trainer:
             if "fold" in index.columns:
                 logger.info("%s", format_fold_table(index))
             logger.info(
-                "fold %d: %d train / %d val images, %d train cells (%.0f%% of samples) / %d val cells, "
-                "%d samples per epoch (%s sampler), world size %d, device %s%s",
-                cfg.fold, len(train_df), len(val_df), n_cells, 100 * cfg.cell_fraction * bool(n_cells),
-                len(self.val_cells or []), n_samples, cfg.sampler, info.world_size,
-                self.device, " (fp16 autocast)" if self.use_amp else "",
+                "fold %d: %d train / %d val images%s, %d samples per epoch (%s sampler), world size %d",
+                cfg.fold, len(train_df), len(val_df),
+                f", {len(self.val_cells)} val cells (evaluation only)" if self.val_cells else "",
+                n_samples, cfg.sampler, info.world_size,
             )
-
-    def _part_weights(self, targets: np.ndarray) -> np.ndarray:
-        """Class-balancing weights (mean 1) of a dataset's target rows, or ones for the uniform sampler."""
-        if self.cfg.sampler != "weighted":
-            return np.ones(len(targets))
-        return image_weights(targets, self.cfg.sampler_reduce, self.cfg.sampler_clip_class)
 
     def _shard_loader(self, dataset, common: dict[str, Any]) -> DataLoader | None:
         """This rank's share (every world_size-th item) of a validation set, in order."""
@@ -226,19 +275,32 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _batches(self, loader: DataLoader, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, loader: DataLoader, desc: str, skipped: list[Skipped]):
+        """``(bar, iterator of (x, y))`` on the device; skipped samples are appended to ``skipped``."""
         limit = self.cfg.max_batches
         total = len(loader) if limit is None else min(len(loader), limit)
         batches = loader if limit is None else itertools.islice(loader, limit)
-        for x, y in tqdm(batches, desc=desc, leave=False, disable=not self.info.is_main, total=total):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        bar = tqdm(batches, desc=desc, leave=False, disable=not self.info.is_main, total=total)
+
+        def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for x, y, bad in bar:
+                skipped.extend(bad)
+                if x is None:
+                    continue
+                x = to_model_input(x.to(self.device, non_blocking=True), self.meta["mean"], self.meta["std"])
+                yield x, y.to(self.device, non_blocking=True)
+
+        return bar, gen()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the sampler; returns the sample-weighted mean of each loss part."""
+        """One pass over the sampler; returns the sample-weighted mean of each loss part
+        and ``skipped`` (samples that could not be read or augmented, over all ranks)."""
         self.net.train()
         self.sampler.set_epoch(epoch)
-        sums = np.zeros(len(LOSS_PARTS) + 1)
-        for x, y in self._batches(self.train_loader, f"train {epoch + 1}"):
+        sums = torch.zeros(len(LOSS_PARTS) + 1, dtype=torch.float64, device=self.device)
+        skipped: list[Skipped] = []
+        bar, batches = self._batches(self.train_loader, f"train {epoch + 1}", skipped)
+        for step, (x, y) in enumerate(batches, 1):
             with self._autocast():
                 logits, maps, maps_re = self.net(x)
             parts = self.loss_fn(logits, maps, maps_re, y)
@@ -247,9 +309,22 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             n = len(x)
-            sums += [float(parts[k].detach()) * n for k in LOSS_PARTS] + [n]
-        sums = np.asarray(all_reduce_sum(sums.tolist(), self.info))
-        return {k: sums[i] / max(sums[-1], 1) for i, k in enumerate(LOSS_PARTS)}
+            sums += torch.stack([parts[k].detach().double() * n for k in LOSS_PARTS]
+                                + [torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+            if step % self.cfg.log_every == 0 and self.info.is_main:
+                bar.set_postfix(loss=f"{float(sums[0] / sums[-1]):.4f}")  # one host sync every log_every steps
+        self._report_skipped(epoch, skipped)
+        totals = all_reduce_sum(sums.tolist() + [len(skipped)], self.info)
+        out = {k: totals[i] / max(totals[len(LOSS_PARTS)], 1) for i, k in enumerate(LOSS_PARTS)}
+        out["skipped"] = int(totals[-1])
+        return out
+
+    def _report_skipped(self, epoch: int, skipped: list[Skipped]) -> None:
+        if skipped:
+            shown = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:5])
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            logger.warning("epoch %d, rank %d: %d sample(s) skipped: %s%s",
+                           epoch + 1, self.info.rank, len(skipped), shown, more)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -257,18 +332,23 @@ class Trainer:
         if self.val_loader is None:
             return {}
         self.net.eval()
-        sums = np.zeros(len(LOSS_PARTS) + 1)
-        probs, targets = [], []
-        for x, y in self._batches(self.val_loader, "val"):
+        sums = torch.zeros(len(LOSS_PARTS) + 1, dtype=torch.float64, device=self.device)
+        probs, targets, skipped = [], [], []
+        _, batches = self._batches(self.val_loader, "val", skipped)
+        for x, y in batches:
             with self._autocast():
                 logits, maps, maps_re = self.net(x)
             parts = self.loss_fn(logits, maps, maps_re, y)
-            sums += [float(parts[k]) * len(x) for k in LOSS_PARTS] + [len(x)]
-            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-            targets.append(y.cpu().numpy())
-        sums = np.asarray(all_reduce_sum(sums.tolist(), self.info))
+            sums += torch.stack([parts[k].double() * len(x) for k in LOSS_PARTS]
+                                + [torch.tensor(float(len(x)), dtype=torch.float64, device=self.device)])
+            probs.append(torch.sigmoid(logits.float()))
+            targets.append(y)
+        if skipped:
+            logger.warning("validation, rank %d: %d image(s) skipped: %s", self.info.rank, len(skipped),
+                           "; ".join(f"{s.path} ({s.reason})" for s in skipped[:5]))
+        totals = all_reduce_sum(sums.tolist(), self.info)
         p, t = self._gather(probs, targets)
-        out = {k: sums[i] / max(sums[-1], 1) for i, k in enumerate(LOSS_PARTS)}
+        out = {k: totals[i] / max(totals[-1], 1) for i, k in enumerate(LOSS_PARTS)}
         out["f1"] = macro_f1(p, t, 0.5)
         out["map"] = macro_map(p, t)
         if self.val_cell_loader is not None:
@@ -281,19 +361,20 @@ class Trainer:
     def _predict(self, loader: DataLoader, desc: str) -> tuple[np.ndarray, np.ndarray]:
         """Sigmoid probabilities and targets over a sharded loader, gathered from all ranks."""
         self.model.eval()
-        probs, targets = [], []
-        for x, y in self._batches(loader, desc):
+        probs, targets, skipped = [], [], []
+        _, batches = self._batches(loader, desc, skipped)
+        for x, y in batches:
             with self._autocast():
                 logits = self.model(x)
-            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-            targets.append(y.cpu().numpy())
+            probs.append(torch.sigmoid(logits.float()))
+            targets.append(y)
         return self._gather(probs, targets)
 
-    def _gather(self, probs: list[np.ndarray], targets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _gather(self, probs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """Concatenate this rank's batches (``(0, C)`` float32 when none) and gather all ranks' in rank order."""
         empty = np.zeros((0, self.cfg.num_classes), np.float32)
-        p = np.concatenate(probs) if probs else empty
-        t = np.concatenate(targets) if targets else empty
+        p = torch.cat(probs).cpu().numpy() if probs else empty
+        t = torch.cat(targets).cpu().numpy() if targets else empty
         gathered = all_gather_objects((p, t), self.info)
         return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
 
@@ -330,8 +411,8 @@ class Trainer:
         tmp.replace(self.out / "last.pt")
 
     def save_best(self, stats: EpochStats) -> Path:
-        """``best.pt`` through :func:`hpa_kernel.model.save_checkpoint` (fp16 weights if ``save_fp16``)."""
-        from hpa_kernel.model import save_checkpoint
+        """``best.pt`` through :func:`hpa_kernel.stages.model.save_checkpoint` (fp16 weights if ``save_fp16``)."""
+        from hpa_kernel.stages.model import save_checkpoint
 
         path = self.out / "best.pt"
         extra = {
@@ -342,6 +423,8 @@ class Trainer:
             "train_loss": stats.train_loss,
             "fold": self.cfg.fold,
             "dtype": "float16" if self.cfg.save_fp16 else "float32",
+            "trained_from": self.source,
+            "train_crop": self.cfg.train_crop,
         }
         save_checkpoint(self.model, path, half=self.cfg.save_fp16, **self.meta, **extra)
         return path
@@ -362,6 +445,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             tr = self.train_epoch(epoch)
+            skipped = int(tr.pop("skipped"))
             va = self.validate()
             monitor = float(va.get("loss", tr["loss"]))
             self.scheduler.step(monitor)
@@ -370,8 +454,9 @@ class Trainer:
                 lr=float(self.optimizer.param_groups[0]["lr"]),
                 **{f"train_{k}": float(v) for k, v in tr.items()},
                 **{f"val_{k}": float(v) for k, v in va.items()},
+                skipped=skipped,
             )
-            stats.best = bool(monitor < self.best_loss)
+            stats.best = bool(epoch + 1 >= cfg.best_from_epoch and monitor < self.best_loss)
             if stats.best:
                 self.best_loss = monitor
             stats.seconds = float(time.perf_counter() - t0)
@@ -382,6 +467,9 @@ class Trainer:
                 self.save_last(epoch)
                 self._write_metrics()
                 logger.info("%s", stats.line(cfg.epochs))
+        if self.info.is_main and not any(h.best for h in self.history):
+            logger.warning("no best.pt written: best is kept from epoch %d on and the run stopped before it",
+                           cfg.best_from_epoch)
         return self.history
 
     def _out_of_time(self, t_start: float, epoch: int) -> bool:
@@ -405,16 +493,19 @@ class Trainer:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Per-worker seeds for numpy and the albumentations pipeline (from torch's worker seed)."""
+    """In each DataLoader worker: no OpenCV thread pool (the workers are the parallelism),
+    per-worker seeds for numpy and the albumentations pipeline (from torch's worker seed)."""
+    import cv2
+
+    cv2.setNumThreads(0)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     info = torch.utils.data.get_worker_info()
     ds = info.dataset if info is not None else None
     ds = getattr(ds, "dataset", ds)  # Subset
-    for part in getattr(ds, "datasets", [ds]):  # ConcatDataset
-        augment = getattr(part, "augment", None)
-        if augment is not None and hasattr(augment, "reseed"):
-            augment.reseed(seed)
+    augment = getattr(ds, "augment", None)
+    if augment is not None and hasattr(augment, "reseed"):
+        augment.reseed(seed)
 
 
 def train(cfg: TrainConfig) -> list[EpochStats]:

@@ -1,7 +1,7 @@
 """Out-of-fold export: per cell, per class Step 1 and Step 2 predictions of one fold.
 
     python -m hpa_kernel.train.oof --config configs/demo.json --checkpoint runs/demo/best.pt \\
-        --fold 0 --out oof.csv [--src DIR ...] [--size 512] [--limit N]
+        --fold 0 --out oof.csv [--images-out oof.images.csv] [--device auto] [--src DIR ...] [--size 512] [--limit N]
 
 For every validation image of fold K (from the config's ``index_csv``) this runs what the
 kernel runs: the 512 px image (from the RGBY cache, or from the original PNGs with
@@ -12,6 +12,11 @@ same model). One row per cell: ``ID, fold, cell_id, y0, x0, y1, x1`` (bounding b
 (the image labels), ``step1_0..step1_18``, ``step2_0..step2_18``. Written as CSV, or as
 Parquet when ``--out`` ends in ``.parquet`` (needs pyarrow), for ensembling with other
 teams' models.
+
+Beside it, the per-image file (``--images-out``, default ``<out stem>.images<suffix>``):
+one row per image, ``ID, fold, width, height, Label, n_cells, image_0..image_18`` (the
+full-image sigmoid probabilities of the model), for image-level OOF metrics and stacking.
+``--device auto`` (the default) runs on the GPU when one is usable.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.train.config import load_train_config
 from hpa_kernel.train.dataset import load_index
 
-__all__ = ["OOFOptions", "predict_cells", "export_oof", "write_table", "main"]
+__all__ = ["OOFOptions", "predict_cells", "export_oof", "export_oof_tables", "images_path", "write_table", "main"]
 
 logger = logging.getLogger(__name__)
 STEP1_COLS = [f"step1_{c}" for c in range(NUM_CLASSES)]
 STEP2_COLS = [f"step2_{c}" for c in range(NUM_CLASSES)]
+IMAGE_COLS = [f"image_{c}" for c in range(NUM_CLASSES)]
 
 
 @dataclass
@@ -46,19 +52,26 @@ class OOFOptions:
     limit: int | None = None  # first N images of the fold only
 
 
-def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.ndarray, opts: OOFOptions):
-    """``(cell_ids, boxes (n,4), step1 (n,19), step2 (n,19))`` for one image and its cell labels."""
-    from hpa_kernel.step1 import present_ids, step1_scores
-    from hpa_kernel.step2 import cell_boxes, crop_cells, predict_crops
+def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.ndarray, opts: OOFOptions,
+                  forward: tuple[np.ndarray, np.ndarray] | None = None):
+    """``(cell_ids, boxes (n,4), step1 (n,19), step2 (n,19))`` for one image and its cell labels.
+
+    ``forward``: the image's ``(probs, cams)`` from :func:`hpa_kernel.stages.model.classify_image`
+    when already computed.
+    """
+    from hpa_kernel.stages.labels import present_ids
+    from hpa_kernel.stages.step1 import step1_scores
+    from hpa_kernel.stages.labels import label_boxes as cell_boxes
+    from hpa_kernel.stages.step2 import crop_cells, predict_crops
 
     cell_ids = present_ids(labels)
     n = len(cell_ids)
     if n == 0:
         z = np.zeros((0, NUM_CLASSES), np.float32)
         return cell_ids, np.zeros((0, 4), np.int64), z, z
-    from hpa_kernel.model import classify_image
+    from hpa_kernel.stages.model import classify_image
 
-    probs, cams = classify_image(model, image, opts.device, opts.fp16)
+    probs, cams = forward if forward is not None else classify_image(model, image, opts.device, opts.fp16)
     s1 = step1_scores(cams, probs, labels, cell_ids)
     crops = crop_cells(image, labels, cell_ids, crop_size=int(meta["crop_size"]))
     s2 = predict_crops(model, crops, mean=meta["mean"], std=meta["std"], batch_size=opts.batch_size,
@@ -69,14 +82,14 @@ def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.nda
 def _load_512(row, sources: Sequence[Path], size: int) -> np.ndarray:
     """The fold image at ``size`` as float32 [0, 1]: from the PNGs if ``sources``, else the cache."""
     if sources:
-        from hpa_kernel.io import read_rgby, resize_rgby
+        from hpa_kernel.formats.images import read_rgby, resize_rgby
         from hpa_kernel.train.prepare import find_source
 
         src = find_source(str(row.ID), sources)
         if src is None:
             raise FileNotFoundError(f"{row.ID}: not in any --src folder")
         return resize_rgby(read_rgby(src, str(row.ID)), size)
-    from hpa_kernel.io import resize_rgby
+    from hpa_kernel.formats.images import resize_rgby
 
     return resize_rgby(np.load(row.path), size)
 
@@ -90,12 +103,25 @@ def export_oof(
     opts: OOFOptions | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """The OOF table of ``fold`` (see the module docstring)."""
-    from hpa_kernel.model import load_checkpoint
+    """The per-cell OOF table of ``fold`` (see the module docstring)."""
+    return export_oof_tables(index_csv, checkpoint, fold, segmenter, sources, opts, progress)[0]
+
+
+def export_oof_tables(
+    index_csv: str | Path,
+    checkpoint: str | Path,
+    fold: int,
+    segmenter=None,
+    sources: Sequence[str | Path] = (),
+    opts: OOFOptions | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(per-cell table, per-image table)`` of ``fold`` (see the module docstring)."""
+    from hpa_kernel.stages.model import classify_image, load_checkpoint
 
     opts = opts or OOFOptions()
     if segmenter is None:
-        from hpa_kernel.segmentation import Segmenter
+        from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
         segmenter = Segmenter(device=opts.device)
     model, meta = load_checkpoint(checkpoint, device=opts.device)
@@ -108,20 +134,30 @@ def export_oof(
     if opts.limit:
         rows = rows.iloc[: opts.limit]
     sources = [Path(s) for s in sources]
-    parts = []
+    parts, image_rows = [], []
     for row in tqdm(rows.itertuples(index=False), total=len(rows), desc=f"oof fold {fold}", disable=not progress):
         image = _load_512(row, sources, opts.size)
         w, h = int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0)
         seg = segmenter.segment(image[None], [(w or opts.size, h or opts.size)])[0]
-        cell_ids, boxes, s1, s2 = predict_cells(model, meta, image, seg.cells, opts)
+        forward = classify_image(model, image, opts.device, opts.fp16)
+        cell_ids, boxes, s1, s2 = predict_cells(model, meta, image, seg.cells, opts, forward)
+        image_rows.append({"ID": str(row.ID), "fold": fold, "width": w, "height": h, "Label": str(row.Label),
+                           "n_cells": len(cell_ids), **dict(zip(IMAGE_COLS, map(float, forward[0])))})
         part = pd.DataFrame({"ID": str(row.ID), "fold": fold, "cell_id": cell_ids.astype(int),
                              "y0": boxes[:, 0], "x0": boxes[:, 1], "y1": boxes[:, 2], "x1": boxes[:, 3],
                              "width": w, "height": h, "Label": str(row.Label)})
         parts.append(pd.concat([part, pd.DataFrame(s1, columns=STEP1_COLS), pd.DataFrame(s2, columns=STEP2_COLS)],
                                axis=1))
     table = pd.concat(parts, ignore_index=True)
+    images = pd.DataFrame(image_rows, columns=["ID", "fold", "width", "height", "Label", "n_cells", *IMAGE_COLS])
     logger.info("fold %d: %d cells in %d images", fold, len(table), len(rows))
-    return table
+    return table, images
+
+
+def images_path(out: str | Path) -> Path:
+    """The default per-image file beside ``out``: ``oof.csv`` -> ``oof.images.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.images{out.suffix}")
 
 
 def write_table(table: pd.DataFrame, out: str | Path) -> Path:
@@ -146,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--fold", required=True, type=int)
     ap.add_argument("--out", required=True, type=Path, help=".csv or .parquet")
+    ap.add_argument("--images-out", type=Path, help="per-image file (default: <out stem>.images<suffix>)")
     ap.add_argument("--src", action="append", default=[], type=Path, help="read the original PNGs from here")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="auto (GPU when usable), cpu, cuda, cuda:N")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--nuclei", type=Path, help="hpacellseg nuclei U-Net (with --cell; default: classic)")
@@ -160,15 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     if index_csv is None:
         ap.error("give --config or --index-csv")
     from hpa_kernel.config import SegmentationConfig
-    from hpa_kernel.segmentation import Segmenter
+    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
     if (args.nuclei is None) != (args.cell is None):
         ap.error("--nuclei and --cell go together")
     seg_cfg = SegmentationConfig(method="hpa", nuclei=args.nuclei, cell=args.cell) if args.cell else SegmentationConfig()
-    opts = OOFOptions(size=args.size, batch_size=args.batch_size, device=args.device, fp16=args.fp16, limit=args.limit)
-    table = export_oof(index_csv, args.checkpoint, args.fold, Segmenter(seg_cfg, device=args.device), args.src, opts)
+    from hpa_kernel.run.device import DeviceError, resolve_device
+
+    try:
+        device, _ = resolve_device(args.device)
+    except DeviceError as e:
+        logger.error("%s", e)
+        return 2
+    opts = OOFOptions(size=args.size, batch_size=args.batch_size, device=device, fp16=args.fp16, limit=args.limit)
+    table, images = export_oof_tables(index_csv, args.checkpoint, args.fold, Segmenter(seg_cfg, device=device),
+                                      args.src, opts)
     out = write_table(table, args.out)
-    print(f"{len(table)} cells of {table['ID'].nunique()} images -> {out}")
+    img_out = write_table(images, args.images_out or images_path(args.out))
+    print(f"{len(table)} cells of {table['ID'].nunique()} images -> {out}; {len(images)} image rows -> {img_out}")
     return 0
 
 

@@ -10,12 +10,20 @@ looked up in each ``--src`` folder in turn; a row whose PNGs are missing or unre
 skipped with a warning and counted in the summary. Labels are checked before any image
 is read (a class outside 0..18 stops the run, naming the row). Cached files that already
 exist are kept unless ``--overwrite``.
+
+Checked before any image is read (:class:`PrepareError`, one line, exit status 2): every
+``--src`` is a folder and at least one CSV row has its PNGs there; ``OUT`` holds no cache of
+another ``--size`` (recorded in ``OUT/cache.json``; ``--overwrite`` rebuilds); the
+``iterative-stratification`` package is installed when folds are asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,9 +35,14 @@ from tqdm import tqdm
 
 from hpa_kernel.train.folds import FoldError, assign_folds, format_fold_table, label_matrix
 
-__all__ = ["PrepareSummary", "find_source", "cache_one", "prepare_cache", "main"]
+__all__ = ["PrepareError", "PrepareSummary", "check_sources", "check_cache_size", "find_source", "cache_one",
+           "prepare_cache", "main"]
 
 logger = logging.getLogger(__name__)
+
+
+class PrepareError(ValueError):
+    """The inputs cannot give a cache (bad folder, cache of another size, missing package)."""
 
 
 @dataclass
@@ -61,6 +74,44 @@ def find_source(image_id: str, sources: Sequence[Path]) -> Path | None:
     return None
 
 
+def check_sources(ids: Sequence[str], sources: Sequence[Path]) -> int:
+    """Every source is a folder and at least one ID has ``<ID>_red.png`` in one of them.
+
+    Returns how many IDs were found (each folder is listed once, no per-image stat).
+    """
+    if not sources:
+        raise PrepareError("no --src folder given")
+    names: set[str] = set()
+    for src in sources:
+        if not Path(src).is_dir():
+            raise PrepareError(f"--src {src}: not a folder")
+        names.update(n for n in os.listdir(src) if n.endswith("_red.png"))
+    found = sum(f"{i}_red.png" in names for i in ids)
+    if ids and found == 0:
+        example = f"{ids[0]}_red.png"
+        raise PrepareError(f"none of the {len(ids)} CSV rows has its PNGs in --src {', '.join(map(str, sources))} "
+                           f"(looked for e.g. {example}): wrong folder?")
+    return found
+
+
+def check_cache_size(out: Path, size: int, overwrite: bool) -> None:
+    """Refuse to add ``size`` px images to a cache of another size (unless ``overwrite``)."""
+    marker = out / "cache.json"
+    have = None
+    if marker.is_file():
+        try:
+            have = int(json.loads(marker.read_text())["size"])
+        except (ValueError, KeyError, TypeError):
+            raise PrepareError(f"{marker}: unreadable cache record (delete it or use --overwrite)") from None
+    elif (out / "images").is_dir():
+        first = next((p for p in sorted((out / "images").glob("*.npy")) if not p.name.endswith(".tmp.npy")), None)
+        if first is not None:
+            have = int(np.load(first, mmap_mode="r").shape[0])
+    if have is not None and have != size and not overwrite:
+        raise PrepareError(f"{out} holds a {have} px cache; --size {size} needs another --out "
+                           "(or --overwrite to rebuild it)")
+
+
 def cache_one(
     image_id: str, sources: Sequence[Path], dest: Path, size: int, overwrite: bool
 ) -> tuple[str, str, tuple[int, int]]:
@@ -71,7 +122,7 @@ def cache_one(
     src = find_source(image_id, sources)
     if src is None:
         return "skipped", f"no {image_id}_red.png in {', '.join(map(str, sources))}", (0, 0)
-    from hpa_kernel.io import read_rgby, resize_rgby
+    from hpa_kernel.formats.images import read_rgby, resize_rgby
 
     try:
         rgby = read_rgby(src, image_id)
@@ -115,10 +166,19 @@ def prepare_cache(
     if not {"ID", "Label"} <= set(df.columns):
         raise ValueError(f"{csv}: needs columns ID,Label (has {list(df.columns)})")
     label_matrix(df)  # fail before any work on a bad label, naming the row
+    if n_folds and n_folds >= 2 and importlib.util.find_spec("iterstrat") is None:
+        raise PrepareError("folds need the iterative-stratification package: pip install iterative-stratification "
+                           "(or pip install -e \".[train]\"), or use --folds 0")
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     sources = [Path(s) for s in sources]
     ids = df["ID"].astype(str).tolist()
+    found = check_sources(ids, sources)
+    if found < len(ids):
+        logger.warning("%d of %d CSV rows have no PNGs in the --src folders: they will be skipped",
+                       len(ids) - found, len(ids))
+    check_cache_size(out, size, overwrite)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "cache.json").write_text(json.dumps({"size": int(size), "dtype": "uint8", "channels": "RGBY"}))
     dests = [out / "images" / f"{i}.npy" for i in ids]
     jobs = (delayed(cache_one)(i, sources, d, size, overwrite) for i, d in zip(ids, dests))
     runner = Parallel(n_jobs=max(1, workers), return_as="generator")
@@ -162,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.csv.is_file():
+        logger.error("--csv %s: file not found", args.csv)
+        return 2
     try:
         summary = prepare_cache(
             args.csv, args.src, args.out, args.size, args.workers, args.folds, args.seed, args.overwrite
         )
-    except (FoldError, ValueError, FileNotFoundError) as e:
+    except (PrepareError, FoldError, ValueError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2
     if summary.fold_table:

@@ -1,7 +1,7 @@
 """Puzzle-CAM siamese forward: tile the batch 2x2, run the tiles, stitch their class maps.
 
 ``tile`` / ``merge`` are exact inverses of each other for any tensor whose height and
-width divide by ``grid``; :class:`PuzzleSiamese` wraps a :class:`hpa_kernel.model.PuzzleCAM`
+width divide by ``grid``; :class:`PuzzleSiamese` wraps a :class:`hpa_kernel.stages.model.PuzzleCAM`
 so one ``forward`` call (what DistributedDataParallel hooks) does both passes.
 """
 

@@ -1,0 +1,307 @@
+"""Kaggle test layout: the sample CSV reader, the RGBY PNG reader and the 512 px float image.
+
+Layout::
+
+    data_dir/sample_submission.csv     ID,ImageWidth,ImageHeight,PredictionString
+    data_dir/test/<ID>_red.png         one plane each, 8- or 16-bit, any size
+    data_dir/test/<ID>_green.png
+    data_dir/test/<ID>_blue.png
+    data_dir/test/<ID>_yellow.png
+
+Reading is strict about what cannot be fixed (missing, empty, undecodable files, channels
+of different sizes: :class:`ImageReadError`, one line naming the file and the fault) and
+lenient, with a logged warning, about what can: a colour PNG where one plane is expected is
+reduced to one plane, and mixed 8/16-bit channels are brought to 16 bits.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "CHANNELS",
+    "ImageReadError",
+    "LoadedImage",
+    "channel_path",
+    "fallback_size",
+    "png_size",
+    "SampleSubmission",
+    "read_sample",
+    "read_test_set",
+    "read_channel",
+    "read_rgby",
+    "resize_rgby",
+    "load_image",
+]
+
+logger = logging.getLogger(__name__)
+
+CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+SAMPLE_NAME = "sample_submission.csv"
+TEST_DIR = "test"
+
+
+class ImageReadError(Exception):
+    """An image file cannot be read; the message names the file and the fault (one line)."""
+
+
+# ----------------------------------------------------------------------------------------
+# The Kaggle layout
+# ----------------------------------------------------------------------------------------
+
+
+def _read_sample_rows(sample_path: Path) -> list[dict[str, str]]:
+    with open(sample_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "ID" not in reader.fieldnames:
+            raise ValueError(f"{sample_path}: no 'ID' column (header: {reader.fieldnames})")
+        return list(reader)
+
+
+def _to_size(text: str | None) -> int:
+    try:
+        v = float(text) if text not in (None, "") else 0.0
+    except ValueError:
+        return 0
+    return int(v) if np.isfinite(v) and v == int(v) and v > 0 else 0
+
+
+@dataclass
+class SampleSubmission:
+    """What ``sample_submission.csv`` says: IDs in order (each once), sizes, repeated IDs."""
+
+    ids: list[str]
+    sizes: dict[str, tuple[int, int]]  # (width, height); 0 where missing or not positive
+    duplicates: list[str]
+
+
+def read_sample(sample_path: str | os.PathLike) -> SampleSubmission:
+    """Read a sample submission once: IDs in its order (an ID listed twice is kept once,
+    with a warning), ``{ID: (width, height)}`` (first of duplicates) and the repeated IDs.
+
+    Raises ``ValueError`` without an ``ID`` column.
+    """
+    sample_path = Path(sample_path)
+    sizes: dict[str, tuple[int, int]] = {}
+    duplicates: list[str] = []
+    for row in _read_sample_rows(sample_path):
+        image_id = (row.get("ID") or "").strip()
+        if not image_id:
+            continue
+        if image_id in sizes:
+            duplicates.append(image_id)
+            continue
+        sizes[image_id] = (_to_size(row.get("ImageWidth")), _to_size(row.get("ImageHeight")))
+    if duplicates:
+        logger.warning("%s lists %d ID(s) more than once, kept once: %s", sample_path, len(duplicates), duplicates[:5])
+    return SampleSubmission(ids=list(sizes), sizes=sizes, duplicates=duplicates)
+
+
+def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmission | None]:
+    """Test image IDs of a Kaggle-layout folder and the sample they came from (``None``
+    without one), reading ``sample_submission.csv`` once.
+
+    In the order of ``data_dir/sample_submission.csv`` (an ID listed twice is kept once,
+    with a warning); without a sample, the sorted IDs of the ``<ID>_<channel>.png`` files in
+    ``data_dir/test`` (an ID missing some channel is kept, with a warning: loading it will
+    report the missing file). Raises ``FileNotFoundError`` when neither gives any ID.
+    """
+    data_dir = Path(data_dir)
+    sample_path = data_dir / SAMPLE_NAME
+    if sample_path.is_file():
+        sample = read_sample(sample_path)
+        if not sample.ids:
+            raise FileNotFoundError(f"{sample_path} has no IDs")
+        return sample.ids, sample
+
+    test_dir = data_dir / TEST_DIR
+    found: dict[str, set[str]] = collections.defaultdict(set)
+    if test_dir.is_dir():
+        for entry in os.scandir(test_dir):
+            stem, ext = os.path.splitext(entry.name)
+            image_id, _, channel = stem.rpartition("_")
+            if ext.lower() == ".png" and image_id and channel in CHANNELS:
+                found[image_id].add(channel)
+    if not found:
+        raise FileNotFoundError(
+            f"no test images in {data_dir}: expected {SAMPLE_NAME} or {TEST_DIR}/<ID>_{{{','.join(CHANNELS)}}}.png"
+        )
+    incomplete = sorted(i for i, chans in found.items() if len(chans) < len(CHANNELS))
+    if incomplete:
+        logger.warning("%d test ID(s) lack some channel files: %s", len(incomplete), incomplete[:5])
+    logger.info("no %s in %s; using the %d IDs found in %s/", SAMPLE_NAME, data_dir, len(found), TEST_DIR)
+    return sorted(found), None
+
+
+# ----------------------------------------------------------------------------------------
+# Reading one image
+# ----------------------------------------------------------------------------------------
+
+
+def png_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's header without decoding it; ``None`` if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def fallback_size(test_dir: str | os.PathLike, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """Width and height for a row whose image was not (or could not be) decoded: the
+    sample's where positive (:func:`read_sample` stores 0 for a missing size), else the
+    first readable channel's PNG header, else ``(0, 0)``."""
+    width, height = sample_sizes.get(image_id, (0, 0))
+    if width > 0 and height > 0:
+        return width, height
+    for ch in CHANNELS:
+        size = png_size(channel_path(test_dir, image_id, ch))
+        if size is not None:
+            return size
+    return (0, 0)
+
+
+def channel_path(folder: str | os.PathLike, image_id: str, channel: str) -> Path:
+    """Path of one channel file: ``folder/<image_id>_<channel>.png``."""
+    return Path(folder) / f"{image_id}_{channel}.png"
+
+
+def read_channel(path: str | os.PathLike) -> np.ndarray:
+    """Read one channel PNG as a 2-D uint8 or uint16 array.
+
+    A colour PNG (3 or 4 planes; alpha is dropped) is reduced to one plane by the
+    per-pixel **maximum** over its colour planes, with a warning. Max rather than luminance:
+    for the usual case of identical planes both give the same image, and when the stain was
+    saved into one colour plane only (others zero) max keeps its full intensity where a
+    grayscale conversion would scale it by 0.299/0.587/0.114.
+
+    Raises :class:`ImageReadError` for a missing, empty or undecodable file or an
+    unsupported pixel type.
+    """
+    path = Path(path)
+    try:
+        nbytes = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: missing file") from None
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot stat ({e.strerror})") from None
+    if not path.is_file():
+        raise ImageReadError(f"{path}: not a regular file")
+    if nbytes == 0:
+        raise ImageReadError(f"{path}: empty (0-byte) file")
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageReadError(f"{path}: cannot decode ({nbytes} bytes; truncated or not an image)")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(f"{path}: unsupported pixel type {img.dtype} (expected 8- or 16-bit)")
+    if img.ndim == 3:
+        planes = img.shape[2]
+        if planes == 1:
+            img = img[:, :, 0]
+        elif planes in (3, 4):
+            colour = img[:, :, :3]
+            logger.warning("%s: %d-plane PNG where one plane is expected; using the max over its colour planes",
+                           path, planes)
+            img = colour.max(axis=2)
+        else:
+            raise ImageReadError(f"{path}: unsupported number of planes {planes}")
+    if img.ndim != 2 or img.size == 0:
+        raise ImageReadError(f"{path}: decoded to an unusable shape {img.shape}")
+    return img
+
+
+def read_rgby(folder: str | os.PathLike, image_id: str) -> np.ndarray:
+    """Read the four channel PNGs of one image into ``(H, W, 4)``, channel order R, G, B, Y.
+
+    The result is uint8 when every channel is 8-bit and uint16 otherwise (8-bit channels of
+    a mixed image are scaled by 257 so that 255 -> 65535, with a warning). Raises
+    :class:`ImageReadError` naming the file and the fault; channels of different sizes are
+    an error (the message names the first channel whose size differs from red's).
+    """
+    planes = [read_channel(channel_path(folder, image_id, ch)) for ch in CHANNELS]
+    ref = planes[0].shape
+    for ch, p in zip(CHANNELS, planes):
+        if p.shape != ref:
+            raise ImageReadError(
+                f"{channel_path(folder, image_id, ch)}: size {p.shape[1]}x{p.shape[0]} differs from "
+                f"the red channel's {ref[1]}x{ref[0]}"
+            )
+    depths = {p.dtype for p in planes}
+    if len(depths) > 1:
+        eight = [ch for ch, p in zip(CHANNELS, planes) if p.dtype == np.uint8]
+        logger.warning("%s: mixed 8/16-bit channels; converting %s to 16 bits", image_id, ",".join(eight))
+        planes = [p.astype(np.uint16) * np.uint16(257) if p.dtype == np.uint8 else p for p in planes]
+    return np.stack(planes, axis=-1)
+
+
+def resize_rgby(rgby: np.ndarray, size: int = 512) -> np.ndarray:
+    """Resize an ``(H, W, 4)`` uint8/uint16 image to ``(size, size, 4)`` float32 in [0, 1].
+
+    ``cv2.INTER_AREA`` in the native dtype (a non-square image is stretched to square), then
+    divided by 255 (uint8) or 65535 (uint16). An image already ``size x size`` is only
+    converted.
+    """
+    rgby = np.asarray(rgby)
+    if rgby.ndim != 3 or rgby.shape[2] != 4 or rgby.shape[0] == 0 or rgby.shape[1] == 0:
+        raise ValueError(f"expected an (H, W, 4) image, got shape {rgby.shape}")
+    if rgby.dtype == np.uint8:
+        scale = 255.0
+    elif rgby.dtype == np.uint16:
+        scale = 65535.0
+    else:
+        raise ValueError(f"expected uint8 or uint16, got {rgby.dtype}")
+    size = int(size)
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if rgby.shape[:2] != (size, size):
+        rgby = cv2.resize(rgby, (size, size), interpolation=cv2.INTER_AREA)
+    out = rgby.astype(np.float32)
+    out *= np.float32(1.0 / scale)
+    return out
+
+
+@dataclass
+class LoadedImage:
+    """One test image ready for the pipeline.
+
+    ``image`` is the ``(size, size, 4)`` float32 image, or ``None`` when loading failed;
+    ``width``/``height`` are the original size (0 when unknown); ``error`` is ``None`` on
+    success, else a one-line reason.
+    """
+
+    id: str
+    image: np.ndarray | None
+    width: int
+    height: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def load_image(folder: str | os.PathLike, image_id: str, size: int = 512) -> LoadedImage:
+    """Read and resize one image; never raises (the reason goes to ``error``, logged)."""
+    try:
+        rgby = read_rgby(folder, image_id)
+        height, width = rgby.shape[:2]
+        image = resize_rgby(rgby, size)
+    except Exception as e:  # noqa: BLE001 -- by contract: one bad image must not stop the run
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, ImageReadError):
+            message = f"{image_id}: {type(e).__name__}: {message}"
+        logger.warning("image %s not loaded: %s", image_id, message)
+        return LoadedImage(id=image_id, image=None, width=0, height=0, error=message)
+    return LoadedImage(id=image_id, image=image, width=int(width), height=int(height))

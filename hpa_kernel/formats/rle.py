@@ -1,0 +1,321 @@
+"""Masks <-> the competition's mask strings.
+
+A mask string is: COCO RLE of the Fortran-ordered uint8 mask (``pycocotools.mask.encode``,
+its ``counts`` bytes) -> ``zlib.compress(level=9)`` -> base64 -> ASCII.
+
+Three entry points:
+
+* :func:`encode_mask` / :func:`decode_mask` -- one binary mask.
+* :func:`encode_label_image` -- every cell of a label image at once: the label image is
+  scaled to the original size once, its runs (Fortran order) are grouped by label and each
+  cell's uncompressed COCO counts are built from them, so no full-size mask per cell is
+  ever made. The strings are byte-identical to ``encode_mask(resized == cell_id)``.
+* :func:`check_masks` -- validates many mask strings without decoding them to pixels
+  (vectorised parse of the COCO counts strings), used by the submission validator and by
+  :func:`decode_mask` before handing a string to pycocotools (whose C decoder trusts its
+  input: short counts leave uninitialised memory in the mask).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import zlib
+from typing import Iterable, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_util
+
+from hpa_kernel.stages.labels import label_runs, resize_labels
+
+__all__ = [
+    "encode_mask",
+    "decode_mask",
+    "encode_label_image",
+    "check_masks",
+]
+
+logger = logging.getLogger(__name__)
+
+# Longest COCO counts value we accept, in 5-bit chunks: 6 chunks = 30 bits with the sign,
+# enough for runs up to 2**29 pixels; pycocotools' C decoder overflows an int beyond that.
+_MAX_CHUNKS = 6
+# Bytes of COCO counts parsed per vectorised pass in check_masks.
+_BATCH_BYTES = 1 << 19
+
+
+def _pack(counts: bytes) -> str:
+    return base64.b64encode(zlib.compress(counts, 9)).decode("ascii")
+
+
+def _unpack(text: str) -> bytes:
+    """base64 -> zlib -> COCO counts bytes; ``ValueError`` with the layer that failed."""
+    if not isinstance(text, (str, bytes)):
+        raise ValueError(f"mask string must be str, got {type(text).__name__}")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"mask string is not valid base64 ({e})") from None
+    try:
+        return zlib.decompress(raw)
+    except zlib.error as e:
+        raise ValueError(f"mask string is not zlib-compressed ({e})") from None
+
+
+def _check_size(height: int, width: int) -> tuple[int, int]:
+    h, w = int(height), int(width)
+    if h != height or w != width or h <= 0 or w <= 0:
+        raise ValueError(f"mask size must be positive integers, got {height}x{width}")
+    return h, w
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """Encode one binary mask ``(H, W)`` (nonzero = inside) as a competition mask string."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if mask.dtype != np.uint8:
+        mask = mask != 0
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+    return _pack(rle["counts"])
+
+
+def decode_mask(text: str, height: int, width: int) -> np.ndarray:
+    """Decode a competition mask string into a boolean ``(height, width)`` mask.
+
+    Raises ``ValueError`` naming the fault if the string is not base64, not zlib, not a
+    well-formed COCO counts string, or its runs do not cover exactly ``height * width``
+    pixels.
+    """
+    h, w = _check_size(height, width)
+    counts = _unpack(text)
+    _, errors = _check_counts([counts], np.array([h]), np.array([w]))
+    if errors[0] is not None:
+        raise ValueError(f"mask string does not decode at {h}x{w}: {errors[0]}")
+    m = mask_util.decode({"size": [h, w], "counts": counts})
+    return m.astype(bool)
+
+
+# ----------------------------------------------------------------------------------------
+# All cells of a label image at once
+# ----------------------------------------------------------------------------------------
+
+
+def encode_label_image(
+    labels: np.ndarray,
+    width: int,
+    height: int,
+    cell_ids: Iterable[int] | np.ndarray | None = None,
+) -> dict[int, str]:
+    """Encode every cell of a label image as a competition mask string at ``width x height``.
+
+    Parameters
+    ----------
+    labels:
+        ``(h, w)`` integer label image at any size (0 = background), typically 512x512.
+    width, height:
+        Original image size, as in the CSV columns ``ImageWidth, ImageHeight``.
+    cell_ids:
+        Labels to encode; default: every nonzero label present in ``labels``. A requested
+        label with no pixel at ``width x height`` (absent from ``labels``, or lost by
+        downscaling) is left out of the result (the metric drops empty masks and the
+        validator rejects them).
+
+    Returns
+    -------
+    ``{cell_id: mask string}`` in ascending ``cell_id`` order; each string equals
+    ``encode_mask(resize_labels(labels, width, height) == cell_id)`` byte for byte
+    (:func:`hpa_kernel.stages.labels.resize_labels`).
+    """
+    h, w = _check_size(height, width)
+    resized = resize_labels(labels, w, h)
+    total = h * w
+    starts, lengths, values = label_runs(resized)
+
+    if cell_ids is None:
+        wanted = np.unique(values[values != 0]).astype(np.int64)
+    else:
+        ids = cell_ids if isinstance(cell_ids, np.ndarray) else np.array(list(cell_ids))
+        wanted = np.unique(ids.astype(np.int64).ravel())
+        if wanted.size and wanted[0] <= 0:
+            raise ValueError(f"cell ids must be positive, got {int(wanted[0])}")
+
+    keep = np.isin(values, wanted) if cell_ids is not None else values != 0
+    starts, lengths, values = starts[keep], lengths[keep], values[keep].astype(np.int64)
+    # Group runs by label; a stable sort keeps each label's runs in flattening order.
+    order = np.argsort(values, kind="stable")
+    starts, lengths, values = starts[order], lengths[order], values[order]
+    present, first, nruns = np.unique(values, return_index=True, return_counts=True)
+
+    # Interleaved counts per cell: [gap0, len0, gap1, len1, ..., trailing background].
+    # Slots: 2 per run + 1 trailing per cell; cell g's block starts at 2*first[g] + g.
+    ends = starts + lengths
+    prev_end = np.empty_like(ends)
+    if ends.size:
+        prev_end[1:] = ends[:-1]
+    prev_end[first] = 0
+    cell_of_run = np.repeat(np.arange(present.size), nruns)
+    rank = np.arange(starts.size) - first[cell_of_run]
+    block = 2 * first + np.arange(present.size)
+    pos = block[cell_of_run] + 2 * rank
+    counts = np.empty(2 * starts.size + present.size, dtype=np.int64)
+    counts[pos] = starts - prev_end
+    counts[pos + 1] = lengths
+    last_end = ends[first + nruns - 1]
+    trailing = total - last_end
+    counts[block + 2 * nruns] = trailing
+    block_len = 2 * nruns + (trailing > 0)  # pycocotools omits a zero-length final run
+    counts = counts.astype(np.uint32)
+
+    uncompressed = [
+        {"size": [h, w], "counts": counts[b : b + n]} for b, n in zip(block.tolist(), block_len.tolist())
+    ]
+    out: dict[int, str] = {}
+    if uncompressed:
+        compressed = mask_util.frPyObjects(uncompressed, h, w)
+        out = {cid: _pack(rle["counts"]) for cid, rle in zip(present.tolist(), compressed)}
+
+    missing = np.setdiff1d(wanted, present)
+    if missing.size:
+        logger.debug("%d requested cell(s) have no pixel at %dx%d: %s", missing.size, w, h, missing[:10].tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Validation of many mask strings without decoding them to pixels
+# ----------------------------------------------------------------------------------------
+
+
+def _check_counts(
+    counts_list: Sequence[bytes], heights: np.ndarray, widths: np.ndarray
+) -> tuple[np.ndarray, list[str | None]]:
+    """Parse many COCO counts strings at once; return ``(areas, errors)``.
+
+    Implements the inverse of pycocotools' ``rleToString`` vectorised over all strings:
+    characters ``48 + 6-bit chunk``, bit 0x20 = more chunks follow, bit 0x10 of the last
+    chunk = sign, and from the fourth value on each value is a delta to the value two
+    places earlier. ``errors[i]`` is ``None`` when string i is well formed and its runs
+    cover exactly ``heights[i] * widths[i]`` pixels.
+    """
+    n = len(counts_list)
+    errors: list[str | None] = [None] * n
+    areas = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return areas, errors
+    lens = np.fromiter((len(c) for c in counts_list), dtype=np.int64, count=n)
+    raw = np.frombuffer(b"".join(counts_list), dtype=np.uint8)
+    string_start = np.cumsum(lens) - lens  # byte offset of each string
+    bad = np.zeros(n, dtype=bool)
+
+    def flag(where: np.ndarray, message: str) -> None:
+        for i in np.flatnonzero(where & ~bad).tolist():
+            errors[i] = message
+        bad[:] |= where
+
+    def strings_of(byte_pos: np.ndarray) -> np.ndarray:
+        hit = np.zeros(n, dtype=bool)
+        hit[np.searchsorted(string_start, byte_pos, side="right") - 1] = True
+        return hit
+
+    flag(lens == 0, "empty RLE counts")
+    if raw.size == 0:
+        return areas, errors
+    badchar = np.flatnonzero((raw < 48) | (raw > 111))
+    if badchar.size:
+        flag(strings_of(badchar), "RLE counts has a character outside '0'..'o'")
+    buf = (raw - np.uint8(48)) & np.uint8(0x3F)  # 6-bit chunks (bad characters already flagged)
+
+    term = (buf & 0x20) == 0
+    nonempty = lens > 0
+    string_end = (string_start + lens - 1)[nonempty]
+    truncated = np.zeros(n, dtype=bool)
+    truncated[nonempty] = ~term[string_end]
+    flag(truncated, "RLE counts is truncated (last value has its continuation bit set)")
+    term[string_end] = True  # values never span two strings
+
+    tpos = np.flatnonzero(term)  # last byte of each value
+    vstarts = np.empty_like(tpos)
+    vstarts[0] = 0
+    vstarts[1:] = tpos[:-1] + 1
+    nchunks = tpos - vstarts + 1
+    nvals = np.zeros(n, dtype=np.int64)
+    nvals[nonempty] = np.add.reduceat(term, string_start[nonempty], dtype=np.int64)
+    mask_of_value = np.repeat(np.arange(n), nvals)
+    too_long = nchunks > _MAX_CHUNKS
+    if too_long.any():
+        flag(strings_of(tpos[too_long]), "RLE counts value is too long")
+    vals = (buf[vstarts] & 0x1F).astype(np.int64)
+    for k in range(1, int(min(nchunks.max(), _MAX_CHUNKS))):
+        sel = np.flatnonzero(nchunks > k)
+        vals[sel] |= (buf[vstarts[sel] + k] & 0x1F).astype(np.int64) << (5 * k)
+    negative = np.flatnonzero((buf[tpos] & 0x10) != 0)
+    vals[negative] -= np.int64(1) << (5 * np.minimum(nchunks[negative], _MAX_CHUNKS))
+
+    # Undo the delta coding: value j (j >= 3) += value j-2. Chains per string: {0}, odd j,
+    # even j >= 2; a segmented cumulative sum along each chain.
+    first_val = np.concatenate(([0], np.cumsum(nvals)[:-1]))
+    j = np.arange(vals.size) - first_val[mask_of_value]
+    # Within a string the members of one chain share the parity of their global index, so
+    # each chain is a segment of vals[p::2] starting where j <= 2.
+    counts = np.empty_like(vals)
+    for p in (0, 1):
+        v = vals[p::2]
+        if v.size == 0:
+            continue
+        csum = np.cumsum(v)
+        start_idx = np.maximum.accumulate(np.where(j[p::2] <= 2, np.arange(v.size), 0))
+        counts[p::2] = csum - (csum[start_idx] - v[start_idx])
+
+    flag(np.bincount(mask_of_value[(counts < 0) | (counts > np.iinfo(np.uint32).max)], minlength=n) > 0,
+         "RLE counts has a negative or overflowing run")
+    last_val = first_val + nvals
+    csum = np.concatenate(([0], np.cumsum(counts)))
+    totals = csum[last_val] - csum[first_val]
+    csum = np.concatenate(([0], np.cumsum(np.where(j % 2 == 1, counts, 0))))
+    areas = csum[last_val] - csum[first_val]
+    expected = heights.astype(np.int64) * widths.astype(np.int64)
+    for i in np.flatnonzero((totals != expected) & ~bad).tolist():
+        errors[i] = f"RLE runs cover {totals[i]} pixels, expected {heights[i]}x{widths[i]}={expected[i]}"
+    bad |= totals != expected
+    areas[bad] = 0
+    return areas, errors
+
+
+def check_masks(
+    texts: Sequence[str], heights: int | Sequence[int], widths: int | Sequence[int]
+) -> tuple[np.ndarray, list[str | None]]:
+    """Check many competition mask strings without decoding them to pixels.
+
+    ``heights`` / ``widths`` are one size for all or one per string. Returns
+    ``(areas, errors)``: ``errors[i]`` is ``None`` if string i decodes to a mask of its size
+    (then ``areas[i]`` is its number of pixels, possibly 0) or a one-line reason otherwise
+    (then ``areas[i]`` is 0). Fast enough for every mask of a submission: the COCO counts
+    are parsed in vectorised passes over batches of about ``_BATCH_BYTES`` bytes (batches
+    keep the working arrays in cache; one pass over everything is several times slower).
+    """
+    n = len(texts)
+    hs = np.broadcast_to(np.asarray(heights, dtype=np.int64), (n,))
+    ws = np.broadcast_to(np.asarray(widths, dtype=np.int64), (n,))
+    counts_list: list[bytes] = []
+    unpack_errors: dict[int, str] = {}
+    for i, text in enumerate(texts):
+        try:
+            counts_list.append(_unpack(text))
+        except ValueError as e:
+            unpack_errors[i] = str(e)
+            counts_list.append(b"")
+    areas = np.zeros(n, dtype=np.int64)
+    errors: list[str | None] = []
+    start, size = 0, 0
+    for i, counts in enumerate(counts_list):
+        size += len(counts)
+        if size >= _BATCH_BYTES or i == n - 1:
+            a, e = _check_counts(counts_list[start : i + 1], hs[start : i + 1], ws[start : i + 1])
+            areas[start : i + 1] = a
+            errors.extend(e)
+            start, size = i + 1, 0
+    for i, message in unpack_errors.items():
+        errors[i] = message
+        areas[i] = 0
+    return areas, errors

@@ -1,0 +1,157 @@
+"""The loop: every image of a Kaggle-layout folder through the stages, in pipeline order.
+
+    read RGBY -> 512 px float -> Predictor (segment, classify, Step 1, Step 2, ensemble,
+        class selection) -> masks to the original size -> RLE -> row -> journal
+
+:func:`run` streams the images one at a time while worker threads decode the next ones
+(:mod:`~hpa_kernel.run.prefetch`), journals every row so that an interrupted run resumes
+(:mod:`~hpa_kernel.run.journal`), degrades to cheaper settings when a time budget would be
+exceeded (:mod:`~hpa_kernel.run.budget`), and always writes a complete ``submission.csv``:
+every sample ID gets a row; an image that fails at any stage gets an empty row and is
+listed in the report (:mod:`~hpa_kernel.run.summary`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from hpa_kernel.config import KernelConfig
+from hpa_kernel.formats.images import TEST_DIR, LoadedImage, fallback_size, load_image, read_test_set
+from hpa_kernel.formats.overlay import save_overlay
+from hpa_kernel.formats.rle import encode_label_image
+from hpa_kernel.formats.submission import prediction_string, write_submission
+from hpa_kernel.integrity import verify_files
+from hpa_kernel.run.budget import LEVEL_EMPTY, LEVEL_NAMES, LEVEL_SETTINGS, Budget
+from hpa_kernel.run.device import resolve_device
+from hpa_kernel.run.journal import Journal, fingerprint, journal_path
+from hpa_kernel.run.options import RunOptions, select_ids
+from hpa_kernel.run.prefetch import prefetch
+from hpa_kernel.run.summary import RunSummary, StageTimer
+from hpa_kernel.stages.predictor import Predictor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run", "predict_row"]
+
+
+def predict_row(predictor: Predictor, item: LoadedImage, level: int, timer: StageTimer, overlays: Path | None) -> str:
+    """One decoded image's PredictionString: predict, masks to the original size, RLE."""
+    labels, cell_ids, scores = predictor.predict(item.image, (item.width, item.height), timer=timer, **LEVEL_SETTINGS[level])
+    written = cell_ids[scores.max(axis=1) > 0]  # cells with something to write
+    with timer("rle"):
+        rles = encode_label_image(labels, item.width, item.height, cell_ids=written)
+        pred = prediction_string(rles, cell_ids, scores)
+    if overlays is not None:
+        with timer("overlay"):
+            save_overlay(Path(overlays) / f"{item.id}.png", item.image, labels, cell_ids, scores)
+    return pred
+
+
+def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
+    """Run the kernel over ``opts.data_dir`` and write ``opts.out``; returns the report."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    out, data_dir = Path(opts.out), Path(opts.data_dir)
+    test_dir = data_dir / TEST_DIR
+    warnings: list[str] = []
+
+    # 0. the IDs, the weights (integrity, device), the predictor
+    all_ids, sample = read_test_set(data_dir)
+    ids = select_ids(all_ids, opts.shard, opts.max_images)
+    sample_sizes = sample.sizes if sample else {}
+    if sample and sample.duplicates:
+        dups = sorted(set(sample.duplicates))
+        warnings.append(f"sample_submission.csv lists {len(dups)} duplicate ID(s), each written once: " + ", ".join(dups[:5]))
+    verify_files(config, check_hash=opts.verify_weights)
+    device, device_warning = resolve_device(opts.device)
+    if device_warning:
+        warnings.append(device_warning)
+    cuda = device.startswith("cuda")
+    fp16 = cuda if opts.fp16 is None else bool(opts.fp16)
+    timer = StageTimer(cuda=cuda)
+    with timer("load_weights"):
+        predictor = Predictor.from_config(config, device, fp16, tta=opts.tta, batch_size=opts.batch_size)
+    warnings += predictor.problems
+    if not predictor.members:
+        warnings.append("no usable classifier: every image gets an empty prediction")
+
+    journal = Journal(journal_path(out), fingerprint(config, ids, data_dir, opts.tta), opts.resume)
+    todo = [i for i in ids if i not in journal.rows]
+    n_resumed = len(ids) - len(todo)
+    if n_resumed:
+        logger.info("resuming: %d of %d images already done", n_resumed, len(ids))
+    budget = Budget(opts.time_budget, t_start)
+    level, degraded_at, failures = 0, {}, {}
+
+    def read(image_id: str) -> tuple[LoadedImage, float]:
+        t0 = time.perf_counter()
+        return load_image(test_dir, image_id, size=config.image_size), time.perf_counter() - t0
+
+    bar = tqdm(total=len(ids), initial=n_resumed, desc="hpa_kernel", unit="img", disable=not opts.progress)
+    images = prefetch(todo, read, workers=opts.workers)  # yields in the order of todo
+    try:
+        for k, image_id in enumerate(todo):
+            new_level = budget.level(level, len(todo) - k, time.perf_counter())
+            if new_level > level:
+                logger.warning("time budget: switching to %s", LEVEL_NAMES[new_level])
+                degraded_at.update({lv: n_resumed + k for lv in range(level + 1, new_level + 1)})
+                level = new_level
+            if level >= LEVEL_EMPTY:
+                # out of time: rows without decoding, sizes from the sample or PNG headers
+                journal.add(image_id, *fallback_size(test_dir, image_id, sample_sizes), "", None)
+                bar.update(1)
+                continue
+            t0 = time.perf_counter()
+            # 1. read RGBY and make the 512 px float image (done ahead by worker threads)
+            item, t_read = next(images)
+            if item.id != image_id:  # prefetch yields in input order; skipped rows never reach it
+                raise RuntimeError(f"read-ahead out of step: got {item.id}, expected {image_id}")
+            timer.add("read", t_read)
+            pred, error = "", item.error
+            if error is None:
+                try:
+                    # 2-8. segmentation, classifiers, Step 1/2, ensemble, class selection, RLE
+                    pred = predict_row(predictor, item, level, timer, opts.save_overlays)
+                except Exception as e:  # an image never costs the rest of the run
+                    logger.exception("image %s failed", image_id)
+                    error, pred = f"{type(e).__name__}: {e}", ""
+            width, height = (item.width, item.height) if item.width and item.height else fallback_size(
+                test_dir, image_id, sample_sizes
+            )
+            if error:
+                failures[image_id] = error
+                logger.warning("image %s: %s (empty row written)", image_id, error)
+            # 9. the row, journaled at once so that a killed run resumes here
+            journal.add(image_id, int(width), int(height), pred, error)
+            budget.record(level, time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(failed=len(failures))
+    finally:
+        bar.close()
+        images.close()
+
+    for image_id, (_, _, _, err) in journal.rows.items():
+        if err and image_id not in failures:
+            failures[image_id] = err
+    rows = {i: journal.rows[i][:3] for i in ids}
+    with timer("write"):
+        write_submission(rows, ids, out)
+    journal.close(remove=True)
+    return RunSummary(
+        out=out,
+        n_images=len(ids),
+        n_done=len(rows),
+        n_resumed=n_resumed,
+        failures=failures,
+        warnings=warnings,
+        stage_seconds=dict(timer.totals),
+        degraded_at=degraded_at,
+        wall_seconds=time.perf_counter() - t_start,
+        device=device + (" fp16" if fp16 and cuda else ""),
+        n_models=len(predictor.members),
+        segmenter=predictor.segmenter_name,
+        component_failures=list(predictor.problems),
+    )

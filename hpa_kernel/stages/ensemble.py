@@ -1,0 +1,64 @@
+"""Ensembling per cell and class (``docs/METHOD.md``, "Ensemble"): Step 1 × Step 2, then models,
+then the one class-selection rule (:func:`select_top_classes`).
+
+Everything works on per-image score matrices ``(n_cells, 19)``; weights are normalised to
+sum to 1. Flip TTA is in :mod:`hpa_kernel.stages.model` (``TTA_FLIPS``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["combine_steps", "combine_models", "select_top_classes"]
+
+
+def _weights(weights: Sequence[float], n: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weights for {n} score matrices")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero: {w.tolist()}")
+    return w / w.sum()
+
+
+def combine_steps(s1: np.ndarray | None, s2: np.ndarray | None, w1: float = 0.5, w2: float = 0.5) -> np.ndarray:
+    """``(w1 * s1 + w2 * s2) / (w1 + w2)`` per cell and class, float32.
+
+    Either may be ``None`` (that step was not run): the other is returned alone (as float32).
+    """
+    if s1 is None and s2 is None:
+        raise ValueError("combine_steps needs at least one of s1, s2")
+    if s1 is None or s2 is None:
+        return np.asarray(s2 if s1 is None else s1, dtype=np.float32).copy()
+    return combine_models([s1, s2], [w1, w2])
+
+
+def combine_models(scores_list: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Weighted average of equally shaped score matrices (default: equal weights), float32."""
+    if len(scores_list) == 0:
+        raise ValueError("combine_models needs at least one score matrix")
+    arrays = [np.asarray(s, dtype=np.float64) for s in scores_list]
+    shape = arrays[0].shape
+    if any(a.shape != shape for a in arrays):
+        raise ValueError(f"score shapes differ: {[a.shape for a in arrays]}")
+    w = _weights(weights if weights is not None else [1.0] * len(arrays), len(arrays))
+    return np.tensordot(w, np.stack(arrays, axis=0), axes=1).astype(np.float32)
+
+
+def select_top_classes(scores: np.ndarray, top_n: int = 18, floor: float = 0.0) -> np.ndarray:
+    """Keep, for one image, the ``top_n`` classes with the highest max-over-cells score.
+
+    Classes beyond ``top_n`` (ranked by their max over cells, ties by class index) are
+    zeroed, and so is every value ``<= floor``. Returns a new float32 array.
+    """
+    out = np.array(scores, dtype=np.float32, copy=True)
+    if out.ndim != 2:
+        raise ValueError(f"scores must be (n_cells, n_classes), got {out.shape}")
+    if out.shape[0] and top_n < out.shape[1]:
+        best = out.max(axis=0)
+        order = np.argsort(-best, kind="stable")
+        out[:, order[max(int(top_n), 0) :]] = 0.0
+    out[out <= floor] = 0.0
+    return out

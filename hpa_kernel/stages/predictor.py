@@ -1,0 +1,208 @@
+"""The predictor: one image in, its cells and their per-class scores out.
+
+:class:`Predictor` owns everything that decides how one image is scored: the segmenter,
+the classifiers (each :class:`~hpa_kernel.stages.model.PuzzleCAM` carries its own
+checkpoint meta), their ensemble weights, fp16, flip TTA, and the class-selection rule.
+``predict(image, size) -> (labels, cell_ids, scores)``::
+
+    segment -> per model: full-image forward -> Step 1 | cell crops -> Step 2
+            -> Step 1 x Step 2 -> models -> top-N classes, min_confidence floor
+
+Each rule exists once, here or in the stage it names: the top-N classes and the
+``min_confidence`` floor in :func:`~hpa_kernel.stages.ensemble.select_top_classes`
+(called once, after the ensemble), TTA's flips in :mod:`~hpa_kernel.stages.model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.config import KernelConfig, SegmentationConfig
+from hpa_kernel.stages.ensemble import combine_models, combine_steps, select_top_classes
+from hpa_kernel.stages.labels import present_ids
+from hpa_kernel.stages.model import PuzzleCAM, classify_image, load_checkpoint
+from hpa_kernel.stages.segmentation import Segmenter, create_segmenter
+from hpa_kernel.stages.step1 import step1_scores
+from hpa_kernel.stages.step2 import crop_cells, predict_crops
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Member", "Predictor", "Timer"]
+
+
+class Timer(Protocol):
+    """What :meth:`Predictor.predict` reports stage times to (``hpa_kernel.run.summary.StageTimer``)."""
+
+    def __call__(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def add(self, name: str, seconds: float) -> None: ...
+
+
+class _NoTimer:
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        yield
+
+    def add(self, name: str, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class Member:
+    """One classifier of the ensemble and its weight."""
+
+    model: PuzzleCAM
+    weight: float = 1.0
+
+
+class Predictor:
+    """Segmenter + classifiers + the rules that turn them into per-cell scores.
+
+    Args:
+        segmenter: any :class:`~hpa_kernel.stages.segmentation.Segmenter`.
+        members: the classifiers; none = every image gets no scores (cells still found).
+        config: the manifest (``step1_weight``, ``step2_weight``, ``top_classes``,
+            ``min_confidence``, ``crop_size`` used where a checkpoint names none).
+        device, fp16: where the classifiers run; fp16 autocast (CUDA only).
+        tta: flip test-time augmentation (identity, horizontal, vertical).
+        batch_size: Step 2 crop batch size (default: the manifest's).
+        problems: parts of the manifest that could not be used (set by :meth:`from_config`).
+    """
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        members: list[Member],
+        config: KernelConfig,
+        device: str = "cpu",
+        fp16: bool = False,
+        tta: bool = False,
+        batch_size: int | None = None,
+        problems: list[str] | None = None,
+    ) -> None:
+        self.segmenter = segmenter
+        self.members = members
+        self.config = config
+        self.device = device
+        self.fp16 = fp16
+        self.tta = tta
+        self.batch_size = int(batch_size or config.batch_size)
+        self.problems = list(problems or [])
+        #: the segmenter in words (``"classic (fallback)"`` when the manifest's was unusable)
+        self.segmenter_name = segmenter.name
+
+    @classmethod
+    def from_config(
+        cls, config: KernelConfig, device: str = "cpu", fp16: bool = False, tta: bool = False,
+        batch_size: int | None = None,
+    ) -> "Predictor":
+        """Build the manifest's segmenter and load its classifiers.
+
+        Never raises for a bad file: unusable segmentation weights fall back to the
+        weight-free ``classic`` segmenter, an unusable classifier is skipped; each is
+        logged as an error and listed in :attr:`problems`.
+        """
+        problems: list[str] = []
+        try:
+            segmenter = create_segmenter(config.segmentation, device=device, fp16=fp16)
+        except Exception as e:  # WeightFileError and anything torch raises
+            msg = f"segmentation weights unusable ({e}); using the weight-free classic segmenter"
+            logger.error(msg)
+            problems.append(msg)
+            segmenter = create_segmenter(SegmentationConfig(method="classic"), device=device, fp16=fp16)
+        members = []
+        for c in config.classifiers:
+            try:
+                model, _ = load_checkpoint(c.path, device=device)
+            except Exception as e:  # CheckpointError and anything torch raises
+                msg = f"classifier {c.path} skipped: {e}"
+                logger.error(msg)
+                problems.append(msg)
+                continue
+            members.append(Member(model, c.weight))
+        if not members:
+            logger.error("no usable classifier: every image gets an empty prediction")
+        predictor = cls(segmenter, members, config, device, fp16, tta, batch_size, problems)
+        if segmenter.name != config.segmentation.method:
+            predictor.segmenter_name += " (fallback)"
+        return predictor
+
+    def predict(
+        self,
+        image: np.ndarray,
+        size: tuple[int, int],
+        step2: bool = True,
+        max_models: int | None = None,
+        timer: Timer | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment and score one image.
+
+        Args:
+            image: ``(S, S, 4)`` float32 RGBY in [0, 1].
+            size: the original ``(width, height)``.
+            step2: run Step 2 (if the manifest weighs it); ``False`` = Step 1 only.
+            max_models: use only the first this many classifiers (``None``: all).
+            timer: receives stage times (``segmentation``, ``seg_network``,
+                ``forward_full``, ``step1``, ``crops``, ``forward_crops``, ``ensemble``).
+
+        Returns:
+            ``(labels (S, S) int32, cell_ids (n,), scores (n, 19) float32)``: after the
+            class-selection rule, 0 = not predicted.
+        """
+        timer = timer if timer is not None else _NoTimer()
+        net0 = self.segmenter.network_seconds
+        t0 = time.perf_counter()
+        labels = self.segmenter.segment(image[None], [size])[0].cells
+        net = self.segmenter.network_seconds - net0
+        timer.add("segmentation", time.perf_counter() - t0 - net)
+        if net:  # the U-Net forwards apart from the post-processing
+            timer.add("seg_network", net)
+        cell_ids = present_ids(labels)
+        return labels, cell_ids, self.score(image, labels, cell_ids, step2, max_models, timer)
+
+    def score(
+        self,
+        image: np.ndarray,
+        labels: np.ndarray,
+        cell_ids: np.ndarray,
+        step2: bool = True,
+        max_models: int | None = None,
+        timer: Timer | None = None,
+    ) -> np.ndarray:
+        """Per-cell, per-class scores ``(n, 19)`` of given cells: Step 1, Step 2, the
+        ensemble and the class-selection rule (see :meth:`predict`)."""
+        timer = timer if timer is not None else _NoTimer()
+        config = self.config
+        n = len(cell_ids)
+        members = self.members[:max_models] if max_models is not None else self.members
+        if n == 0 or not members:
+            return np.zeros((n, NUM_CLASSES), np.float32)
+        use_step2 = config.use_step2 and step2
+        use_step1 = config.step1_weight > 0 or not use_step2
+        per_model = []
+        for m in members:
+            s1 = s2 = None
+            if use_step1:
+                with timer("forward_full"):
+                    probs, cams = classify_image(m.model, image, self.device, self.fp16, self.tta)
+                with timer("step1"):
+                    s1 = step1_scores(cams, probs, labels, cell_ids)
+            if use_step2:
+                with timer("crops"):
+                    crops = crop_cells(image, labels, cell_ids, crop_size=m.model.data_config["crop_size"] or config.crop_size)
+                with timer("forward_crops"):
+                    s2 = predict_crops(
+                        m.model, crops, batch_size=self.batch_size, device=self.device, fp16=self.fp16, tta=self.tta
+                    )
+            with timer("ensemble"):
+                per_model.append(combine_steps(s1, s2, config.step1_weight, config.step2_weight))
+        with timer("ensemble"):
+            scores = combine_models(per_model, [m.weight for m in members])
+            return select_top_classes(scores, top_n=config.top_classes, floor=config.min_confidence)
