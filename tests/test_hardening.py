@@ -45,9 +45,9 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def _rows(path: Path) -> dict[str, str]:
-    from hpa_kernel.submission import read_rows
+    from hpa_kernel.formats.submission import read_submission
 
-    return {k: v[2] for k, v in read_rows(path).items()}
+    return {k: v[2] for k, v in read_submission(path).items()}
 
 
 def _sample_lines(folder: Path) -> list[str]:
@@ -84,7 +84,7 @@ def clean_run(tmp_path_factory, small_dataset, tiny_manifest):
 def _unfit_checkpoints(folder: Path) -> dict[str, Path]:
     import torch
 
-    from hpa_kernel.model import PuzzleCAM, save_checkpoint
+    from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
 
     torch.manual_seed(1)
     found = {}
@@ -277,7 +277,7 @@ def _bomb_submission(folder: Path, width: int, height: int, inflated: int) -> tu
 
 def test_the_validator_does_not_inflate_a_mask_past_what_the_image_can_hold(tmp_path):
     """Defect 5: a 64x64 image's mask cannot need 200 MB of run lengths; the validator stops early."""
-    from hpa_kernel.submission import validate_submission
+    from hpa_kernel.formats.submission import validate_submission
 
     sub, sample = _bomb_submission(tmp_path, 64, 64, 200_000_000)
     assert sub.stat().st_size < 1_000_000
@@ -540,7 +540,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, 
     assert still_running, "the first run ended before the second was refused: make the data set bigger"
     assert rc == 2 and "journal" in err and "another run" in err
     assert first.returncode == 0, stderr
-    from hpa_kernel.submission import validate_submission
+    from hpa_kernel.formats.submission import validate_submission
 
     assert validate_submission(out, data / "sample_submission.csv") == []
 
