@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ ENV_MANIFEST = "HPA_KERNEL_WEIGHTS"
 #: the segmenters a manifest may name (``segmentation.method``); each is one registered
 #: class of :mod:`hpa_kernel.stages.segmentation` (a test keeps the two lists equal)
 SEGMENTATION_METHODS: tuple[str, ...] = ("classic", "hpa")
+#: the most classes a prediction may keep (``top_classes``): ``classes.NUM_CLASSES``,
+#: written out because this module imports nothing of the package (a test keeps them equal)
+MAX_TOP_CLASSES = 19
 
 
 def default_manifest() -> Path:
@@ -121,59 +125,107 @@ def load_config(path: str | Path | None = None, allow_outside: bool = False) -> 
         raise ConfigError(f"manifest {path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"manifest {path}: top level must be an object")
-    return config_from_dict(raw, root=path.parent, allow_outside=allow_outside, source=path)
+    try:
+        return config_from_dict(raw, root=path.parent, allow_outside=allow_outside, source=path)
+    except ConfigError as e:
+        raise ConfigError(f"manifest {path}: {e}") from None
+
+
+def _integer(value: Any, what: str, low: int = 1, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]``, else :class:`ConfigError` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer, not {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ConfigError(f"{what} must be {bounds}, not {value}")
+    return value
+
+
+def _number(value: Any, what: str, low: float = 0.0, high: float | None = None, low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number, not {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < low or (low_open and v == low) or (high is not None and v > high):
+        bounds = (f"> {low:g}" if low_open else f">= {low:g}") + ("" if high is None else f" and <= {high:g}")
+        raise ConfigError(f"{what} must be a finite number {bounds}, not {value!r}")
+    return v
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be an object, not {value!r}")
+    return value
+
+
+def _text(value: Any, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, not {value!r}")
+    return value
 
 
 def config_from_dict(
     raw: dict[str, Any], root: Path, allow_outside: bool = False, source: Path | None = None
 ) -> KernelConfig:
+    """A :class:`KernelConfig` from a parsed manifest, every value checked.
+
+    Raises :class:`ConfigError` with one line naming the first bad field: a wrong type
+    (``"weight": "heavy"``), a NaN or infinity, or a value out of range (``top_classes``
+    1..19, ``min_confidence`` in [0, 1], step weights >= 0 and not both 0, classifier
+    weights > 0, sizes and batch sizes >= 1, ``image_size`` a multiple of 32).
+    """
     root = Path(root)
-    seg_raw = raw.get("segmentation", {"method": "classic"})
-    if isinstance(seg_raw, str):
-        seg_raw = {"method": seg_raw}
+    seg_raw = _obj(raw.get("segmentation", {"method": "classic"}), "segmentation")
     method = seg_raw.get("method", "hpa" if seg_raw.get("cell") else "classic")
     if method not in SEGMENTATION_METHODS:
         raise ConfigError(f"segmentation.method must be one of {list(SEGMENTATION_METHODS)}, not {method!r}")
     seg = SegmentationConfig(
         method=method,
-        nuclei=_resolve(root, seg_raw.get("nuclei"), "segmentation.nuclei", allow_outside),
-        cell=_resolve(root, seg_raw.get("cell"), "segmentation.cell", allow_outside),
+        nuclei=_resolve(root, _text(seg_raw.get("nuclei"), "segmentation.nuclei"), "segmentation.nuclei", allow_outside),
+        cell=_resolve(root, _text(seg_raw.get("cell"), "segmentation.cell"), "segmentation.cell", allow_outside),
         scale=str(seg_raw.get("scale", "512")),
-        batch_size=int(seg_raw.get("batch_size", 4)),
+        batch_size=_integer(seg_raw.get("batch_size", 4), "segmentation.batch_size"),
     )
     if seg.method == "hpa" and (seg.nuclei is None or seg.cell is None):
         raise ConfigError("segmentation.method 'hpa' needs both 'nuclei' and 'cell' weight paths")
     if seg.scale not in ("512", "full"):
         raise ConfigError(f"segmentation.scale must be '512' or 'full', not {seg.scale!r}")
+    items = raw.get("classifiers", [])
+    if not isinstance(items, list):
+        raise ConfigError(f"classifiers must be a list of {{\"path\", \"weight\"}} objects, not {items!r}")
     classifiers = []
-    for i, c in enumerate(raw.get("classifiers", [])):
-        if isinstance(c, str):
+    for i, c in enumerate(items):
+        if isinstance(c, str):  # shorthand: a path, weight 1
             c = {"path": c}
-        if "path" not in c:
-            raise ConfigError(f"classifiers[{i}] has no 'path'")
+        c = _obj(c, f"classifiers[{i}]")
+        if not isinstance(c.get("path"), str) or not c["path"]:
+            raise ConfigError(f"classifiers[{i}].path must be a non-empty string, not {c.get('path')!r}")
         classifiers.append(
             ClassifierConfig(
                 path=_resolve(root, c["path"], f"classifiers[{i}].path", allow_outside),
-                weight=float(c.get("weight", 1.0)),
+                weight=_number(c.get("weight", 1.0), f"classifiers[{i}].weight", low_open=True),
             )
         )
-    sw = raw.get("step_weights", {})
+    sw = _obj(raw.get("step_weights", {}), "step_weights")
+    step1 = _number(sw.get("step1", 0.5), "step_weights.step1")
+    step2 = _number(sw.get("step2", 0.5), "step_weights.step2")
+    if step1 + step2 <= 0:
+        raise ConfigError("step_weights: step1 and step2 may not both be 0")
+    image_size = _integer(raw.get("image_size", 512), "image_size")
+    if image_size % 32:
+        raise ConfigError(f"image_size must be a multiple of 32, not {image_size}")
     cfg = KernelConfig(
         segmentation=seg,
         classifiers=classifiers,
-        step1_weight=float(sw.get("step1", 0.5)),
-        step2_weight=float(sw.get("step2", 0.5)),
-        top_classes=int(raw.get("top_classes", 18)),
-        min_confidence=float(raw.get("min_confidence", 0.0)),
-        crop_size=int(raw.get("crop_size", 384)),
-        batch_size=int(raw.get("batch_size", 16)),
-        image_size=int(raw.get("image_size", 512)),
-        files=dict(raw.get("files", {})),
+        step1_weight=step1,
+        step2_weight=step2,
+        top_classes=_integer(raw.get("top_classes", 18), "top_classes", 1, MAX_TOP_CLASSES),
+        min_confidence=_number(raw.get("min_confidence", 0.0), "min_confidence", 0.0, 1.0),
+        crop_size=_integer(raw.get("crop_size", 384), "crop_size"),
+        batch_size=_integer(raw.get("batch_size", 16), "batch_size"),
+        image_size=image_size,
+        files=dict(_obj(raw.get("files", {}), "files")),
         root=root,
         source=source,
     )
-    if cfg.step1_weight < 0 or cfg.step2_weight < 0 or cfg.step1_weight + cfg.step2_weight <= 0:
-        raise ConfigError("step_weights must be non-negative and not both zero")
-    if cfg.image_size % 32:
-        raise ConfigError(f"image_size must be a multiple of 32, not {cfg.image_size}")
     return cfg

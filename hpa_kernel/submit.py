@@ -16,9 +16,11 @@ GPU, run in one process each and joined (``--parallel``, :mod:`hpa_kernel.run.pa
 This module only parses arguments and calls the run machinery: the options are defined in
 :mod:`hpa_kernel.run.options`, the loop is :func:`hpa_kernel.run.pipeline.run`.
 
-Exit status: 0 all images done with every model; 1 the file is complete but something
-failed: some images, a classifier file or the segmentation weights (listed in the
-summary); 2 nothing could be run (bad arguments, device, manifest or data folder).
+Exit status: 0 all images done with every model and the file validates against the
+sample; 1 the file is complete but something failed: some images, a classifier file or the
+segmentation weights (listed in the summary), or the file does not validate; 2 nothing
+could be run (bad arguments or values, device, manifest, data folder, an ``--out`` that
+cannot be written), checked before any image is read.
 """
 
 from __future__ import annotations
@@ -104,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from hpa_kernel.formats.submission import prepare_output
+
+    try:
+        prepare_output(out)  # before any work: a folder or an unwritable place fails now
+    except OSError as e:
+        print(f"error: --out: {e}", file=sys.stderr)
+        return 2
     if args.shard is None:
         from hpa_kernel.run.parallel import plan_devices
 
@@ -112,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             from hpa_kernel.run.parallel import run_parallel
 
             rc = run_parallel(args, devices, Path(data_dir), out, time_budget)
-            if rc != 2:
-                report(args, Path(data_dir), out)
+            if rc != 2 and not report(args, Path(data_dir), out):
+                rc = max(rc, 1)
             return rc
     elif args.parallel not in ("auto", 1):
         print("error: --parallel and --shard do not go together (--parallel makes its own shards)", file=sys.stderr)
@@ -126,12 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.format())
-    report(args, Path(data_dir), out)
-    return 0 if summary.ok else 1
+    valid = report(args, Path(data_dir), out)
+    return 0 if summary.ok and valid else 1
 
 
-def report(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
-    """Validate the finished file and score it where the data carries ground truth."""
+def report(args: argparse.Namespace, data_dir: Path, out: Path) -> bool:
+    """Validate the finished file and score it where the data carries ground truth.
+
+    Returns ``False`` when the file does not validate against the sample (the exit status
+    is then 1), ``True`` when it does or was not validated (a shard, ``--max-images``).
+    """
     from hpa_kernel.formats.images import SAMPLE_NAME
 
     sample = Path(data_dir) / SAMPLE_NAME
@@ -142,12 +155,16 @@ def report(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
         print("validation: OK" if not problems else f"validation: {len(problems)} problem(s)")
         for msg in problems[:20]:
             print(f"  {msg}")
+        valid = not problems
+    else:
+        valid = True
     truth = Path(data_dir) / "truth"
     if truth.is_dir() and args.shard is None and args.max_images is None:
         from hpa_kernel.tools.metric import evaluate
 
         result = evaluate(out, truth)
         print(f"local mAP@0.6 (mask IoU) against {truth}: {result.mAP:.4f}")
+    return valid
 
 
 if __name__ == "__main__":

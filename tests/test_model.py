@@ -17,6 +17,7 @@ from hpa_kernel.stages.model import (
     RGBY_MEAN,
     RGBY_STD,
     CheckpointError,
+    check_meta,
     PuzzleCAM,
     forward_tta,
     load_checkpoint,
@@ -293,3 +294,30 @@ def test_refuses_wrong_format_missing_meta_and_mismatched_weights(model, tmp_pat
 
     torch.save(dict(obj, meta=dict(obj["meta"], backbone="no_such_net_xyz")), tmp_path / "name.pt")
     _assert_refused(tmp_path / "name.pt", "no_such_net_xyz")
+
+
+def test_check_meta_refuses_what_the_kernel_cannot_feed_and_keeps_the_demo(model, tmp_path):
+    """The one fit check (used by ``load_checkpoint``): classes, channels, sizes, mean/std."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "weights" / "demo" / "model.pt"
+    _, meta = load_checkpoint(demo)  # a checkpoint users already have keeps loading
+    check_meta(meta, demo)
+    good = dict(meta)
+    for change, word in [
+        ({"num_classes": 10}, "num_classes"),
+        ({"in_chans": 3}, "in_chans"),
+        ({"image_size": 0}, "image_size"),
+        ({"crop_size": -1}, "crop_size"),
+        ({"crop_size": 1.5}, "crop_size"),
+        ({"mean": [0.5, 0.5, 0.5]}, "mean"),
+        ({"mean": [0.5, 0.5, float("nan"), 0.5]}, "mean"),
+        ({"std": [0.2, 0.2, 0.0, 0.2]}, "std"),
+        ({"std": "wide"}, "std"),
+    ]:
+        with pytest.raises(CheckpointError, match=word) as info:
+            check_meta(dict(good, **change), "x.pt")
+        assert str(info.value).startswith("x.pt: ") and "\n" not in str(info.value)
+    check_meta(dict(good, image_size=None, crop_size=None), "x.pt")  # no size: the manifest's stands
+    path = save_checkpoint(model, tmp_path / "rgb.pt", in_chans=3)
+    _assert_refused(path, "in_chans")

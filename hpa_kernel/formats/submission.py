@@ -16,6 +16,7 @@ import csv
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -34,6 +35,7 @@ __all__ = [
     "format_confidence",
     "prediction_string",
     "write_submission",
+    "prepare_output",
     "validate_submission",
     "read_submission",
     "parse_prediction_string",
@@ -166,6 +168,61 @@ def check_row(image_id: str, row: Row) -> Row:
     return int(width), int(height), text
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    """This process's umask (read without a window where it is changed, where /proc has it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _stale_temps(path: Path) -> list[Path]:
+    """The temp files :func:`write_submission` leaves beside ``path`` when killed mid-write:
+    ``.<name>.<random>.tmp`` (``tempfile.mkstemp``'s letters, digits and ``_``), regular files only."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+" + re.escape(_TEMP_SUFFIX))
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+
+
+def prepare_output(path: str | os.PathLike) -> None:
+    """Check, before any work, that :func:`write_submission` can write ``path``, and remove
+    the temp files a killed earlier write left beside it (:func:`_stale_temps`; nothing else).
+
+    Raises ``OSError`` with a one-line reason when ``path`` is a folder or another
+    non-regular file, or when its folder is not a folder or cannot be created or written.
+    Creates nothing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; name the file to write")
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} exists and is not a regular file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot write in {folder}")
+    for stale in _stale_temps(path):
+        try:
+            stale.unlink()
+            logger.info("removed %s, left by an interrupted write", stale)
+        except OSError as e:
+            logger.warning("could not remove %s (left by an interrupted write): %s", stale, e)
+
+
 def write_submission(
     rows: Mapping[str, Row],
     sample_ids: Sequence[str],
@@ -211,8 +268,10 @@ def write_submission(
 
     lines = [(image_id, *row_for(image_id)) for image_id in order]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; the output gets what open() would give
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(COLUMNS)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from hpa_kernel import __version__
 
@@ -82,13 +83,32 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from '3600', '90m', '8.5h' or '45s'."""
+    """Seconds (finite, > 0) from '3600', '90m', '8.5h' or '45s'."""
     t = text.strip().lower()
     mult = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
     try:
-        return float(t[:-1]) * mult if mult else float(t)
+        seconds = float(t[:-1]) * mult if mult else float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--time-budget wants seconds or e.g. 90m / 8.5h, not {text!r}") from None
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"--time-budget wants seconds > 0 or e.g. 90m / 8.5h, not {text!r}")
+    return seconds
+
+
+def _count(low: int, flag: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (the message names ``flag``)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < low:
+            raise argparse.ArgumentTypeError(f"{flag} wants an integer >= {low}, not {text!r}")
+        return n
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def parse_parallel(text: str) -> str | int:
@@ -118,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     fp = p.add_mutually_exclusive_group()
     fp.add_argument("--fp16", dest="fp16", action="store_true", default=None, help="fp16 autocast (default on CUDA)")
     fp.add_argument("--no-fp16", dest="fp16", action="store_false", help="full precision on CUDA")
-    p.add_argument("--batch-size", type=int, help="Step 2 crop batch size (default from the manifest)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-    p.add_argument("--max-images", type=int, help="only the first N images (of each shard with --shard or --parallel)")
+    p.add_argument("--batch-size", type=_count(1, "--batch-size"), help="Step 2 crop batch size (default from the manifest)")
+    p.add_argument("--workers", type=_count(0, "--workers"), default=2,
+                   help="image decoding threads (default 2; 0 = decode in the main thread)")
+    p.add_argument("--max-images", type=_count(1, "--max-images"), help="only the first N images (of each shard with --shard or --parallel)")
     p.add_argument("--shard", type=parse_shard, help="I/N: run every N-th image starting at I (merge afterwards)")
     p.add_argument("--parallel", type=parse_parallel, default="auto",
                    help="processes, each on its own shard and device (default auto: one per usable GPU when there are several)")

@@ -111,6 +111,10 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
                 raise RuntimeError(f"read-ahead out of step: got {item.id}, expected {image_id}")
             timer.add("read", t_read)
             pred, error = "", item.error
+            said = sample_sizes.get(image_id, (0, 0))  # (0, 0): the sample gives no size
+            if error is None and min(said) > 0 and said != (item.width, item.height):
+                # the row must have the sample's size (the file is checked against it)
+                error = f"sample says {said[0]}x{said[1]}, PNG is {item.width}x{item.height}"
             if error is None:
                 try:
                     # 2-8. segmentation, classifiers, Step 1/2, ensemble, class selection, RLE
@@ -118,8 +122,8 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
                 except Exception as e:  # an image never costs the rest of the run
                     logger.exception("image %s failed", image_id)
                     error, pred = f"{type(e).__name__}: {e}", ""
-            width, height = (item.width, item.height) if item.width and item.height else fallback_size(
-                test_dir, image_id, sample_sizes
+            width, height = (item.width, item.height) if item.width and item.height and not min(said) > 0 else (
+                fallback_size(test_dir, image_id, sample_sizes)  # the sample's size where it has one
             )
             if error:
                 failures[image_id] = error

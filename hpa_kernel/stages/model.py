@@ -39,6 +39,7 @@ __all__ = [
     "flip_views",
     "forward_tta",
     "save_checkpoint",
+    "check_meta",
     "load_checkpoint",
 ]
 
@@ -306,12 +307,65 @@ def save_checkpoint(model: PuzzleCAM, path: str | os.PathLike, half: bool = Fals
 
 
 _REQUIRED_META = ("backbone", "num_classes", "in_chans", "image_size", "crop_size", "mean", "std")
+#: the input channels the kernel feeds a classifier (R, G, B, Y)
+KERNEL_IN_CHANS = 4
+
+
+def _meta_problem(meta: dict[str, Any], num_classes: int) -> str | None:
+    """What in a checkpoint's meta the kernel cannot use, in words; ``None`` if it fits."""
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        return f"checkpoint meta lacks {', '.join(missing)}"
+    if not isinstance(meta["backbone"], str) or not meta["backbone"]:
+        return f"backbone {meta['backbone']!r} is not a timm model name"
+    if not integer(meta["num_classes"]) or meta["num_classes"] != num_classes:
+        return f"num_classes is {meta['num_classes']!r}, the kernel needs {num_classes}"
+    if not integer(meta["in_chans"]) or meta["in_chans"] != KERNEL_IN_CHANS:
+        return f"in_chans is {meta['in_chans']!r}, the kernel feeds {KERNEL_IN_CHANS} (RGBY)"
+    for key in ("image_size", "crop_size"):
+        v = meta[key]
+        if v is not None and not (integer(v) and v > 0):
+            return f"{key} is {v!r}, not a positive integer"
+    for key in ("mean", "std"):
+        v = meta[key]
+        ok = isinstance(v, (list, tuple)) and len(v) == KERNEL_IN_CHANS and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v
+        )
+        if not ok:
+            return f"{key} is {v!r}, not {KERNEL_IN_CHANS} finite numbers (one per RGBY channel)"
+    if any(x <= 0 for x in meta["std"]):
+        return f"std {meta['std']!r} has a value <= 0"
+    return None
+
+
+def check_meta(meta: Any, path: str | os.PathLike = "checkpoint", num_classes: int = NUM_CLASSES) -> None:
+    """Check a checkpoint's meta against what the kernel needs, before any weight is used.
+
+    The kernel needs: the :data:`CHECKPOINT_FORMAT`, every key of ``save_checkpoint``'s meta,
+    ``num_classes == 19`` (``num_classes``), ``in_chans == 4``, ``image_size`` and
+    ``crop_size`` positive integers (or ``None``: the manifest's size stands), ``mean`` and
+    ``std`` four finite numbers each, every ``std > 0``. Extra keys (``epoch``, ``fold``,
+    ``dtype``...) are free. Raises :class:`CheckpointError` (one line naming ``path`` and
+    the first misfit); returns ``None`` when the meta fits.
+    """
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not {CHECKPOINT_FORMAT!r}")
+    problem = _meta_problem(meta, num_classes)
+    if problem is not None:
+        raise CheckpointError(f"{path}: meta values do not fit the kernel: {problem}")
 
 
 def _refusal(path: Path, err: Exception) -> CheckpointError:
     """One-line reason why ``torch.load(weights_only=True)`` failed on ``path``."""
     text = str(err)
-    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # "Unsupported global: GLOBAL m.f was not an allowed global" (torch <= 2.5 ...) or
+    # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" (2.14)
+    glob = re.search(r"GLOBAL\s+([\w.]*\w)", text)
     if "pytorch_zoo" in text:
         return CheckpointError(
             f"{path}: a pickled hpacellseg segmentation network (pytorch_zoo DPN U-Net), not a Puzzle-CAM checkpoint"
@@ -325,8 +379,14 @@ def _refusal(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first[:160]})")
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PuzzleCAM, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", num_classes: int = NUM_CLASSES
+) -> tuple[PuzzleCAM, dict[str, Any]]:
     """Rebuild a :class:`PuzzleCAM` from a :func:`save_checkpoint` file, from its meta alone.
+
+    The meta is checked first (:func:`check_meta`: ``num_classes`` classes, 4 channels,
+    sizes, mean/std), so a checkpoint that loads but would fail on every image is refused
+    here, by name, not image by image.
 
     Reads with ``torch.load(weights_only=True)``; returns ``(model, meta)`` with the model
     in eval mode, float32, on ``device``; ``meta`` is ``model.meta`` (the model carries it). Anything else
@@ -350,12 +410,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             )
         raise CheckpointError(f"{path}: not a Puzzle-CAM checkpoint (no 'state_dict' and 'meta' entries)")
     meta, state = obj["meta"], obj["state_dict"]
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not {CHECKPOINT_FORMAT!r}")
-    missing = [k for k in _REQUIRED_META if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint meta lacks {', '.join(missing)}")
+    check_meta(meta, path, num_classes)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: 'state_dict' is not a dict of tensors")
     try:

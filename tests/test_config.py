@@ -1,0 +1,40 @@
+"""The manifest reader (``hpa_kernel.config``): values are checked where they are read."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.config import MAX_TOP_CLASSES, ConfigError, config_from_dict
+
+
+def test_the_top_classes_bound_is_the_number_of_classes():
+    assert MAX_TOP_CLASSES == NUM_CLASSES
+    assert config_from_dict({"top_classes": NUM_CLASSES}, root=".").top_classes == NUM_CLASSES
+    with pytest.raises(ConfigError, match="top_classes"):
+        config_from_dict({"top_classes": NUM_CLASSES + 1}, root=".")
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"top_classes": True}, "top_classes"),
+    ({"min_confidence": float("inf")}, "min_confidence"),
+    ({"min_confidence": 1.5}, "min_confidence"),
+    ({"step_weights": {"step1": 0, "step2": 0}}, "step_weights"),
+    ({"step_weights": [0.5, 0.5]}, "step_weights"),
+    ({"image_size": 500}, "image_size"),
+    ({"batch_size": 2.5}, "batch_size"),
+    ({"segmentation": {"method": "classic", "batch_size": 0}}, "segmentation.batch_size"),
+    ({"classifiers": [{"weight": 1.0}]}, "classifiers[0].path"),
+    ({"classifiers": [3]}, "classifiers[0]"),
+    ({"files": []}, "files"),
+])
+def test_a_bad_value_names_its_field(raw, field):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, root=".")
+    assert field in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_defaults_and_the_path_shorthand_still_load():
+    cfg = config_from_dict({"classifiers": ["m.pt", {"path": "n.pt", "weight": 2}]}, root=".")
+    assert [c.weight for c in cfg.classifiers] == [1.0, 2.0]
+    assert (cfg.top_classes, cfg.min_confidence, cfg.image_size) == (18, 0.0, 512)
