@@ -155,7 +155,8 @@ def test_an_id_that_is_a_path_gets_an_empty_row_and_nothing_outside_is_touched(t
     assert rc == 1 and bad_id in stdout  # listed with the reason
     after = sorted(p for p in tmp_path.rglob("*"))
     created = [p for p in after if p not in before]
-    assert all(p == out or p == overlays or overlays in p.parents for p in created), created
+    # the output folder itself (out's parent, created by the run) and the overlay folder's contents only
+    assert all(p in (out, out.parent, overlays) or overlays in p.parents for p in created), created
     assert len([p for p in overlays.iterdir()]) == len(rows) - 1  # every good image drawn, in the folder
 
 
@@ -472,10 +473,11 @@ def test_a_broken_journal_starts_afresh_and_names_no_resume(tmp_path, capsys, sm
     out = tmp_path / "submission.csv"
     journal = out.with_name(out.name + ".journal")
     journal.write_bytes(content)
-    rc, _, err = _run(capsys, "--data-dir", small_dataset, "--weights", tiny_manifest, "--out", out,
-                      "--no-progress", "--max-images", "1")
+    rc, out_text, err = _run(capsys, "--data-dir", small_dataset, "--weights", tiny_manifest, "--out", out,
+                             "--no-progress", "--max-images", "1")
     assert rc == 0, err
-    assert "--no-resume" in err
+    # a warning in the summary (stdout): under pytest, logging does not reach capsys's stderr
+    assert "--no-resume" in out_text + err
 
 
 def test_a_classifier_that_pickles_code_is_refused_naming_the_global(tmp_path, capsys, small_dataset,

@@ -11,7 +11,20 @@ Layout::
 Reading is strict about what cannot be fixed (missing, empty, undecodable files, channels
 of different sizes: :class:`ImageReadError`, one line naming the file and the fault) and
 lenient, with a logged warning, about what can: a colour PNG where one plane is expected is
-reduced to one plane, and mixed 8/16-bit channels are brought to 16 bits.
+reduced to one plane, mixed 8/16-bit channels are brought to 16 bits, and a 16-bit image
+whose values all fit in 0..255 is read as the 8-bit image it is.
+
+Bounds, checked before anything is decoded:
+
+* **IDs are names, never paths.** An ID becomes part of a file name only when it is a safe
+  single name (:func:`is_safe_id`, the one rule: letters, digits, ``-``, ``_`` and ``.``,
+  not starting with ``.``, at most :data:`MAX_ID_LENGTH` characters). Any other ID (``../x``,
+  ``a/b``, ``/abs/x``, ``a\\b``, ``..``) is refused by :func:`channel_path` and
+  :func:`id_file` with :class:`ImageReadError`, so nothing outside the folder is touched.
+* **Only regular files are opened** (``stat`` first, ``S_ISREG``): a FIFO or a device where
+  a PNG should be is refused as "not a regular file" instead of blocking the run.
+* **A pixel cap** (``max_pixels``, :data:`DEFAULT_MAX_PIXELS`): a channel whose PNG header
+  declares more pixels is refused from its header, naming its size and the cap.
 """
 
 from __future__ import annotations
@@ -20,7 +33,9 @@ import collections
 import csv
 import logging
 import os
-from dataclasses import dataclass
+import re
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -31,6 +46,10 @@ __all__ = [
     "ImageReadError",
     "LoadedImage",
     "channel_path",
+    "id_file",
+    "is_safe_id",
+    "MAX_ID_LENGTH",
+    "DEFAULT_MAX_PIXELS",
     "fallback_size",
     "png_size",
     "SampleSubmission",
@@ -49,8 +68,58 @@ SAMPLE_NAME = "sample_submission.csv"
 TEST_DIR = "test"
 
 
+#: Longest ID used in a file name (``<ID>_yellow.png`` stays well under 255 bytes).
+MAX_ID_LENGTH = 200
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+#: Default pixel cap per channel (``--max-pixels``): 50 MP. Real HPA images are at most
+#: 3072x3072 (9.4 MP); a 30000x30000 16-bit channel alone would need 1.8 GB to decode.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
 class ImageReadError(Exception):
     """An image file cannot be read; the message names the file and the fault (one line)."""
+
+
+def is_safe_id(image_id: str) -> bool:
+    """Whether ``image_id`` may become part of a file name: the one rule for IDs as names.
+
+    Safe: 1 to :data:`MAX_ID_LENGTH` characters out of ASCII letters, digits, ``-``, ``_``
+    and ``.``, not starting with ``.`` (so never ``.``, ``..`` or a hidden file). Anything
+    else (a separator ``/`` or ``\\``, an absolute path, a drive, a space, a control or
+    non-ASCII character) is not a name but a path, and is never used as one.
+    """
+    return (isinstance(image_id, str) and 0 < len(image_id) <= MAX_ID_LENGTH
+            and _SAFE_ID.fullmatch(image_id) is not None)
+
+
+def _require_safe_id(image_id: str) -> None:
+    if not is_safe_id(image_id):
+        raise ImageReadError(
+            f"ID {image_id!r} is not a safe file name (letters, digits, '-', '_', '.', not starting with '.'); "
+            "nothing read or written for it"
+        )
+
+
+def id_file(folder: str | os.PathLike, image_id: str, suffix: str) -> Path:
+    """``folder/<image_id><suffix>`` for a safe ID (:func:`is_safe_id`); raises
+    :class:`ImageReadError` for any other, so the path never leaves ``folder``."""
+    _require_safe_id(image_id)
+    return Path(folder) / f"{image_id}{suffix}"
+
+
+def _regular_size(path: Path) -> int:
+    """``st_size`` of a regular file; :class:`ImageReadError` for a missing or non-regular
+    one (a FIFO, a device, a folder: never opened, so never blocking)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: missing file") from None
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot stat ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(f"{path}: not a regular file")
+    return st.st_size
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,12 +127,25 @@ class ImageReadError(Exception):
 # ----------------------------------------------------------------------------------------
 
 
-def _read_sample_rows(sample_path: Path) -> list[dict[str, str]]:
-    with open(sample_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "ID" not in reader.fieldnames:
-            raise ValueError(f"{sample_path}: no 'ID' column (header: {reader.fieldnames})")
-        return list(reader)
+def _read_sample_rows(sample_path: Path) -> tuple[list[dict[str, str]], list[int]]:
+    """The rows (UTF-8, a byte-order mark allowed) and the line numbers of header lines
+    repeated inside the file (skipped)."""
+    try:
+        with open(sample_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "ID" not in reader.fieldnames:
+                raise ValueError(f"{sample_path}: no 'ID' column (header: {reader.fieldnames})")
+            header = [h.strip() for h in reader.fieldnames]
+            rows, repeated = [], []
+            for row in reader:
+                if [(row.get(h) or "").strip() for h in reader.fieldnames] == header:
+                    repeated.append(reader.line_num)
+                    continue
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{sample_path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}); save it as UTF-8") from None
+    return rows, repeated
 
 
 def _to_size(text: str | None) -> int:
@@ -81,18 +163,26 @@ class SampleSubmission:
     ids: list[str]
     sizes: dict[str, tuple[int, int]]  # (width, height); 0 where missing or not positive
     duplicates: list[str]
+    #: line numbers of the header line repeated inside the file (skipped, not an ID)
+    repeated_headers: list[int] = field(default_factory=list)
 
 
 def read_sample(sample_path: str | os.PathLike) -> SampleSubmission:
     """Read a sample submission once: IDs in its order (an ID listed twice is kept once,
     with a warning), ``{ID: (width, height)}`` (first of duplicates) and the repeated IDs.
+    UTF-8 with or without a byte-order mark; a copy of the header line inside the file is
+    skipped with a warning (``repeated_headers``).
 
-    Raises ``ValueError`` without an ``ID`` column.
+    Raises ``ValueError`` (naming the file) without an ``ID`` column or for text that is
+    not UTF-8.
     """
     sample_path = Path(sample_path)
     sizes: dict[str, tuple[int, int]] = {}
     duplicates: list[str] = []
-    for row in _read_sample_rows(sample_path):
+    rows, repeated = _read_sample_rows(sample_path)
+    if repeated:
+        logger.warning("%s repeats its header line at line(s) %s; skipped", sample_path, repeated[:5])
+    for row in rows:
         image_id = (row.get("ID") or "").strip()
         if not image_id:
             continue
@@ -102,7 +192,7 @@ def read_sample(sample_path: str | os.PathLike) -> SampleSubmission:
         sizes[image_id] = (_to_size(row.get("ImageWidth")), _to_size(row.get("ImageHeight")))
     if duplicates:
         logger.warning("%s lists %d ID(s) more than once, kept once: %s", sample_path, len(duplicates), duplicates[:5])
-    return SampleSubmission(ids=list(sizes), sizes=sizes, duplicates=duplicates)
+    return SampleSubmission(ids=list(sizes), sizes=sizes, duplicates=duplicates, repeated_headers=repeated)
 
 
 def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmission | None]:
@@ -147,11 +237,13 @@ def read_test_set(data_dir: str | os.PathLike) -> tuple[list[str], SampleSubmiss
 
 
 def png_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """``(width, height)`` from a PNG's header without decoding it; ``None`` if unreadable."""
+    """``(width, height)`` from a PNG's header without decoding it; ``None`` if unreadable,
+    not a PNG, or not a regular file (a FIFO is never opened)."""
     try:
+        _regular_size(Path(path))
         with open(path, "rb") as f:
             head = f.read(24)
-    except OSError:
+    except (OSError, ImageReadError):
         return None
     if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return None
@@ -162,10 +254,13 @@ def png_size(path: str | os.PathLike) -> tuple[int, int] | None:
 def fallback_size(test_dir: str | os.PathLike, image_id: str, sample_sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
     """Width and height for a row whose image was not (or could not be) decoded: the
     sample's where positive (:func:`read_sample` stores 0 for a missing size), else the
-    first readable channel's PNG header, else ``(0, 0)``."""
+    first readable channel's PNG header (regular files only; none for an ID that is not a
+    safe name, :func:`is_safe_id`), else ``(0, 0)``."""
     width, height = sample_sizes.get(image_id, (0, 0))
     if width > 0 and height > 0:
         return width, height
+    if not is_safe_id(image_id):
+        return (0, 0)
     for ch in CHANNELS:
         size = png_size(channel_path(test_dir, image_id, ch))
         if size is not None:
@@ -174,11 +269,12 @@ def fallback_size(test_dir: str | os.PathLike, image_id: str, sample_sizes: dict
 
 
 def channel_path(folder: str | os.PathLike, image_id: str, channel: str) -> Path:
-    """Path of one channel file: ``folder/<image_id>_<channel>.png``."""
-    return Path(folder) / f"{image_id}_{channel}.png"
+    """Path of one channel file: ``folder/<image_id>_<channel>.png``; raises
+    :class:`ImageReadError` for an ID that is not a safe name (:func:`is_safe_id`)."""
+    return id_file(folder, image_id, f"_{channel}.png")
 
 
-def read_channel(path: str | os.PathLike) -> np.ndarray:
+def read_channel(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read one channel PNG as a 2-D uint8 or uint16 array.
 
     A colour PNG (3 or 4 planes; alpha is dropped) is reduced to one plane by the
@@ -187,20 +283,21 @@ def read_channel(path: str | os.PathLike) -> np.ndarray:
     saved into one colour plane only (others zero) max keeps its full intensity where a
     grayscale conversion would scale it by 0.299/0.587/0.114.
 
-    Raises :class:`ImageReadError` for a missing, empty or undecodable file or an
-    unsupported pixel type.
+    Raises :class:`ImageReadError` for a missing, non-regular (FIFO, device, folder), empty
+    or undecodable file, an unsupported pixel type, or a PNG whose header declares more than
+    ``max_pixels`` pixels (``None``: no cap; checked before decoding).
     """
     path = Path(path)
-    try:
-        nbytes = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: missing file") from None
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot stat ({e.strerror})") from None
-    if not path.is_file():
-        raise ImageReadError(f"{path}: not a regular file")
+    nbytes = _regular_size(path)
     if nbytes == 0:
         raise ImageReadError(f"{path}: empty (0-byte) file")
+    if max_pixels is not None:
+        size = png_size(path)
+        if size is not None and size[0] * size[1] > max_pixels:
+            raise ImageReadError(
+                f"{path}: {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels is over the pixel cap of "
+                f"{max_pixels:,} (--max-pixels); not decoded"
+            )
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageReadError(f"{path}: cannot decode ({nbytes} bytes; truncated or not an image)")
@@ -222,28 +319,43 @@ def read_channel(path: str | os.PathLike) -> np.ndarray:
     return img
 
 
-def read_rgby(folder: str | os.PathLike, image_id: str) -> np.ndarray:
-    """Read the four channel PNGs of one image into ``(H, W, 4)``, channel order R, G, B, Y.
-
-    The result is uint8 when every channel is 8-bit and uint16 otherwise (8-bit channels of
-    a mixed image are scaled by 257 so that 255 -> 65535, with a warning). Raises
-    :class:`ImageReadError` naming the file and the fault; channels of different sizes are
-    an error (the message names the first channel whose size differs from red's).
-    """
-    planes = [read_channel(channel_path(folder, image_id, ch)) for ch in CHANNELS]
+def _read_rgby(folder: str | os.PathLike, image_id: str, max_pixels: int | None) -> tuple[np.ndarray, list[str]]:
+    """:func:`read_rgby` and the warnings it logged (one line each, naming the ID)."""
+    paths = [channel_path(folder, image_id, ch) for ch in CHANNELS]  # the ID is checked first
+    planes = [read_channel(p, max_pixels) for p in paths]
     ref = planes[0].shape
-    for ch, p in zip(CHANNELS, planes):
+    for path, p in zip(paths, planes):
         if p.shape != ref:
             raise ImageReadError(
-                f"{channel_path(folder, image_id, ch)}: size {p.shape[1]}x{p.shape[0]} differs from "
-                f"the red channel's {ref[1]}x{ref[0]}"
+                f"{path}: size {p.shape[1]}x{p.shape[0]} differs from the red channel's {ref[1]}x{ref[0]}"
             )
+    warnings: list[str] = []
     depths = {p.dtype for p in planes}
-    if len(depths) > 1:
+    if np.dtype(np.uint16) in depths and max(int(p.max()) for p in planes) <= 255:
+        # 16-bit files holding 8-bit values: scaling by 65535 would make them near-black
+        warnings.append(f"{image_id}: 16-bit PNG(s) holding only values 0..255; read as 8-bit")
+        planes = [p.astype(np.uint8) for p in planes]
+    elif len(depths) > 1:
         eight = [ch for ch, p in zip(CHANNELS, planes) if p.dtype == np.uint8]
-        logger.warning("%s: mixed 8/16-bit channels; converting %s to 16 bits", image_id, ",".join(eight))
+        warnings.append(f"{image_id}: mixed 8/16-bit channels; converting {','.join(eight)} to 16 bits")
         planes = [p.astype(np.uint16) * np.uint16(257) if p.dtype == np.uint8 else p for p in planes]
-    return np.stack(planes, axis=-1)
+    for w in warnings:
+        logger.warning("%s", w)
+    return np.stack(planes, axis=-1), warnings
+
+
+def read_rgby(folder: str | os.PathLike, image_id: str, max_pixels: int | None = None) -> np.ndarray:
+    """Read the four channel PNGs of one image into ``(H, W, 4)``, channel order R, G, B, Y.
+
+    The result is uint8 when every channel is 8-bit, or when 16-bit channels hold only
+    values 0..255 (read as the 8-bit image they are, with a warning), and uint16 otherwise
+    (8-bit channels of a mixed image are scaled by 257 so that 255 -> 65535, with a
+    warning). Raises :class:`ImageReadError` naming the file and the fault: an ID that is
+    not a safe name (:func:`is_safe_id`), a channel over ``max_pixels`` (from its header),
+    channels of different sizes (the first channel whose size differs from red's), and
+    every fault of :func:`read_channel`.
+    """
+    return _read_rgby(folder, image_id, max_pixels)[0]
 
 
 def resize_rgby(rgby: np.ndarray, size: int = 512) -> np.ndarray:
@@ -278,7 +390,8 @@ class LoadedImage:
 
     ``image`` is the ``(size, size, 4)`` float32 image, or ``None`` when loading failed;
     ``width``/``height`` are the original size (0 when unknown); ``error`` is ``None`` on
-    success, else a one-line reason.
+    success, else a one-line reason; ``warnings`` are what reading fixed on the way (one
+    line each, naming the ID: 16-bit files holding 8-bit values, mixed depths).
     """
 
     id: str
@@ -286,16 +399,22 @@ class LoadedImage:
     width: int
     height: int
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def load_image(folder: str | os.PathLike, image_id: str, size: int = 512) -> LoadedImage:
-    """Read and resize one image; never raises (the reason goes to ``error``, logged)."""
+def load_image(
+    folder: str | os.PathLike, image_id: str, size: int = 512, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> LoadedImage:
+    """Read and resize one image; never raises (the reason goes to ``error``, logged).
+
+    ``max_pixels`` caps each channel's declared size (:func:`read_channel`; ``None``: no cap).
+    """
     try:
-        rgby = read_rgby(folder, image_id)
+        rgby, warnings = _read_rgby(folder, image_id, max_pixels)
         height, width = rgby.shape[:2]
         image = resize_rgby(rgby, size)
     except Exception as e:  # noqa: BLE001 -- by contract: one bad image must not stop the run
@@ -304,4 +423,4 @@ def load_image(folder: str | os.PathLike, image_id: str, size: int = 512) -> Loa
             message = f"{image_id}: {type(e).__name__}: {message}"
         logger.warning("image %s not loaded: %s", image_id, message)
         return LoadedImage(id=image_id, image=None, width=0, height=0, error=message)
-    return LoadedImage(id=image_id, image=image, width=int(width), height=int(height))
+    return LoadedImage(id=image_id, image=image, width=int(width), height=int(height), warnings=warnings)

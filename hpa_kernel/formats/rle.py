@@ -34,6 +34,7 @@ __all__ = [
     "decode_mask",
     "encode_label_image",
     "check_masks",
+    "max_counts_length",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,18 +50,33 @@ def _pack(counts: bytes) -> str:
     return base64.b64encode(zlib.compress(counts, 9)).decode("ascii")
 
 
-def _unpack(text: str) -> bytes:
-    """base64 -> zlib -> COCO counts bytes; ``ValueError`` with the layer that failed."""
+def max_counts_length(height: int, width: int) -> int:
+    """The longest COCO counts string a mask of ``height x width`` can have: at most
+    ``height * width + 1`` runs (a leading empty run, then one per pixel), each at most
+    ``_MAX_CHUNKS`` characters. Decompression stops there (a zlib bomb is never inflated)."""
+    return _MAX_CHUNKS * (int(height) * int(width) + 1)
+
+
+def _unpack(text: str, height: int, width: int) -> bytes:
+    """base64 -> zlib -> COCO counts bytes, inflating at most :func:`max_counts_length`
+    bytes; ``ValueError`` with the layer that failed ("mask too long for WxH" past it)."""
     if not isinstance(text, (str, bytes)):
         raise ValueError(f"mask string must be str, got {type(text).__name__}")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ValueError(f"mask string is not valid base64 ({e})") from None
+    limit = max_counts_length(height, width)
+    inflater = zlib.decompressobj()
     try:
-        return zlib.decompress(raw)
+        counts = inflater.decompress(raw, limit + 1)
     except zlib.error as e:
         raise ValueError(f"mask string is not zlib-compressed ({e})") from None
+    if len(counts) > limit:
+        raise ValueError(f"mask too long for {width}x{height} (its runs inflate past {limit} bytes)")
+    if not inflater.eof:
+        raise ValueError("mask string is not zlib-compressed (incomplete or truncated stream)")
+    return counts
 
 
 def _check_size(height: int, width: int) -> tuple[int, int]:
@@ -89,7 +105,7 @@ def decode_mask(text: str, height: int, width: int) -> np.ndarray:
     pixels.
     """
     h, w = _check_size(height, width)
-    counts = _unpack(text)
+    counts = _unpack(text, h, w)
     _, errors = _check_counts([counts], np.array([h]), np.array([w]))
     if errors[0] is not None:
         raise ValueError(f"mask string does not decode at {h}x{w}: {errors[0]}")
@@ -290,7 +306,8 @@ def check_masks(
     ``heights`` / ``widths`` are one size for all or one per string. Returns
     ``(areas, errors)``: ``errors[i]`` is ``None`` if string i decodes to a mask of its size
     (then ``areas[i]`` is its number of pixels, possibly 0) or a one-line reason otherwise
-    (then ``areas[i]`` is 0). Fast enough for every mask of a submission: the COCO counts
+    (then ``areas[i]`` is 0; a string whose counts would inflate past
+    :func:`max_counts_length` of its size is "mask too long for WxH", never inflated). Fast enough for every mask of a submission: the COCO counts
     are parsed in vectorised passes over batches of about ``_BATCH_BYTES`` bytes (batches
     keep the working arrays in cache; one pass over everything is several times slower).
     """
@@ -301,7 +318,9 @@ def check_masks(
     unpack_errors: dict[int, str] = {}
     for i, text in enumerate(texts):
         try:
-            counts_list.append(_unpack(text))
+            if hs[i] <= 0 or ws[i] <= 0:
+                raise ValueError(f"mask size must be positive, got {ws[i]}x{hs[i]}")
+            counts_list.append(_unpack(text, hs[i], ws[i]))
         except ValueError as e:
             unpack_errors[i] = str(e)
             counts_list.append(b"")

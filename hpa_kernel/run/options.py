@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hpa_kernel import __version__
+from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "RunOptions",
@@ -28,6 +29,7 @@ __all__ = [
     "parse_shard",
     "parse_duration",
     "parse_parallel",
+    "parse_pixels",
 ]
 
 
@@ -46,6 +48,7 @@ class RunOptions:
     time_budget: float | None = None  # seconds for the whole run
     tta: bool = False
     save_overlays: Path | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per channel, from the PNG header; larger images get empty rows
     verify_weights: bool = True
     resume: bool = True
     progress: bool = True
@@ -65,6 +68,7 @@ class RunOptions:
             time_budget=time_budget,
             tta=args.tta,
             save_overlays=args.save_overlays,
+            max_pixels=args.max_pixels,
             verify_weights=not args.no_verify,
             resume=not args.no_resume,
             progress=not args.no_progress and not args.quiet,
@@ -111,6 +115,19 @@ def _count(low: int, flag: str) -> Callable[[str], int]:
     return parse
 
 
+def parse_pixels(text: str) -> int:
+    """A pixel count >= 1: ``50000000``, ``50e6`` or ``50M``."""
+    t = text.strip().upper()
+    mult = 1_000_000 if t.endswith("M") else 1
+    try:
+        v = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        v = 0.0
+    if not (v >= 1 and v == int(v) and v < 2**62):
+        raise argparse.ArgumentTypeError(f"--max-pixels wants a number of pixels >= 1 (e.g. 50000000 or 50M), not {text!r}")
+    return int(v)
+
+
 def parse_parallel(text: str) -> str | int:
     """``"auto"`` or a number >= 1."""
     if text == "auto":
@@ -147,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes, each on its own shard and device (default auto: one per usable GPU when there are several)")
     p.add_argument("--time-budget", type=parse_duration, help="seconds (or 90m, 8.5h) the whole run may take (default: none; 8.5h on Kaggle)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse (empty row) an image whose PNG header declares more than N pixels per channel "
+                        f"(default {DEFAULT_MAX_PIXELS:,}, 50 MP; HPA images are at most 3072x3072 = 9.4 MP)")
     p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)")
     p.add_argument("--no-resume", action="store_true", help="ignore the journal of an interrupted run")

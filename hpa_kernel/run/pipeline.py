@@ -8,7 +8,9 @@
 (:mod:`~hpa_kernel.run.journal`), degrades to cheaper settings when a time budget would be
 exceeded (:mod:`~hpa_kernel.run.budget`), and always writes a complete ``submission.csv``:
 every sample ID gets a row; an image that fails at any stage gets an empty row and is
-listed in the report (:mod:`~hpa_kernel.run.summary`).
+listed in the report (:mod:`~hpa_kernel.run.summary`). An ID that is not a safe file name
+(:func:`~hpa_kernel.formats.images.is_safe_id`) is such a failure: no file is read or
+written for it. A failed row is journaled with its error and done again on resume.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 from hpa_kernel.config import KernelConfig
-from hpa_kernel.formats.images import TEST_DIR, LoadedImage, fallback_size, load_image, read_test_set
+from hpa_kernel.formats.images import TEST_DIR, LoadedImage, fallback_size, id_file, load_image, read_test_set
 from hpa_kernel.formats.overlay import save_overlay
 from hpa_kernel.formats.rle import encode_label_image
 from hpa_kernel.formats.submission import prediction_string, write_submission
@@ -45,17 +47,18 @@ def predict_row(predictor: Predictor, item: LoadedImage, level: int, timer: Stag
         pred = prediction_string(rles, cell_ids, scores)
     if overlays is not None:
         with timer("overlay"):
-            save_overlay(Path(overlays) / f"{item.id}.png", item.image, labels, cell_ids, scores)
+            save_overlay(id_file(overlays, item.id, ".png"), item.image, labels, cell_ids, scores)
     return pred
 
 
 def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
-    """Run the kernel over ``opts.data_dir`` and write ``opts.out``; returns the report."""
-    from tqdm.auto import tqdm
+    """Run the kernel over ``opts.data_dir`` and write ``opts.out``; returns the report.
 
+    The journal of ``opts.out`` is held (locked) from before the weights are loaded to the
+    end: a second run on the same ``--out`` raises :class:`~hpa_kernel.run.journal.JournalBusy`.
+    """
     t_start = time.perf_counter()
     out, data_dir = Path(opts.out), Path(opts.data_dir)
-    test_dir = data_dir / TEST_DIR
     warnings: list[str] = []
 
     # 0. the IDs, the weights (integrity, device), the predictor
@@ -65,6 +68,27 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     if sample and sample.duplicates:
         dups = sorted(set(sample.duplicates))
         warnings.append(f"sample_submission.csv lists {len(dups)} duplicate ID(s), each written once: " + ", ".join(dups[:5]))
+    if sample and sample.repeated_headers:
+        lines = sample.repeated_headers
+        warnings.append(f"sample_submission.csv repeats its header line at line(s) "
+                        f"{', '.join(map(str, lines[:5]))}: skipped, not an ID")
+    journal = Journal(journal_path(out), fingerprint(config, ids, data_dir, opts.tta, fp16=opts.fp16,
+                                                     max_pixels=opts.max_pixels), opts.resume)
+    if journal.warning:
+        warnings.append(journal.warning)
+    try:
+        return _run(config, opts, t_start, ids, sample_sizes, warnings, journal)
+    finally:
+        journal.close(remove=not journal.rows)  # a run that did nothing leaves no journal
+
+
+def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
+         sample_sizes: dict[str, tuple[int, int]], warnings: list[str], journal: Journal) -> RunSummary:
+    """:func:`run` once the IDs are known and the journal is held."""
+    from tqdm.auto import tqdm
+
+    out, data_dir = Path(opts.out), Path(opts.data_dir)
+    test_dir = data_dir / TEST_DIR
     verify_files(config, check_hash=opts.verify_weights)
     device, device_warning = resolve_device(opts.device)
     if device_warning:
@@ -78,17 +102,18 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     if not predictor.members:
         warnings.append("no usable classifier: every image gets an empty prediction")
 
-    journal = Journal(journal_path(out), fingerprint(config, ids, data_dir, opts.tta), opts.resume)
-    todo = [i for i in ids if i not in journal.rows]
+    todo = [i for i in ids if not journal.done(i)]  # failed rows are done again
     n_resumed = len(ids) - len(todo)
-    if n_resumed:
-        logger.info("resuming: %d of %d images already done", n_resumed, len(ids))
+    n_retry = sum(1 for i in todo if i in journal.rows)
+    if n_resumed or n_retry:
+        logger.info("resuming: %d of %d images already done, %d failed one(s) to retry", n_resumed, len(ids), n_retry)
     budget = Budget(opts.time_budget, t_start)
     level, degraded_at, failures = 0, {}, {}
 
     def read(image_id: str) -> tuple[LoadedImage, float]:
         t0 = time.perf_counter()
-        return load_image(test_dir, image_id, size=config.image_size), time.perf_counter() - t0
+        item = load_image(test_dir, image_id, size=config.image_size, max_pixels=opts.max_pixels)
+        return item, time.perf_counter() - t0
 
     bar = tqdm(total=len(ids), initial=n_resumed, desc="hpa_kernel", unit="img", disable=not opts.progress)
     images = prefetch(todo, read, workers=opts.workers)  # yields in the order of todo
@@ -110,6 +135,7 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
             if item.id != image_id:  # prefetch yields in input order; skipped rows never reach it
                 raise RuntimeError(f"read-ahead out of step: got {item.id}, expected {image_id}")
             timer.add("read", t_read)
+            warnings += item.warnings
             pred, error = "", item.error
             said = sample_sizes.get(image_id, (0, 0))  # (0, 0): the sample gives no size
             if error is None and min(said) > 0 and said != (item.width, item.height):
