@@ -9,7 +9,9 @@ A manifest is a JSON file (``weights/manifest.json`` by default)::
       "classifiers": [{"path": "demo/model.pt", "weight": 1.0}],
       "step_weights": {"step1": 0.5, "step2": 0.5},
       "top_classes": 18, "min_confidence": 0.0,
-      "crop_size": 384, "batch_size": 16, "image_size": 512,
+      "batch_size": 16, "image_size": 512,
+      # "crop_size": 384,   optional: Step 2 crop side for every classifier; left out, each
+      #                     classifier uses its checkpoint's (what it was trained with)
       "files": {"demo/model.pt": {"size": 123, "sha256": "..."}}
     }
 
@@ -77,7 +79,7 @@ class KernelConfig:
     step2_weight: float = 0.5
     top_classes: int = 18
     min_confidence: float = 0.0
-    crop_size: int = 384
+    crop_size: int | None = None  # None: each checkpoint's crop_size (384 if it names none)
     batch_size: int = 16
     image_size: int = 512
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -165,7 +167,7 @@ def config_from_dict(
         step2_weight=float(sw.get("step2", 0.5)),
         top_classes=int(raw.get("top_classes", 18)),
         min_confidence=float(raw.get("min_confidence", 0.0)),
-        crop_size=int(raw.get("crop_size", 384)),
+        crop_size=int(raw["crop_size"]) if raw.get("crop_size") is not None else None,
         batch_size=int(raw.get("batch_size", 16)),
         image_size=int(raw.get("image_size", 512)),
         files=dict(raw.get("files", {})),
@@ -174,6 +176,8 @@ def config_from_dict(
     )
     if cfg.step1_weight < 0 or cfg.step2_weight < 0 or cfg.step1_weight + cfg.step2_weight <= 0:
         raise ConfigError("step_weights must be non-negative and not both zero")
+    if cfg.crop_size is not None and cfg.crop_size < 1:
+        raise ConfigError(f"crop_size must be a positive number of pixels, not {cfg.crop_size}")
     if cfg.image_size % 32:
         raise ConfigError(f"image_size must be a multiple of 32, not {cfg.image_size}")
     return cfg

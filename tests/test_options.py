@@ -23,6 +23,7 @@ SAMPLES = {
     "parallel": "2",
     "time_budget": "90m",
     "save_overlays": "overlays",
+    "save_cells": "cells",
 }
 
 

@@ -45,6 +45,7 @@ class RunOptions:
     time_budget: float | None = None  # seconds for the whole run
     tta: bool = False
     save_overlays: Path | None = None
+    save_cells: Path | None = None  # per-cell export folder (a shard: its shard-I-of-N/ subfolder)
     verify_weights: bool = True
     resume: bool = True
     progress: bool = True
@@ -64,6 +65,7 @@ class RunOptions:
             time_budget=time_budget,
             tta=args.tta,
             save_overlays=args.save_overlays,
+            save_cells=args.save_cells,
             verify_weights=not args.no_verify,
             resume=not args.no_resume,
             progress=not args.no_progress and not args.quiet,
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=parse_duration, help="seconds (or 90m, 8.5h) the whole run may take (default: none; 8.5h on Kaggle)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines")
+    p.add_argument("--save-cells", type=Path, metavar="DIR",
+                   help="write the per-cell export (label PNGs + per-model Step 1/Step 2/ensembled scores) to DIR, "
+                        "resumable; a --shard/--parallel shard writes DIR/shard-I-of-N (docs/TEAM_ENSEMBLING.md)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)")
     p.add_argument("--no-resume", action="store_true", help="ignore the journal of an interrupted run")
     p.add_argument("--allow-outside-paths", action="store_true", help="let the manifest name files outside its folder")
