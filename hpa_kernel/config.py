@@ -9,7 +9,9 @@ A manifest is a JSON file (``weights/manifest.json`` by default)::
       "classifiers": [{"path": "demo/model.pt", "weight": 1.0}],
       "step_weights": {"step1": 0.5, "step2": 0.5},
       "top_classes": 18, "min_confidence": 0.0,
-      "crop_size": 384, "batch_size": 16, "image_size": 512,
+      "batch_size": 16, "image_size": 512,
+      # "crop_size": 384,   optional: Step 2 crop side for every classifier; left out, each
+      #                     classifier uses its checkpoint's (what it was trained with)
       "files": {"demo/model.pt": {"size": 123, "sha256": "..."}}
     }
 
@@ -81,7 +83,7 @@ class KernelConfig:
     step2_weight: float = 0.5
     top_classes: int = 18
     min_confidence: float = 0.0
-    crop_size: int = 384
+    crop_size: int | None = None  # None: each checkpoint's crop_size (384 if it names none)
     batch_size: int = 16
     image_size: int = 512
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -221,7 +223,7 @@ def config_from_dict(
         step2_weight=step2,
         top_classes=_integer(raw.get("top_classes", 18), "top_classes", 1, MAX_TOP_CLASSES),
         min_confidence=_number(raw.get("min_confidence", 0.0), "min_confidence", 0.0, 1.0),
-        crop_size=_integer(raw.get("crop_size", 384), "crop_size"),
+        crop_size=_integer(raw["crop_size"], "crop_size") if raw.get("crop_size") is not None else None,
         batch_size=_integer(raw.get("batch_size", 16), "batch_size"),
         image_size=image_size,
         files=dict(_obj(raw.get("files", {}), "files")),

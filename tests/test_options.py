@@ -24,6 +24,7 @@ SAMPLES = {
     "time_budget": "90m",
     "save_overlays": "overlays",
     "max_pixels": "1000",
+    "save_cells": "cells",
 }
 
 

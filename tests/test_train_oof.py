@@ -97,3 +97,41 @@ def test_image_probabilities_are_the_full_image_forward(setup):
     probs, _ = classify_image(model, _load_512(row, [], 192))
     assert images["ID"].tolist() == [row.ID]
     assert np.allclose(images[IMAGE_COLS].to_numpy()[0], probs, atol=1e-6)
+
+
+def test_oof_writes_the_save_cells_table(setup, tmp_path):
+    """The validation fold's per-cell export: the folder ``submit --save-cells`` writes (same
+    reader, same columns), with the OOF table's Step 1 / Step 2 scores as model m0."""
+    from hpa_kernel.formats.cells import read_cells, read_labels, scores
+    from hpa_kernel.stages.ensemble import select_top_classes
+
+    root, index, ckpt = setup
+    table, images = export_oof_tables(index, ckpt, fold=1, opts=OOFOptions(size=192, limit=3), progress=False,
+                                      cells_out=tmp_path / "cells")
+    t = read_cells(tmp_path / "cells")
+    assert t.models == ["m0"]
+    assert list(t.images["ID"]) == list(images["ID"])
+    assert list(t.images["n_cells"]) == list(images["n_cells"])
+    assert list(t.cells.columns[:7]) == ["ID", "cell_id", "y0", "x0", "y1", "x1", "area"]
+    assert list(t.cells.columns[7:26]) == [f"score_{c:02d}" for c in range(19)]
+    assert t.cells[["ID", "cell_id"]].values.tolist() == table[["ID", "cell_id"]].values.tolist()
+    # original size = working size here (192): the same boxes as the OOF table
+    assert (t.cells[["y0", "x0", "y1", "x1"]].to_numpy() == table[["y0", "x0", "y1", "x1"]].to_numpy()).all()
+    s1, s2, ens = (scores(t.cells, "m0", s) for s in ("step1", "step2", "ens"))
+    assert np.allclose(s1, table[STEP1_COLS].to_numpy(), atol=1e-7)
+    assert np.allclose(s2, table[STEP2_COLS].to_numpy(), atol=1e-7)
+    assert np.allclose(ens, 0.5 * s1 + 0.5 * s2, atol=1e-6)
+    assert np.array_equal(scores(t.cells), select_top_classes(ens, top_n=18, floor=0.0))
+    image_id = t.images["ID"].iloc[0]
+    assert read_labels(tmp_path / "cells", image_id).shape == (192, 192)
+
+
+def test_cli_writes_the_cells_folder_beside_the_old_outputs(setup, tmp_path):
+    from hpa_kernel.formats.cells import read_cells
+
+    root, index, ckpt = setup
+    assert main(["--index-csv", str(index), "--checkpoint", str(ckpt), "--fold", "0", "--size", "192", "--limit", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "oof.csv")]) == 0
+    old = pd.read_csv(tmp_path / "oof.csv")  # the current OOF file stays as it was
+    assert old.columns[10:].tolist() == STEP1_COLS + STEP2_COLS
+    assert len(read_cells(tmp_path / "oof.cells").cells) == len(old)

@@ -49,6 +49,7 @@ class RunOptions:
     tta: bool = False
     save_overlays: Path | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS  # per channel, from the PNG header; larger images get empty rows
+    save_cells: Path | None = None  # per-cell export folder (a shard: its shard-I-of-N/ subfolder)
     verify_weights: bool = True
     resume: bool = True
     progress: bool = True
@@ -69,6 +70,7 @@ class RunOptions:
             tta=args.tta,
             save_overlays=args.save_overlays,
             max_pixels=args.max_pixels,
+            save_cells=args.save_cells,
             verify_weights=not args.no_verify,
             resume=not args.no_resume,
             progress=not args.no_progress and not args.quiet,
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse (empty row) an image whose PNG header declares more than N pixels per channel "
                         f"(default {DEFAULT_MAX_PIXELS:,}, 50 MP; HPA images are at most 3072x3072 = 9.4 MP)")
     p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines")
+    p.add_argument("--save-cells", type=Path, metavar="DIR",
+                   help="write the per-cell export (label PNGs + per-model Step 1/Step 2/ensembled scores) to DIR, "
+                        "resumable; a --shard/--parallel shard writes DIR/shard-I-of-N (docs/TEAM_ENSEMBLING.md)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)")
     p.add_argument("--no-resume", action="store_true", help="ignore the journal of an interrupted run")
     p.add_argument("--allow-outside-paths", action="store_true", help="let the manifest name files outside its folder")

@@ -11,6 +11,13 @@ every sample ID gets a row; an image that fails at any stage gets an empty row a
 listed in the report (:mod:`~hpa_kernel.run.summary`). An ID that is not a safe file name
 (:func:`~hpa_kernel.formats.images.is_safe_id`) is such a failure: no file is read or
 written for it. A failed row is journaled with its error and done again on resume.
+
+With ``--save-cells DIR`` each image's cells also go to the per-cell export
+(:mod:`~hpa_kernel.formats.cells`) as the run goes: the label image and, per model, the
+Step 1, Step 2 and ensembled scores besides the final ones. A shard (``--shard I/N``, and
+so each ``--parallel`` process) writes ``DIR/shard-I-of-N`` (one writer per folder).
+Resumable like the submission (images already in the folder are skipped); an export
+failure is logged and listed in the report's warnings, never costs the image's row.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import time
 from pathlib import Path
 
 from hpa_kernel.config import KernelConfig
+from hpa_kernel.formats.cells import CellsWriter
 from hpa_kernel.formats.images import TEST_DIR, LoadedImage, fallback_size, id_file, load_image, read_test_set
 from hpa_kernel.formats.overlay import save_overlay
 from hpa_kernel.formats.rle import encode_label_image
@@ -31,16 +39,50 @@ from hpa_kernel.run.journal import Journal, fingerprint, journal_path
 from hpa_kernel.run.options import RunOptions, select_ids
 from hpa_kernel.run.prefetch import prefetch
 from hpa_kernel.run.summary import RunSummary, StageTimer
-from hpa_kernel.stages.predictor import Predictor
+from hpa_kernel.stages.predictor import Predictor, ScoreDetail
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "predict_row"]
+__all__ = ["run", "predict_row", "CellsExport", "cells_folder"]
 
 
-def predict_row(predictor: Predictor, item: LoadedImage, level: int, timer: StageTimer, overlays: Path | None) -> str:
-    """One decoded image's PredictionString: predict, masks to the original size, RLE."""
-    labels, cell_ids, scores = predictor.predict(item.image, (item.width, item.height), timer=timer, **LEVEL_SETTINGS[level])
+def cells_folder(save_cells: Path, shard: tuple[int, int] | None) -> Path:
+    """Where a run writes its per-cell export: ``DIR``, or ``DIR/shard-I-of-N`` for a shard."""
+    return Path(save_cells) / f"shard-{shard[0]}-of-{shard[1]}" if shard else Path(save_cells)
+
+
+class CellsExport:
+    """The run's per-cell export: one :class:`~hpa_kernel.formats.cells.CellsWriter`.
+
+    :meth:`write` never raises: a failure (a bad ID -- the writer refuses one that cannot
+    name a file --, a full disk) is logged and kept in :attr:`failures`.
+    """
+
+    def __init__(self, folder: Path, models: list[str], resume: bool) -> None:
+        self.writer = CellsWriter(folder, models=models, resume=resume)
+        self.failures: dict[str, str] = {}
+
+    def write(self, image_id: str, labels, size: tuple[int, int], cell_ids, scores, detail: ScoreDetail) -> None:
+        try:
+            self.writer.write_image(image_id, labels, size, cell_ids, scores, detail.steps)
+        except Exception as e:  # the export never costs the row
+            self.failures[image_id] = f"{type(e).__name__}: {e}"
+            logger.error("image %s: per-cell export failed (%s); its row is still written", image_id, self.failures[image_id])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def predict_row(
+    predictor: Predictor, item: LoadedImage, level: int, timer: StageTimer, overlays: Path | None,
+    cells: CellsExport | None = None,
+) -> str:
+    """One decoded image's PredictionString: predict, masks to the original size, RLE
+    (and its per-cell export when ``cells`` is given)."""
+    detail = ScoreDetail() if cells is not None else None
+    labels, cell_ids, scores = predictor.predict(
+        item.image, (item.width, item.height), timer=timer, detail=detail, **LEVEL_SETTINGS[level]
+    )
     written = cell_ids[scores.max(axis=1) > 0]  # cells with something to write
     with timer("rle"):
         rles = encode_label_image(labels, item.width, item.height, cell_ids=written)
@@ -48,6 +90,9 @@ def predict_row(predictor: Predictor, item: LoadedImage, level: int, timer: Stag
     if overlays is not None:
         with timer("overlay"):
             save_overlay(id_file(overlays, item.id, ".png"), item.image, labels, cell_ids, scores)
+    if cells is not None:  # last: a row that failed above is not exported either
+        with timer("save_cells"):
+            cells.write(item.id, labels, (item.width, item.height), cell_ids, scores, detail)
     return pred
 
 
@@ -107,6 +152,14 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
     n_retry = sum(1 for i in todo if i in journal.rows)
     if n_resumed or n_retry:
         logger.info("resuming: %d of %d images already done, %d failed one(s) to retry", n_resumed, len(ids), n_retry)
+    cells = None
+    if opts.save_cells is not None:
+        folder = cells_folder(opts.save_cells, opts.shard)
+        try:
+            cells = CellsExport(folder, [m.name for m in predictor.members], resume=opts.resume)
+        except Exception as e:  # a bad folder never costs the submission
+            logger.error("per-cell export to %s disabled: %s", folder, e)
+            warnings.append(f"per-cell export to {folder} disabled: {type(e).__name__}: {e}")
     budget = Budget(opts.time_budget, t_start)
     level, degraded_at, failures = 0, {}, {}
 
@@ -144,7 +197,7 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
             if error is None:
                 try:
                     # 2-8. segmentation, classifiers, Step 1/2, ensemble, class selection, RLE
-                    pred = predict_row(predictor, item, level, timer, opts.save_overlays)
+                    pred = predict_row(predictor, item, level, timer, opts.save_overlays, cells)
                 except Exception as e:  # an image never costs the rest of the run
                     logger.exception("image %s failed", image_id)
                     error, pred = f"{type(e).__name__}: {e}", ""
@@ -162,6 +215,11 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
     finally:
         bar.close()
         images.close()
+        if cells is not None:
+            cells.close()
+    if cells is not None and cells.failures:
+        bad = sorted(cells.failures)
+        warnings.append(f"per-cell export failed for {len(bad)} image(s) (rows written): " + ", ".join(bad[:5]))
 
     for image_id, (_, _, _, err) in journal.rows.items():
         if err and image_id not in failures:

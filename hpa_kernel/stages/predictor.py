@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -34,7 +34,26 @@ from hpa_kernel.stages.step2 import crop_cells, predict_crops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Member", "Predictor", "Timer"]
+__all__ = ["DEFAULT_CROP_SIZE", "Member", "Predictor", "ScoreDetail", "Timer", "crop_size_of"]
+
+#: Step 2 crop side when neither the manifest nor the checkpoint names one
+DEFAULT_CROP_SIZE = 384
+
+
+def crop_size_of(model: PuzzleCAM, config: KernelConfig) -> tuple[int, str]:
+    """The Step 2 crop side of one classifier and where it comes from.
+
+    The one precedence rule: the manifest's ``crop_size`` when it sets one (an explicit
+    choice for every classifier), else the checkpoint's (what the model was trained
+    with), else :data:`DEFAULT_CROP_SIZE`. Returns ``(size, "manifest" | "checkpoint" |
+    "default")``.
+    """
+    if config.crop_size is not None:
+        return int(config.crop_size), "manifest"
+    crop = model.data_config["crop_size"]
+    if crop:
+        return int(crop), "checkpoint"
+    return DEFAULT_CROP_SIZE, "default"
 
 
 class Timer(Protocol):
@@ -60,6 +79,24 @@ class Member:
 
     model: PuzzleCAM
     weight: float = 1.0
+    #: Step 2 crop side (:func:`crop_size_of`; ``None``: worked out when scoring)
+    crop_size: int | None = None
+    #: the model's name in the per-cell export (``m<k>``, ``k`` = its place in the manifest)
+    name: str = "m0"
+
+
+@dataclass
+class ScoreDetail:
+    """What :meth:`Predictor.predict` gives besides its return value when asked (``detail=``).
+
+    ``steps[name]`` is ``{"step1": (n, 19) | None, "step2": (n, 19) | None, "ens": (n, 19)}``
+    for each model that ran on the image (in member order; a step that did not run is
+    ``None``, a model left out by ``max_models`` is absent); ``ensemble`` is the models'
+    weighted mean before the class-selection rule. Rows follow ``cell_ids``.
+    """
+
+    steps: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)
+    ensemble: np.ndarray | None = None
 
 
 class Predictor:
@@ -69,7 +106,7 @@ class Predictor:
         segmenter: any :class:`~hpa_kernel.stages.segmentation.Segmenter`.
         members: the classifiers; none = every image gets no scores (cells still found).
         config: the manifest (``step1_weight``, ``step2_weight``, ``top_classes``,
-            ``min_confidence``, ``crop_size`` used where a checkpoint names none).
+            ``min_confidence``, ``crop_size``: see :func:`crop_size_of`).
         device, fp16: where the classifiers run; fp16 autocast (CUDA only).
         tta: flip test-time augmentation (identity, horizontal, vertical).
         batch_size: Step 2 crop batch size (default: the manifest's).
@@ -118,7 +155,7 @@ class Predictor:
             problems.append(msg)
             segmenter = create_segmenter(SegmentationConfig(method="classic"), device=device, fp16=fp16)
         members = []
-        for c in config.classifiers:
+        for k, c in enumerate(config.classifiers):
             try:
                 model, _ = load_checkpoint(c.path, device=device)
             except Exception as e:  # CheckpointError and anything torch raises
@@ -126,7 +163,9 @@ class Predictor:
                 logger.error(msg)
                 problems.append(msg)
                 continue
-            members.append(Member(model, c.weight))
+            crop, source = crop_size_of(model, config)
+            logger.info("classifier m%d %s: Step 2 crops %d px (%s's crop_size)", k, c.path.name, crop, source)
+            members.append(Member(model, c.weight, crop_size=crop, name=f"m{k}"))
         if not members:
             logger.error("no usable classifier: every image gets an empty prediction")
         predictor = cls(segmenter, members, config, device, fp16, tta, batch_size, problems)
@@ -141,6 +180,7 @@ class Predictor:
         step2: bool = True,
         max_models: int | None = None,
         timer: Timer | None = None,
+        detail: ScoreDetail | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Segment and score one image.
 
@@ -151,6 +191,8 @@ class Predictor:
             max_models: use only the first this many classifiers (``None``: all).
             timer: receives stage times (``segmentation``, ``seg_network``,
                 ``forward_full``, ``step1``, ``crops``, ``forward_crops``, ``ensemble``).
+            detail: a :class:`ScoreDetail` to fill with the per-model Step 1, Step 2 and
+                ensembled scores (for ``submit --save-cells``); ``None``: not kept.
 
         Returns:
             ``(labels (S, S) int32, cell_ids (n,), scores (n, 19) float32)``: after the
@@ -165,7 +207,7 @@ class Predictor:
         if net:  # the U-Net forwards apart from the post-processing
             timer.add("seg_network", net)
         cell_ids = present_ids(labels)
-        return labels, cell_ids, self.score(image, labels, cell_ids, step2, max_models, timer)
+        return labels, cell_ids, self.score(image, labels, cell_ids, step2, max_models, timer, detail)
 
     def score(
         self,
@@ -175,9 +217,10 @@ class Predictor:
         step2: bool = True,
         max_models: int | None = None,
         timer: Timer | None = None,
+        detail: ScoreDetail | None = None,
     ) -> np.ndarray:
         """Per-cell, per-class scores ``(n, 19)`` of given cells: Step 1, Step 2, the
-        ensemble and the class-selection rule (see :meth:`predict`)."""
+        ensemble and the class-selection rule (see :meth:`predict`; ``detail`` likewise)."""
         timer = timer if timer is not None else _NoTimer()
         config = self.config
         n = len(cell_ids)
@@ -196,13 +239,17 @@ class Predictor:
                     s1 = step1_scores(cams, probs, labels, cell_ids)
             if use_step2:
                 with timer("crops"):
-                    crops = crop_cells(image, labels, cell_ids, crop_size=m.model.data_config["crop_size"] or config.crop_size)
+                    crops = crop_cells(image, labels, cell_ids, crop_size=m.crop_size or crop_size_of(m.model, config)[0])
                 with timer("forward_crops"):
                     s2 = predict_crops(
                         m.model, crops, batch_size=self.batch_size, device=self.device, fp16=self.fp16, tta=self.tta
                     )
             with timer("ensemble"):
                 per_model.append(combine_steps(s1, s2, config.step1_weight, config.step2_weight))
+            if detail is not None:
+                detail.steps[m.name] = {"step1": s1, "step2": s2, "ens": per_model[-1]}
         with timer("ensemble"):
             scores = combine_models(per_model, [m.weight for m in members])
+            if detail is not None:
+                detail.ensemble = scores
             return select_top_classes(scores, top_n=config.top_classes, floor=config.min_confidence)

@@ -1,7 +1,8 @@
 """Out-of-fold export: per cell, per class Step 1 and Step 2 predictions of one fold.
 
     python -m hpa_kernel.train.oof --config configs/demo.json --checkpoint runs/demo/best.pt \\
-        --fold 0 --out oof.csv [--images-out oof.images.csv] [--device auto] [--src DIR ...] [--size 512] [--limit N]
+        --fold 0 --out oof.csv [--images-out oof.images.csv] [--cells-out oof.cells] [--device auto] \\
+        [--src DIR ...] [--size 512] [--limit N]
 
 For every validation image of fold K (from the config's ``index_csv``) this runs what the
 kernel runs: the 512 px image (from the RGBY cache, or from the original PNGs with
@@ -16,6 +17,14 @@ teams' models.
 Beside it, the per-image file (``--images-out``, default ``<out stem>.images<suffix>``):
 one row per image, ``ID, fold, width, height, Label, n_cells, image_0..image_18`` (the
 full-image sigmoid probabilities of the model), for image-level OOF metrics and stacking.
+
+And the per-cell export folder (``--cells-out``, default ``<out stem>.cells`` beside
+``--out``): the same folder and table that ``submit --save-cells`` writes
+(:mod:`hpa_kernel.formats.cells`, the one writer: label PNGs at ``size``, boxes and areas
+at the original size, the checkpoint as model ``m0`` with its ``step1``, ``step2`` and
+``ens`` columns, and final ``score_cc`` columns by the kernel's default manifest rules:
+step weights 0.5/0.5, top 18 classes, no floor; :class:`OOFOptions` sets them), so a team
+can fit ensemble weights on OOF folders and apply them to test-time folders.
 ``--device auto`` (the default) runs on the GPU when one is usable.
 """
 
@@ -35,7 +44,8 @@ from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.train.config import load_train_config
 from hpa_kernel.train.dataset import load_index
 
-__all__ = ["OOFOptions", "predict_cells", "export_oof", "export_oof_tables", "images_path", "write_table", "main"]
+__all__ = ["OOFOptions", "predict_cells", "export_oof", "export_oof_tables", "images_path", "cells_path",
+           "write_table", "main"]
 
 logger = logging.getLogger(__name__)
 STEP1_COLS = [f"step1_{c}" for c in range(NUM_CLASSES)]
@@ -50,6 +60,11 @@ class OOFOptions:
     device: str = "cpu"
     fp16: bool = False
     limit: int | None = None  # first N images of the fold only
+    # the per-cell export's ens / final scores, as the kernel's manifest defaults
+    step1_weight: float = 0.5
+    step2_weight: float = 0.5
+    top_classes: int = 18
+    min_confidence: float = 0.0
 
 
 def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.ndarray, opts: OOFOptions,
@@ -115,8 +130,12 @@ def export_oof_tables(
     sources: Sequence[str | Path] = (),
     opts: OOFOptions | None = None,
     progress: bool = True,
+    cells_out: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(per-cell table, per-image table)`` of ``fold`` (see the module docstring)."""
+    """``(per-cell table, per-image table)`` of ``fold`` (see the module docstring); with
+    ``cells_out`` also the per-cell export folder there (started afresh)."""
+    from hpa_kernel.formats.cells import CellsWriter
+    from hpa_kernel.stages.ensemble import combine_steps, select_top_classes
     from hpa_kernel.stages.model import classify_image, load_checkpoint
 
     opts = opts or OOFOptions()
@@ -135,6 +154,7 @@ def export_oof_tables(
         rows = rows.iloc[: opts.limit]
     sources = [Path(s) for s in sources]
     parts, image_rows = [], []
+    writer = CellsWriter(cells_out, models=["m0"], resume=False) if cells_out is not None else None
     for row in tqdm(rows.itertuples(index=False), total=len(rows), desc=f"oof fold {fold}", disable=not progress):
         image = _load_512(row, sources, opts.size)
         w, h = int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0)
@@ -148,6 +168,13 @@ def export_oof_tables(
                              "width": w, "height": h, "Label": str(row.Label)})
         parts.append(pd.concat([part, pd.DataFrame(s1, columns=STEP1_COLS), pd.DataFrame(s2, columns=STEP2_COLS)],
                                axis=1))
+        if writer is not None:
+            ens = combine_steps(s1, s2, opts.step1_weight, opts.step2_weight)
+            final = select_top_classes(ens, top_n=opts.top_classes, floor=opts.min_confidence)
+            writer.write_image(str(row.ID), seg.cells, (w or opts.size, h or opts.size), cell_ids, final,
+                               {"m0": {"step1": s1, "step2": s2, "ens": ens}})
+    if writer is not None:
+        writer.close()
     table = pd.concat(parts, ignore_index=True)
     images = pd.DataFrame(image_rows, columns=["ID", "fold", "width", "height", "Label", "n_cells", *IMAGE_COLS])
     logger.info("fold %d: %d cells in %d images", fold, len(table), len(rows))
@@ -158,6 +185,12 @@ def images_path(out: str | Path) -> Path:
     """The default per-image file beside ``out``: ``oof.csv`` -> ``oof.images.csv``."""
     out = Path(out)
     return out.with_name(f"{out.stem}.images{out.suffix}")
+
+
+def cells_path(out: str | Path) -> Path:
+    """The default per-cell export folder beside ``out``: ``oof.csv`` -> ``oof.cells``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.cells")
 
 
 def write_table(table: pd.DataFrame, out: str | Path) -> Path:
@@ -183,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold", required=True, type=int)
     ap.add_argument("--out", required=True, type=Path, help=".csv or .parquet")
     ap.add_argument("--images-out", type=Path, help="per-image file (default: <out stem>.images<suffix>)")
+    ap.add_argument("--cells-out", type=Path,
+                    help="per-cell export folder, the table submit --save-cells writes (default: <out stem>.cells)")
     ap.add_argument("--src", action="append", default=[], type=Path, help="read the original PNGs from here")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -211,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = OOFOptions(size=args.size, batch_size=args.batch_size, device=device, fp16=args.fp16, limit=args.limit)
     table, images = export_oof_tables(index_csv, args.checkpoint, args.fold, Segmenter(seg_cfg, device=device),
-                                      args.src, opts)
+                                      args.src, opts, cells_out=args.cells_out or cells_path(args.out))
     out = write_table(table, args.out)
     img_out = write_table(images, args.images_out or images_path(args.out))
-    print(f"{len(table)} cells of {table['ID'].nunique()} images -> {out}; {len(images)} image rows -> {img_out}")
+    print(f"{len(table)} cells of {table['ID'].nunique()} images -> {out}; {len(images)} image rows -> {img_out}; "
+          f"per-cell export -> {args.cells_out or cells_path(args.out)}")
     return 0
 
 
