@@ -41,7 +41,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -51,6 +50,8 @@ import numpy as np
 import pandas as pd
 
 from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.formats.atomic import atomic_write
+from hpa_kernel.formats.images import is_safe_id
 from hpa_kernel.stages.labels import label_boxes, resize_labels
 
 __all__ = [
@@ -112,8 +113,9 @@ def _columns(models: Sequence[str]) -> list[str]:
 
 
 def _check_id(image_id: str) -> str:
+    """``image_id`` if it may name a file (:func:`~hpa_kernel.formats.images.is_safe_id`, the one rule)."""
     image_id = str(image_id)
-    if not image_id or image_id.startswith(".") or any(ch in image_id for ch in '/\\\n\r,"'):
+    if not is_safe_id(image_id):
         raise ValueError(f"image ID {image_id!r} cannot name a file")
     return image_id
 
@@ -141,19 +143,6 @@ def _read_index(folder: Path) -> pd.DataFrame:
     if list(df.columns) != list(INDEX_COLUMNS):
         raise ValueError(f"{path}: columns {list(df.columns)}, expected {list(INDEX_COLUMNS)}")
     return df.drop_duplicates("ID", keep="first").reset_index(drop=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _detect_format(folder: Path) -> str | None:
@@ -343,7 +332,7 @@ class CellsWriter:
         ok, png = cv2.imencode(".png", labels.astype(np.uint16))
         if not ok:
             raise OSError(f"could not encode the label image of {image_id}")
-        _atomic_write(self.folder / LABELS_DIR / f"{image_id}.png", png.tobytes())
+        atomic_write(self.folder / LABELS_DIR / f"{image_id}.png", png.tobytes())
         table_end = 0
         if self.format == "csv":
             if n:
@@ -355,7 +344,7 @@ class CellsWriter:
         elif n:
             buf = io.BytesIO()
             df.to_parquet(buf, index=False)
-            _atomic_write(self.folder / PARQUET_DIR / f"{image_id}.parquet", buf.getvalue())
+            atomic_write(self.folder / PARQUET_DIR / f"{image_id}.parquet", buf.getvalue())
         line = io.StringIO()
         csv.writer(line, lineterminator="\n").writerow((image_id, width, height, n, table_end))
         self._index_fh.write(line.getvalue().encode())

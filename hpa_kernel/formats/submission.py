@@ -16,9 +16,8 @@ import csv
 import logging
 import math
 import os
-import re
 import sys
-import tempfile
+import io
 from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.formats.atomic import atomic_write, stale_temps
 from hpa_kernel.formats.images import read_sample
 from hpa_kernel.formats.rle import check_masks
 
@@ -168,36 +168,9 @@ def check_row(image_id: str, row: Row) -> Row:
     return int(width), int(height), text
 
 
-_TEMP_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    """This process's umask (read without a window where it is changed, where /proc has it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _stale_temps(path: Path) -> list[Path]:
-    """The temp files :func:`write_submission` leaves beside ``path`` when killed mid-write:
-    ``.<name>.<random>.tmp`` (``tempfile.mkstemp``'s letters, digits and ``_``), regular files only."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+" + re.escape(_TEMP_SUFFIX))
-    try:
-        entries = list(path.parent.iterdir())
-    except OSError:
-        return []
-    return [p for p in entries if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
-
-
 def prepare_output(path: str | os.PathLike) -> None:
     """Check, before any work, that :func:`write_submission` can write ``path``, and remove
-    the temp files a killed earlier write left beside it (:func:`_stale_temps`; nothing else).
+    the temp files a killed earlier write left beside it (:func:`~hpa_kernel.formats.atomic.stale_temps`; nothing else).
 
     Raises ``OSError`` with a one-line reason when ``path`` is a folder or another
     non-regular file, or when its folder is not a folder or cannot be created or written.
@@ -215,7 +188,7 @@ def prepare_output(path: str | os.PathLike) -> None:
         raise NotADirectoryError(f"{path}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{path}: cannot write in {folder}")
-    for stale in _stale_temps(path):
+    for stale in stale_temps(path):
         try:
             stale.unlink()
             logger.info("removed %s, left by an interrupted write", stale)
@@ -267,24 +240,11 @@ def write_submission(
         return check_row(image_id, (w, h, ""))
 
     lines = [(image_id, *row_for(image_id)) for image_id in order]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600; the output gets what open() would give
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(COLUMNS)
-            writer.writerows(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows(lines)
+    atomic_write(path, buf.getvalue().encode())
     logger.info("wrote %s (%d rows)", path, len(lines))
     return path
 
