@@ -137,10 +137,26 @@ def test_auto_format_follows_pyarrow(tmp_path):
         assert w.format == ("parquet" if pyarrow_available() else "csv")
 
 
-@pytest.mark.skipif(pyarrow_available(), reason="pyarrow installed: Parquet is tested above")
-def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="pyarrow"):
-        CellsWriter(tmp_path, fmt="parquet")
+def test_without_pyarrow_auto_writes_csv_and_parquet_is_a_clear_error(tmp_path):
+    """The export on a machine without pyarrow: run where ``import pyarrow`` fails."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pyarrow'] = None\n"  # import pyarrow -> ImportError
+        "from hpa_kernel.formats.cells import CellsWriter, pyarrow_available\n"
+        "assert not pyarrow_available()\n"
+        f"w = CellsWriter({str(tmp_path / 'auto')!r}, fmt='auto'); print(w.format); w.close()\n"
+        "try:\n"
+        f"    CellsWriter({str(tmp_path / 'pq')!r}, fmt='parquet')\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.strip().splitlines()[:2]
+    assert first == "csv"
+    assert second.startswith("refused:") and "pyarrow" in second
 
 
 @pytest.mark.parametrize(
