@@ -776,6 +776,11 @@ def _blue(c: _Ctx) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 _NOT_IN_MITOSIS = frozenset({1, 2, 3, 4, 5})
 
+P_VARIABLE_IMAGE = 0.5
+"""Share of images (with a positive pattern) where one class varies from cell to cell."""
+VARIABLE_SHARE = (0.2, 0.7)
+"""Range of the share of cells that show the variable class in such an image."""
+
 
 def _random_image_labels(rng: np.random.Generator) -> list[int]:
     if rng.random() < 0.05:
@@ -788,7 +793,14 @@ def _random_image_labels(rng: np.random.Generator) -> list[int]:
 def _assign_classes(
     rng: np.random.Generator, cells: list[_Cell], areas: np.ndarray, requested: list[int]
 ) -> None:
-    """Give every (kept) cell its classes: most the image pattern, some a subset, some none."""
+    """Give every (kept) cell its classes: most the image pattern, some a subset, some none.
+
+    On top of that, in a share ``P_VARIABLE_IMAGE`` of the images one interphase class of
+    the pattern is *variable*: only a share ``U(VARIABLE_SHARE)`` of the other cells show
+    it (the HPA Cell Atlas reports cell-to-cell variation for many proteins), so that
+    broadcasting the image labels to every cell is measurably wrong. The largest
+    interphase cell always shows the whole pattern, so the image labels are unchanged.
+    """
     pattern = sorted(set(requested) - {NEGATIVE})
     n = len(cells)
     if n == 0:
@@ -801,6 +813,10 @@ def _assign_classes(
     p_neg = rng.uniform(0.05, 0.2)
     p_sub = rng.uniform(0.05, 0.25) if len(interphase) >= 2 else 0.0
     order = np.argsort(-areas, kind="stable")
+    variable, keep_share = -1, 1.0
+    if interphase and rng.random() < P_VARIABLE_IMAGE:
+        variable = int(rng.choice(interphase))
+        keep_share = float(rng.uniform(*VARIABLE_SHARE))
     full_cell = None
     for i in order:
         c = cells[i]
@@ -826,6 +842,8 @@ def _assign_classes(
         else:
             c.classes = list(interphase)
             full_cell = full_cell if full_cell is not None else i
+        if variable in c.classes and full_cell != i and rng.random() >= keep_share:
+            c.classes = [k for k in c.classes if k != variable] or [NEGATIVE]
     if NEGATIVE in requested and all(c.classes != [NEGATIVE] for c in cells) and n >= 2:
         for i in order[::-1]:
             if i != full_cell and not cells[i].mitotic:
