@@ -7,7 +7,9 @@ A manifest is a JSON file (``weights/manifest.json`` by default)::
       # or {"method": "hpa", "nuclei": "dpn_unet_nuclei_v1.pth",
       #     "cell": "dpn_unet_cell_3ch_v1.pth", "scale": "512"}
       "classifiers": [{"path": "demo/model.pt", "weight": 1.0}],
-      "step_weights": {"step1": 0.5, "step2": 0.5},
+      "step_weights": {"step1": 0.5, "step2": 0.5},               # or a pair of 19-vectors
+                                                                  # (per class; train.fit_weights)
+      "step1": {"cam": "relu_max"},                               # or "minmax" (measured option)
       "top_classes": 18, "min_confidence": 0.0,
       "batch_size": 16, "image_size": 512,
       # "crop_size": 384,   optional: Step 2 crop side for every classifier; left out, each
@@ -40,6 +42,9 @@ SEGMENTATION_METHODS: tuple[str, ...] = ("classic", "hpa")
 #: the most classes a prediction may keep (``top_classes``): ``classes.NUM_CLASSES``,
 #: written out because this module imports nothing of the package (a test keeps them equal)
 MAX_TOP_CLASSES = 19
+#: how Step 1 turns class maps into CAMs (``step1.cam``): ``stages.model.CAM_NORMS``,
+#: written out for the same reason (a test keeps them equal); the first is the default
+CAM_NORMS: tuple[str, ...] = ("relu_max", "minmax")
 
 
 def default_manifest() -> Path:
@@ -79,8 +84,10 @@ class ClassifierConfig:
 class KernelConfig:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     classifiers: list[ClassifierConfig] = field(default_factory=list)
-    step1_weight: float = 0.5
-    step2_weight: float = 0.5
+    #: Step 1 / Step 2 weights: one number each, or one per class (tuples of 19)
+    step1_weight: float | tuple[float, ...] = 0.5
+    step2_weight: float | tuple[float, ...] = 0.5
+    cam_norm: str = "relu_max"  # step1.cam: CAM normalisation (CAM_NORMS)
     top_classes: int = 18
     min_confidence: float = 0.0
     crop_size: int | None = None  # None: each checkpoint's crop_size (384 if it names none)
@@ -91,11 +98,21 @@ class KernelConfig:
     source: Path | None = None
 
     @property
+    def use_step1(self) -> bool:
+        """Step 1 has a positive weight for some class."""
+        return max(_as_tuple(self.step1_weight)) > 0
+
+    @property
     def use_step2(self) -> bool:
-        return self.step2_weight > 0
+        """Step 2 has a positive weight for some class."""
+        return max(_as_tuple(self.step2_weight)) > 0
 
     def replace(self, **changes: Any) -> "KernelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _as_tuple(w: float | tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(w) if isinstance(w, (tuple, list)) else (w,)
 
 
 def _resolve(root: Path, value: str | None, what: str, allow_outside: bool) -> Path | None:
@@ -154,6 +171,15 @@ def _number(value: Any, what: str, low: float = 0.0, high: float | None = None, 
     return v
 
 
+def _weights(value: Any, what: str) -> float | tuple[float, ...]:
+    """A step weight: one number >= 0, or a list of MAX_TOP_CLASSES (= 19) numbers >= 0."""
+    if isinstance(value, list):
+        if len(value) != MAX_TOP_CLASSES:
+            raise ConfigError(f"{what} must be a number or a list of {MAX_TOP_CLASSES} numbers, not {len(value)}")
+        return tuple(_number(v, f"{what}[{i}]") for i, v in enumerate(value))
+    return _number(value, what)
+
+
 def _obj(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{what} must be an object, not {value!r}")
@@ -173,7 +199,8 @@ def config_from_dict(
 
     Raises :class:`ConfigError` with one line naming the first bad field: a wrong type
     (``"weight": "heavy"``), a NaN or infinity, or a value out of range (``top_classes``
-    1..19, ``min_confidence`` in [0, 1], step weights >= 0 and not both 0, classifier
+    1..19, ``min_confidence`` in [0, 1], step weights >= 0 (a number or 19 of them) and
+    not both 0 for any class, ``step1.cam`` one of :data:`CAM_NORMS`, classifier
     weights > 0, sizes and batch sizes >= 1, ``image_size`` a multiple of 32).
     """
     root = Path(root)
@@ -209,10 +236,20 @@ def config_from_dict(
             )
         )
     sw = _obj(raw.get("step_weights", {}), "step_weights")
-    step1 = _number(sw.get("step1", 0.5), "step_weights.step1")
-    step2 = _number(sw.get("step2", 0.5), "step_weights.step2")
-    if step1 + step2 <= 0:
-        raise ConfigError("step_weights: step1 and step2 may not both be 0")
+    step1 = _weights(sw.get("step1", 0.5), "step_weights.step1")
+    step2 = _weights(sw.get("step2", 0.5), "step_weights.step2")
+    w1, w2 = _as_tuple(step1), _as_tuple(step2)
+    both_zero = [c for c in range(max(len(w1), len(w2))) if w1[c % len(w1)] + w2[c % len(w2)] <= 0]
+    if both_zero:
+        where = "" if len(w1) == len(w2) == 1 else f" for class {both_zero[0]}"
+        raise ConfigError(f"step_weights: step1 and step2 may not both be 0{where}")
+    s1_raw = _obj(raw.get("step1", {}), "step1")
+    unknown = sorted(set(s1_raw) - {"cam"})
+    if unknown:
+        raise ConfigError(f"step1: unknown key(s) {', '.join(unknown)} (step1 has cam)")
+    cam_norm = s1_raw.get("cam", CAM_NORMS[0])
+    if cam_norm not in CAM_NORMS:
+        raise ConfigError(f"step1.cam must be one of {list(CAM_NORMS)}, not {cam_norm!r}")
     image_size = _integer(raw.get("image_size", 512), "image_size")
     if image_size % 32:
         raise ConfigError(f"image_size must be a multiple of 32, not {image_size}")
@@ -221,6 +258,7 @@ def config_from_dict(
         classifiers=classifiers,
         step1_weight=step1,
         step2_weight=step2,
+        cam_norm=cam_norm,
         top_classes=_integer(raw.get("top_classes", 18), "top_classes", 1, MAX_TOP_CLASSES),
         min_confidence=_number(raw.get("min_confidence", 0.0), "min_confidence", 0.0, 1.0),
         crop_size=_integer(raw["crop_size"], "crop_size") if raw.get("crop_size") is not None else None,

@@ -21,6 +21,11 @@ def test_the_top_classes_bound_is_the_number_of_classes():
     ({"min_confidence": 1.5}, "min_confidence"),
     ({"step_weights": {"step1": 0, "step2": 0}}, "step_weights"),
     ({"step_weights": [0.5, 0.5]}, "step_weights"),
+    ({"step_weights": {"step1": [0.5] * 18, "step2": 0.5}}, "step_weights.step1"),
+    ({"step_weights": {"step1": [0.5] * 18 + [-1], "step2": 0.5}}, "step_weights.step1[18]"),
+    ({"step_weights": {"step1": [1.0] * 18 + [0.0], "step2": [0.0] * 19}}, "for class 18"),
+    ({"step1": {"cam": "softmax"}}, "step1.cam"),
+    ({"step1": {"norm": "minmax"}}, "step1: unknown key(s) norm"),
     ({"image_size": 500}, "image_size"),
     ({"batch_size": 2.5}, "batch_size"),
     ({"segmentation": {"method": "classic", "batch_size": 0}}, "segmentation.batch_size"),
@@ -38,3 +43,21 @@ def test_the_defaults_and_the_path_shorthand_still_load():
     cfg = config_from_dict({"classifiers": ["m.pt", {"path": "n.pt", "weight": 2}]}, root=".")
     assert [c.weight for c in cfg.classifiers] == [1.0, 2.0]
     assert (cfg.top_classes, cfg.min_confidence, cfg.image_size) == (18, 0.0, 512)
+
+
+def test_per_class_step_weights_and_the_cam_option_load():
+    w1 = [0.25] * 18 + [1.0]
+    cfg = config_from_dict({"step_weights": {"step1": w1, "step2": [0.75] * 18 + [0.0]},
+                            "step1": {"cam": "minmax"}}, root=".")
+    assert cfg.step1_weight == tuple(w1) and cfg.step2_weight[18] == 0.0
+    assert cfg.use_step1 and cfg.use_step2 and cfg.cam_norm == "minmax"
+    default = config_from_dict({}, root=".")
+    assert default.cam_norm == "relu_max" and (default.step1_weight, default.step2_weight) == (0.5, 0.5)
+    assert not config_from_dict({"step_weights": {"step1": 1, "step2": [0.0] * 19}}, root=".").use_step2
+
+
+def test_the_cam_names_are_the_models():
+    from hpa_kernel.config import CAM_NORMS
+    from hpa_kernel.stages import model
+
+    assert CAM_NORMS == model.CAM_NORMS and CAM_NORMS[0] == "relu_max"

@@ -63,3 +63,18 @@ def test_select_top_classes_by_max_over_cells_and_floor():
     assert floored[1, 2] == 0 and floored[1, 8] == 0 and floored[0, 7] == pytest.approx(0.3)
     np.testing.assert_array_equal(select_top_classes(s, top_n=19), s)
     assert select_top_classes(np.zeros((0, 19), np.float32)).shape == (0, 19)
+
+
+def test_combine_steps_per_class_weights():
+    rng = np.random.default_rng(1)
+    s1, s2 = rng.random((5, 19)).astype(np.float32), rng.random((5, 19)).astype(np.float32)
+    w1 = np.linspace(0.0, 1.0, 19)
+    out = combine_steps(s1, s2, w1, 1.0 - w1)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0], s2[:, 0], rtol=1e-6)  # class 0: Step 2 only
+    np.testing.assert_allclose(out[:, -1], s1[:, -1], rtol=1e-6)  # class 18: Step 1 only
+    np.testing.assert_allclose(out, (w1 * s1 + (1 - w1) * s2), rtol=1e-6)
+    # equal per-class weights give what the scalar pair gives
+    np.testing.assert_allclose(combine_steps(s1, s2, [2.0] * 19, [2.0] * 19), combine_steps(s1, s2), rtol=1e-6)
+    with pytest.raises(ValueError, match="not both 0"):
+        combine_steps(s1, s2, [0.0] * 19, [0.0] * 18 + [1.0])

@@ -99,6 +99,21 @@ def test_cams_in_unit_range_with_max_one_per_positive_class():
     assert float(cams[1, 0].flatten()[maps[1, 0].argmax()]) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_minmax_cams_keep_the_ranking_of_a_map_negative_everywhere():
+    """relu_max makes a map below 0 everywhere all zero; minmax keeps its order, in [0, 1]."""
+    maps = torch.zeros(1, 19, 4, 4)
+    maps[0, 3] = -5.0 + torch.arange(16, dtype=torch.float32).view(4, 4) / 10  # all negative
+    maps[0, 5] = torch.arange(16, dtype=torch.float32).view(4, 4) - 4.0  # mixed signs
+    ref, mm = PuzzleCAM.cams(maps), PuzzleCAM.cams(maps, "minmax")
+    assert float(ref[0, 3].max()) == 0.0
+    assert float(mm[0, 3].min()) == 0.0 and float(mm[0, 3].max()) == 1.0
+    assert torch.equal(mm[0, 3].flatten().argsort(), maps[0, 3].flatten().argsort())
+    torch.testing.assert_close(mm[0, 5], (maps[0, 5] + 4.0) / 15.0)
+    assert torch.all(mm[0, 0] == 1.0)  # a flat map: no cell is preferred
+    with pytest.raises(ValueError, match="unknown CAM normalisation"):
+        PuzzleCAM.cams(maps, "softmax")
+
+
 def test_normalize_numpy_and_torch_agree():
     rng = np.random.default_rng(0)
     x = rng.random((6, 5, 4), dtype=np.float32)

@@ -23,16 +23,34 @@ def _weights(weights: Sequence[float], n: int) -> np.ndarray:
     return w / w.sum()
 
 
-def combine_steps(s1: np.ndarray | None, s2: np.ndarray | None, w1: float = 0.5, w2: float = 0.5) -> np.ndarray:
+def combine_steps(
+    s1: np.ndarray | None,
+    s2: np.ndarray | None,
+    w1: float | Sequence[float] = 0.5,
+    w2: float | Sequence[float] = 0.5,
+) -> np.ndarray:
     """``(w1 * s1 + w2 * s2) / (w1 + w2)`` per cell and class, float32.
 
-    Either may be ``None`` (that step was not run): the other is returned alone (as float32).
+    ``w1`` / ``w2`` are numbers, or one weight per class (length ``s1.shape[1]``; the
+    manifest's 19-vectors, :mod:`hpa_kernel.train.fit_weights`), each ``>= 0`` and not
+    both 0 for any class. Either score matrix may be ``None`` (that step was not run): the
+    other is returned alone (as float32).
     """
     if s1 is None and s2 is None:
         raise ValueError("combine_steps needs at least one of s1, s2")
     if s1 is None or s2 is None:
         return np.asarray(s2 if s1 is None else s1, dtype=np.float32).copy()
-    return combine_models([s1, s2], [w1, w2])
+    if np.ndim(w1) == 0 and np.ndim(w2) == 0:
+        return combine_models([s1, s2], [w1, w2])
+    a, b = np.asarray(s1, dtype=np.float64), np.asarray(s2, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"score shapes differ or are not (cells, classes): {a.shape}, {b.shape}")
+    v1 = np.broadcast_to(np.asarray(w1, dtype=np.float64), (a.shape[1],))
+    v2 = np.broadcast_to(np.asarray(w2, dtype=np.float64), (a.shape[1],))
+    total = v1 + v2
+    if not (np.all(np.isfinite(total)) and np.all(v1 >= 0) and np.all(v2 >= 0) and np.all(total > 0)):
+        raise ValueError(f"per-class step weights must be finite, >= 0 and not both 0: {v1.tolist()}, {v2.tolist()}")
+    return ((v1 * a + v2 * b) / total).astype(np.float32)
 
 
 def combine_models(scores_list: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:

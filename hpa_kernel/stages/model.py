@@ -2,7 +2,9 @@
 
 A timm backbone (``num_classes=0, global_pool=''``) gives feature maps; a bias-free 1×1
 conv turns them into class maps ``F (B, 19, h, w)``; the logits are the global average of
-``F``. CAMs are ``relu(F)`` divided per class by its spatial max (+1e-5), in [0, 1].
+``F``. CAMs are ``relu(F)`` divided per class by its spatial max (+1e-5), in [0, 1]
+(the reference, ``"relu_max"``), or, as a measured manifest option, ``"minmax"``:
+``(F - min F) / (max F - min F)`` per class (:data:`CAM_NORMS`, :meth:`PuzzleCAM.cams`).
 
 A pretrained 3-channel stem is widened to RGBY with the mean of its RGB filters as the 4th
 (yellow) filter (:func:`widen_stem`). Checkpoints (:func:`save_checkpoint`) carry what is
@@ -30,6 +32,7 @@ __all__ = [
     "RGBY_MEAN",
     "RGBY_STD",
     "CHECKPOINT_FORMAT",
+    "CAM_NORMS",
     "CheckpointError",
     "PuzzleCAM",
     "widen_stem",
@@ -47,6 +50,11 @@ RGBY_MEAN: tuple[float, float, float, float] = (0.485, 0.456, 0.406, 0.485)
 RGBY_STD: tuple[float, float, float, float] = (0.229, 0.224, 0.225, 0.229)
 CHECKPOINT_FORMAT = "hpa_kernel.puzzlecam/1"
 CAM_EPS = 1e-5
+#: How class maps become CAMs in [0, 1] (``step1.cam`` of the manifest): ``"relu_max"`` is
+#: the reference (the default); ``"minmax"`` keeps the ranking of cells inside a map that is
+#: negative everywhere (``relu`` would make it all zero) and measures a cell's height from
+#: the map's floor instead of from 0. ``hpa_kernel.config.CAM_NORMS`` is the same tuple.
+CAM_NORMS: tuple[str, ...] = ("relu_max", "minmax")
 
 
 class CheckpointError(ValueError):
@@ -167,10 +175,23 @@ class PuzzleCAM(nn.Module):
         return self.class_maps(x).mean(dim=(2, 3))
 
     @staticmethod
-    def cams(maps: torch.Tensor) -> torch.Tensor:
-        """``relu(F) / (per-class spatial max + 1e-5)``, in [0, 1], float32; any leading dims."""
-        r = F.relu(maps.float())
-        return r / (r.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
+    def cams(maps: torch.Tensor, norm: str = "relu_max") -> torch.Tensor:
+        """CAMs in [0, 1] of class maps ``F`` (any leading dims), float32.
+
+        ``norm="relu_max"`` (the reference): ``relu(F) / (per-class spatial max + 1e-5)``.
+        ``norm="minmax"``: ``(F - min F) / (max F - min F)`` per class; a flat map gives 1
+        everywhere (nothing says which cells show the class, so Step 1 gives every cell
+        the image probability).
+        """
+        f = maps.float()
+        if norm == "relu_max":
+            r = F.relu(f)
+            return r / (r.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
+        if norm == "minmax":
+            r = f - f.amin(dim=(-2, -1), keepdim=True)
+            span = r.amax(dim=(-2, -1), keepdim=True)
+            return torch.where(span > 0, r / torch.where(span > 0, span, 1.0), 1.0)
+        raise ValueError(f"unknown CAM normalisation {norm!r}; choose from {', '.join(CAM_NORMS)}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -223,13 +244,15 @@ def classify_image(
     device: str | torch.device = "cpu",
     fp16: bool = False,
     tta: bool = False,
+    cam_norm: str = "relu_max",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The full-image forward of the kernel: ``(probs (C,), cams (C, h, w))`` as numpy.
 
     ``image`` is the ``(S, S, 4)`` float image in [0, 1]; it is resized (``INTER_AREA``) to
     the checkpoint's ``image_size`` and normalised with its mean/std
     (:attr:`PuzzleCAM.data_config`). ``fp16`` autocast only on CUDA; ``tta`` averages flips
-    (:func:`forward_tta`). CAMs are :meth:`PuzzleCAM.cams` of the class maps.
+    (:func:`forward_tta`). CAMs are :meth:`PuzzleCAM.cams` of the class maps under
+    ``cam_norm`` (:data:`CAM_NORMS`).
     """
     import cv2
 
@@ -242,7 +265,7 @@ def classify_image(
     amp = bool(fp16) and torch.device(device).type == "cuda"
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         logits, maps = forward_tta(model, x) if tta else model.forward_with_maps(x)
-        cams = model.cams(maps.float())
+        cams = model.cams(maps.float(), cam_norm)
     return torch.sigmoid(logits.float())[0].cpu().numpy(), cams[0].cpu().numpy()
 
 

@@ -105,8 +105,9 @@ class Predictor:
     Args:
         segmenter: any :class:`~hpa_kernel.stages.segmentation.Segmenter`.
         members: the classifiers; none = every image gets no scores (cells still found).
-        config: the manifest (``step1_weight``, ``step2_weight``, ``top_classes``,
-            ``min_confidence``, ``crop_size``: see :func:`crop_size_of`).
+        config: the manifest (``step1_weight``, ``step2_weight`` (numbers or per class),
+            ``cam_norm``, ``top_classes``, ``min_confidence``, ``crop_size``: see
+            :func:`crop_size_of`).
         device, fp16: where the classifiers run; fp16 autocast (CUDA only).
         tta: flip test-time augmentation (identity, horizontal, vertical).
         batch_size: Step 2 crop batch size (default: the manifest's).
@@ -228,13 +229,13 @@ class Predictor:
         if n == 0 or not members:
             return np.zeros((n, NUM_CLASSES), np.float32)
         use_step2 = config.use_step2 and step2
-        use_step1 = config.step1_weight > 0 or not use_step2
+        use_step1 = config.use_step1 or not use_step2
         per_model = []
         for m in members:
             s1 = s2 = None
             if use_step1:
                 with timer("forward_full"):
-                    probs, cams = classify_image(m.model, image, self.device, self.fp16, self.tta)
+                    probs, cams = classify_image(m.model, image, self.device, self.fp16, self.tta, config.cam_norm)
                 with timer("step1"):
                     s1 = step1_scores(cams, probs, labels, cell_ids)
             if use_step2:

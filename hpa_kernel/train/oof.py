@@ -2,7 +2,7 @@
 
     python -m hpa_kernel.train.oof --config configs/demo.json --checkpoint runs/demo/best.pt \\
         --fold 0 --out oof.csv [--images-out oof.images.csv] [--cells-out oof.cells] [--device auto] \\
-        [--src DIR ...] [--size 512] [--limit N]
+        [--src DIR ...] [--size 512] [--limit N] [--cam relu_max|minmax]
 
 For every validation image of fold K (from the config's ``index_csv``) this runs what the
 kernel runs: the 512 px image (from the RGBY cache, or from the original PNGs with
@@ -41,11 +41,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.config import CAM_NORMS
 from hpa_kernel.train.config import load_train_config
 from hpa_kernel.train.dataset import load_index
 
 __all__ = ["OOFOptions", "predict_cells", "export_oof", "export_oof_tables", "images_path", "cells_path",
-           "write_table", "main"]
+           "write_table", "read_table", "main"]
 
 logger = logging.getLogger(__name__)
 STEP1_COLS = [f"step1_{c}" for c in range(NUM_CLASSES)]
@@ -60,6 +61,7 @@ class OOFOptions:
     device: str = "cpu"
     fp16: bool = False
     limit: int | None = None  # first N images of the fold only
+    cam_norm: str = "relu_max"  # Step 1's CAM normalisation, as the manifest's step1.cam
     # the per-cell export's ens / final scores, as the kernel's manifest defaults
     step1_weight: float = 0.5
     step2_weight: float = 0.5
@@ -86,7 +88,8 @@ def predict_cells(model, meta: dict[str, Any], image: np.ndarray, labels: np.nda
         return cell_ids, np.zeros((0, 4), np.int64), z, z
     from hpa_kernel.stages.model import classify_image
 
-    probs, cams = forward if forward is not None else classify_image(model, image, opts.device, opts.fp16)
+    probs, cams = forward if forward is not None else classify_image(
+        model, image, opts.device, opts.fp16, cam_norm=opts.cam_norm)
     s1 = step1_scores(cams, probs, labels, cell_ids)
     crops = crop_cells(image, labels, cell_ids, crop_size=int(meta["crop_size"]))
     s2 = predict_crops(model, crops, mean=meta["mean"], std=meta["std"], batch_size=opts.batch_size,
@@ -159,7 +162,7 @@ def export_oof_tables(
         image = _load_512(row, sources, opts.size)
         w, h = int(getattr(row, "width", 0) or 0), int(getattr(row, "height", 0) or 0)
         seg = segmenter.segment(image[None], [(w or opts.size, h or opts.size)])[0]
-        forward = classify_image(model, image, opts.device, opts.fp16)
+        forward = classify_image(model, image, opts.device, opts.fp16, cam_norm=opts.cam_norm)
         cell_ids, boxes, s1, s2 = predict_cells(model, meta, image, seg.cells, opts, forward)
         image_rows.append({"ID": str(row.ID), "fold": fold, "width": w, "height": h, "Label": str(row.Label),
                            "n_cells": len(cell_ids), **dict(zip(IMAGE_COLS, map(float, forward[0])))})
@@ -208,6 +211,18 @@ def write_table(table: pd.DataFrame, out: str | Path) -> Path:
     return out
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """An OOF table written by :func:`write_table` (CSV, or Parquet for ``.parquet``), ``ID`` as text."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"OOF table {path} not found")
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+        table["ID"] = table["ID"].astype(str)
+        return table
+    return pd.read_csv(path, dtype={"ID": str, "Label": str}, keep_default_na=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hpa_kernel.train.oof", description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, help="training config (for index_csv)")
@@ -224,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto (GPU when usable), cpu, cuda, cuda:N")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--cam", default="relu_max", choices=CAM_NORMS,
+                    help="Step 1's CAM normalisation, as the manifest's step1.cam (default: relu_max, the reference)")
     ap.add_argument("--nuclei", type=Path, help="hpacellseg nuclei U-Net (with --cell; default: classic)")
     ap.add_argument("--cell", type=Path, help="hpacellseg cell U-Net")
     args = ap.parse_args(argv)
@@ -244,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as e:
         logger.error("%s", e)
         return 2
-    opts = OOFOptions(size=args.size, batch_size=args.batch_size, device=device, fp16=args.fp16, limit=args.limit)
+    opts = OOFOptions(size=args.size, batch_size=args.batch_size, device=device, fp16=args.fp16, limit=args.limit,
+                      cam_norm=args.cam)
     table, images = export_oof_tables(index_csv, args.checkpoint, args.fold, Segmenter(seg_cfg, device=device),
                                       args.src, opts, cells_out=args.cells_out or cells_path(args.out))
     out = write_table(table, args.out)
