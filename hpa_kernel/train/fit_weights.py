@@ -167,7 +167,7 @@ def fit_step_weights(m: MatchTable, grid: int = 21, per_class: bool = False) -> 
     Returns ``{"step1": float | list, "step2": ..., "mAP": fitted, "mAP_default": at 0.5,
     "ap": (grid, classes) table, "grid": values, "classes": scored classes}``.
     """
-    w = np.linspace(0.0, 1.0, int(grid))
+    w = np.round(np.linspace(0.0, 1.0, int(grid)), 6)  # 0.3, not 0.30000000000000004, in the manifest
     classes = np.flatnonzero(m.n_gt > 0)
     if len(classes) == 0:
         raise ValueError("no class has truth in the matched table")
@@ -188,10 +188,10 @@ def fit_step_weights(m: MatchTable, grid: int = 21, per_class: bool = False) -> 
         w1 = np.full(NUM_CLASSES, w[common])
         picks = [best(ap[:, j]) for j in range(len(classes))]
         w1[classes] = w[picks]
-        out.update(step1=[float(v) for v in w1], step2=[float(1 - v) for v in w1],
+        out.update(step1=[float(v) for v in w1], step2=[round(float(1 - v), 6) for v in w1],
                    mAP=float(np.mean([ap[p, j] for j, p in enumerate(picks)])))
     else:
-        out.update(step1=float(w[common]), step2=float(1 - w[common]), mAP=float(ap[common].mean()))
+        out.update(step1=float(w[common]), step2=round(float(1 - w[common]), 6), mAP=float(ap[common].mean()))
     return out
 
 
