@@ -7,7 +7,7 @@ import pytest
 
 from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
 from hpa_kernel.tools.synthetic import write_dataset
-from hpa_kernel.train.oof import IMAGE_COLS, STEP1_COLS, STEP2_COLS, OOFOptions, export_oof, export_oof_tables, main
+from hpa_kernel.train.oof import IMAGE_COLS, STEP1_COLS, STEP2_COLS, OOFOptions, export_oof_tables, main
 from hpa_kernel.train.prepare import prepare_cache
 
 
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 
 def test_export_rows_per_cell(setup):
     root, index, ckpt = setup
-    t = export_oof(index, ckpt, fold=1, opts=OOFOptions(size=192), progress=False)
+    t = export_oof_tables(index, ckpt, fold=1, opts=OOFOptions(size=192), progress=False)[0]
     ids = set(pd.read_csv(index).query("fold == 1")["ID"])
     assert set(t["ID"]) <= ids and len(t) > 0
     assert list(t.columns[:10]) == ["ID", "fold", "cell_id", "y0", "x0", "y1", "x1", "width", "height", "Label"]
@@ -46,7 +46,7 @@ def test_step2_matches_the_kernel_functions(setup):
     from hpa_kernel.train.oof import _load_512
 
     root, index, ckpt = setup
-    t = export_oof(index, ckpt, fold=0, opts=OOFOptions(size=192, limit=1), progress=False)
+    t = export_oof_tables(index, ckpt, fold=0, opts=OOFOptions(size=192, limit=1), progress=False)[0]
     row = next(pd.read_csv(index).query("fold == 0").assign(path=lambda d: str(root / "cache") + "/" + d["path"])
                .itertuples(index=False))
     image = _load_512(row, [], 192)
@@ -82,7 +82,7 @@ def test_cli_csv_and_parquet(setup, tmp_path, capsys):
 def test_empty_fold_is_an_error(setup):
     root, index, ckpt = setup
     with pytest.raises(ValueError, match="fold 3 has no images"):
-        export_oof(index, ckpt, fold=3, progress=False)
+        export_oof_tables(index, ckpt, fold=3, progress=False)
 
 
 def test_image_probabilities_are_the_full_image_forward(setup):

@@ -45,7 +45,7 @@ from hpa_kernel.config import CAM_NORMS
 from hpa_kernel.train.config import load_train_config
 from hpa_kernel.train.dataset import load_index
 
-__all__ = ["OOFOptions", "predict_cells", "export_oof", "export_oof_tables", "images_path", "cells_path",
+__all__ = ["OOFOptions", "predict_cells", "export_oof_tables", "images_path", "cells_path",
            "write_table", "read_table", "main"]
 
 logger = logging.getLogger(__name__)
@@ -110,19 +110,6 @@ def _load_512(row, sources: Sequence[Path], size: int) -> np.ndarray:
     from hpa_kernel.formats.images import resize_rgby
 
     return resize_rgby(np.load(row.path), size)
-
-
-def export_oof(
-    index_csv: str | Path,
-    checkpoint: str | Path,
-    fold: int,
-    segmenter=None,
-    sources: Sequence[str | Path] = (),
-    opts: OOFOptions | None = None,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """The per-cell OOF table of ``fold`` (see the module docstring)."""
-    return export_oof_tables(index_csv, checkpoint, fold, segmenter, sources, opts, progress)[0]
 
 
 def export_oof_tables(
