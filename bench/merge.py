@@ -177,6 +177,7 @@ def quality(args, tmp: Path) -> None:
         ("ours + better  (1,1) --unmatched take", merged("obt", str(ours), str(better), "--unmatched", "take")),
         ("ours + better  (1,1) --mean rank", merged("obr", str(ours), str(better), "--mean", "rank")),
         ("ours + better  (1,1) --reference 1", merged("obref", str(ours), str(better), "--reference", "1")),
+        ("ours + worse   (1,0.05)", merged("ow05", str(ours), str(worse), "--weights", "1,0.05")),
         ("ours + worse   (1,0.2)", merged("ow2", str(ours), str(worse), "--weights", "1,0.2")),
         ("ours + worse   (1,1)", merged("ow1", str(ours), str(worse))),
     ]
