@@ -1,0 +1,63 @@
+"""Step 1 / Step 2 on the validation fold at encoder output stride 32 (as trained) and 16.
+
+    python bench/output_stride.py [--stride 32,16] [--index runs/demo_cache/index.csv]
+        [--truth runs/demo_data/truth] [--checkpoint weights/demo/model.pt] [--fold 0]
+
+Exploration for issue 14 (timm's ``output_stride`` as a lever for finer CAMs): the same
+weights with the last stage dilated instead of strided (timm ``output_stride=16``: 16×16
+class maps at 256 px instead of 8×8), no retraining. For each stride, the fold's OOF table
+(``train.oof`` with ``--cam minmax``) and, on the fold's per-cell truth, the local box
+mAP of Step 2 alone, 0.5/0.5, Step 1 alone and the fitted pair (``train.fit_weights``).
+Validation fold only: nothing here looks at held-out images.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import timm
+
+from hpa_kernel.stages import model as model_module
+from hpa_kernel.train.fit_weights import fit_step_weights, match_oof
+from hpa_kernel.train.oof import OOFOptions, export_oof_tables
+
+
+def with_stride(load, stride: int):
+    """``load_checkpoint`` whose model's encoder is rebuilt at ``stride`` with the same weights."""
+
+    def load_strided(path, device="cpu", **kw):
+        model, meta = load(path, device=device, **kw)
+        if stride != 32:
+            enc = timm.create_model(meta["backbone"], pretrained=False, in_chans=model.in_chans, num_classes=0,
+                                    global_pool="", output_stride=stride)
+            enc.load_state_dict(model.encoder.state_dict())
+            model.encoder = enc.to(device).eval()
+        return model, meta
+
+    return load_strided
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stride", default="32,16")
+    p.add_argument("--index", default="runs/demo_cache/index.csv")
+    p.add_argument("--truth", default="runs/demo_data/truth")
+    p.add_argument("--checkpoint", default="weights/demo/model.pt")
+    p.add_argument("--fold", type=int, default=0)
+    a = p.parse_args()
+    original = model_module.load_checkpoint
+    for stride in (int(s) for s in a.stride.split(",")):
+        model_module.load_checkpoint = with_stride(original, stride)  # export_oof_tables imports it at call time
+        try:
+            table, _ = export_oof_tables(a.index, a.checkpoint, a.fold, opts=OOFOptions(size=512, cam_norm="minmax"),
+                                         progress=False)
+        finally:
+            model_module.load_checkpoint = original
+        fit = fit_step_weights(match_oof(table, a.truth), grid=21)
+        ap = fit["ap"].mean(axis=1)
+        print(f"output_stride {stride}: {len(table)} cells; step2 alone {ap[0]:.4f}, 0.5/0.5 {ap[10]:.4f}, "
+              f"step1 alone {ap[-1]:.4f}, fitted step1 {fit['step1']} -> {fit['mAP']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
