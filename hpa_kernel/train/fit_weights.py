@@ -168,6 +168,7 @@ def fit_step_weights(m: MatchTable, grid: int = 21, per_class: bool = False) -> 
     "ap": (grid, classes) table, "grid": values, "classes": scored classes}``.
     """
     w = np.round(np.linspace(0.0, 1.0, int(grid)), 6)  # 0.3, not 0.30000000000000004, in the manifest
+    w2 = np.round(1.0 - w, 6)  # Step 2's weight at each grid point, rounded the same way
     classes = np.flatnonzero(m.n_gt > 0)
     if len(classes) == 0:
         raise ValueError("no class has truth in the matched table")
@@ -185,13 +186,13 @@ def fit_step_weights(m: MatchTable, grid: int = 21, per_class: bool = False) -> 
     common = best(ap.mean(axis=1))
     out = {"grid": w.tolist(), "classes": classes.tolist(), "ap": ap, "mAP_default": float(aps(0.5).mean())}
     if per_class:
-        w1 = np.full(NUM_CLASSES, w[common])
         picks = [best(ap[:, j]) for j in range(len(classes))]
-        w1[classes] = w[picks]
-        out.update(step1=[float(v) for v in w1], step2=[round(float(1 - v), 6) for v in w1],
+        at = np.full(NUM_CLASSES, common)  # grid index per class; classes without truth: the common pick
+        at[classes] = picks
+        out.update(step1=w[at].tolist(), step2=w2[at].tolist(),
                    mAP=float(np.mean([ap[p, j] for j, p in enumerate(picks)])))
     else:
-        out.update(step1=float(w[common]), step2=round(float(1 - w[common]), 6), mAP=float(ap[common].mean()))
+        out.update(step1=float(w[common]), step2=float(w2[common]), mAP=float(ap[common].mean()))
     return out
 
 
