@@ -17,24 +17,20 @@ import argparse
 
 import timm
 
-from hpa_kernel.stages import model as model_module
+from hpa_kernel.stages.model import load_checkpoint
 from hpa_kernel.train.fit_weights import fit_step_weights, match_oof
 from hpa_kernel.train.oof import OOFOptions, export_oof_tables
 
 
-def with_stride(load, stride: int):
-    """``load_checkpoint`` whose model's encoder is rebuilt at ``stride`` with the same weights."""
-
-    def load_strided(path, device="cpu", **kw):
-        model, meta = load(path, device=device, **kw)
-        if stride != 32:
-            enc = timm.create_model(meta["backbone"], pretrained=False, in_chans=model.in_chans, num_classes=0,
-                                    global_pool="", output_stride=stride)
-            enc.load_state_dict(model.encoder.state_dict())
-            model.encoder = enc.to(device).eval()
-        return model, meta
-
-    return load_strided
+def strided(checkpoint: str, stride: int):
+    """The checkpoint's model with its encoder rebuilt at ``stride`` (same weights)."""
+    model, meta = load_checkpoint(checkpoint)
+    if stride != 32:
+        enc = timm.create_model(meta["backbone"], pretrained=False, in_chans=model.in_chans, num_classes=0,
+                                global_pool="", output_stride=stride)
+        enc.load_state_dict(model.encoder.state_dict())
+        model.encoder = enc.eval()
+    return model
 
 
 def main() -> None:
@@ -45,14 +41,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default="weights/demo/model.pt")
     p.add_argument("--fold", type=int, default=0)
     a = p.parse_args()
-    original = model_module.load_checkpoint
     for stride in (int(s) for s in a.stride.split(",")):
-        model_module.load_checkpoint = with_stride(original, stride)  # export_oof_tables imports it at call time
-        try:
-            table, _ = export_oof_tables(a.index, a.checkpoint, a.fold, opts=OOFOptions(size=512, cam_norm="minmax"),
-                                         progress=False)
-        finally:
-            model_module.load_checkpoint = original
+        table, _ = export_oof_tables(a.index, strided(a.checkpoint, stride), a.fold,
+                                     opts=OOFOptions(size=512, cam_norm="minmax"), progress=False)
         fit = fit_step_weights(match_oof(table, a.truth), grid=21)
         ap = fit["ap"].mean(axis=1)
         print(f"output_stride {stride}: {len(table)} cells; step2 alone {ap[0]:.4f}, 0.5/0.5 {ap[10]:.4f}, "

@@ -140,3 +140,13 @@ def test_cli_writes_the_cells_folder_beside_the_old_outputs(setup, tmp_path):
     old = pd.read_csv(tmp_path / "oof.csv")  # the current OOF file stays as it was
     assert old.columns[10:].tolist() == STEP1_COLS + STEP2_COLS
     assert len(read_cells(tmp_path / "oof.cells").cells) == len(old)
+
+
+def test_a_loaded_model_gives_the_same_table_as_its_file(setup):
+    from hpa_kernel.stages.model import load_checkpoint
+
+    root, index, ckpt = setup
+    opts = OOFOptions(size=192, limit=2)
+    from_file = export_oof_tables(index, ckpt, fold=1, opts=opts, progress=False)[0]
+    from_model = export_oof_tables(index, load_checkpoint(ckpt)[0], fold=1, opts=opts, progress=False)[0]
+    pd.testing.assert_frame_equal(from_file, from_model)

@@ -34,7 +34,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,9 @@ from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.config import CAM_NORMS
 from hpa_kernel.train.config import load_train_config
 from hpa_kernel.train.dataset import load_index
+
+if TYPE_CHECKING:
+    from hpa_kernel.stages.model import PuzzleCAM
 
 __all__ = ["OOFOptions", "predict_cells", "export_oof_tables", "images_path", "cells_path",
            "write_table", "read_table", "main"]
@@ -114,7 +117,7 @@ def _load_512(row, sources: Sequence[Path], size: int) -> np.ndarray:
 
 def export_oof_tables(
     index_csv: str | Path,
-    checkpoint: str | Path,
+    checkpoint: str | Path | PuzzleCAM,
     fold: int,
     segmenter=None,
     sources: Sequence[str | Path] = (),
@@ -123,17 +126,23 @@ def export_oof_tables(
     cells_out: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(per-cell table, per-image table)`` of ``fold`` (see the module docstring); with
-    ``cells_out`` also the per-cell export folder there (started afresh)."""
+    ``cells_out`` also the per-cell export folder there (started afresh).
+
+    ``checkpoint``: a :func:`~hpa_kernel.stages.model.save_checkpoint` file, or a
+    :class:`~hpa_kernel.stages.model.PuzzleCAM` already loaded (it carries its meta)."""
     from hpa_kernel.formats.cells import CellsWriter
     from hpa_kernel.stages.ensemble import combine_steps, select_top_classes
-    from hpa_kernel.stages.model import classify_image, load_checkpoint
+    from hpa_kernel.stages.model import PuzzleCAM, classify_image, load_checkpoint
 
     opts = opts or OOFOptions()
     if segmenter is None:
         from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
 
         segmenter = Segmenter(device=opts.device)
-    model, meta = load_checkpoint(checkpoint, device=opts.device)
+    if isinstance(checkpoint, PuzzleCAM):
+        model, meta = checkpoint, checkpoint.meta
+    else:
+        model, meta = load_checkpoint(checkpoint, device=opts.device)
     index = load_index(index_csv)
     if "fold" not in index.columns:
         raise ValueError(f"{index_csv} has no fold column")
