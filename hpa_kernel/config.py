@@ -7,6 +7,9 @@ A manifest is a JSON file (``weights/manifest.json`` by default)::
       # or {"method": "hpa", "nuclei": "dpn_unet_nuclei_v1.pth",
       #     "cell": "dpn_unet_cell_3ch_v1.pth", "scale": "512"}
       "classifiers": [{"path": "demo/model.pt", "weight": 1.0}],
+      # the third-place team's files as they are, four folds averaged as one model:
+      # {"paths": [".../fold1/stage1/snapshots/model_best.pt", ...], "format": "mpware",
+      #  "weight": 1.0}   (+ optional "backbone", "image_size", "crop_size")
       "step_weights": {"step1": 0.5, "step2": 0.5},               # or a pair of 19-vectors
                                                                   # (per class; train.fit_weights)
       "step1": {"cam": "relu_max"},                               # or "minmax" (measured option)
@@ -42,6 +45,11 @@ SEGMENTATION_METHODS: tuple[str, ...] = ("classic", "hpa")
 #: the most classes a prediction may keep (``top_classes``): ``classes.NUM_CLASSES``,
 #: written out because this module imports nothing of the package (a test keeps them equal)
 MAX_TOP_CLASSES = 19
+#: the classifier file formats a manifest entry may name (``classifiers[i].format``): ours
+#: (self-describing, ``stages.model.save_checkpoint``) and the third-place team's
+#: (``stages.mpware``); the first is the default
+CLASSIFIER_FORMATS: tuple[str, ...] = ("hpa_kernel", "mpware")
+_CLASSIFIER_KEYS = {"path", "paths", "weight", "format", "backbone", "image_size", "crop_size"}
 #: how Step 1 turns class maps into CAMs (``step1.cam``): ``stages.model.CAM_NORMS``,
 #: written out for the same reason (a test keeps them equal); the first is the default
 CAM_NORMS: tuple[str, ...] = ("relu_max", "minmax")
@@ -76,8 +84,28 @@ class SegmentationConfig:
 
 @dataclass
 class ClassifierConfig:
-    path: Path
+    """One manifest classifier entry: a file, or several folds averaged as one model."""
+
+    paths: tuple[Path, ...]
     weight: float = 1.0
+    #: the files' format: ``"hpa_kernel"`` (ours, with meta) or ``"mpware"`` (the third-place
+    #: team's plain state dicts; ``backbone``/``image_size``/``crop_size`` fill what their
+    #: run folder's name does not say)
+    format: str = "hpa_kernel"
+    backbone: str | None = None
+    image_size: int | None = None
+    crop_size: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The first file (the entry's name in messages)."""
+        return self.paths[0]
+
+    @property
+    def name(self) -> str:
+        """The entry in words: its file name, ``+N folds`` for a group."""
+        more = f" (+{len(self.paths) - 1} fold(s))" if len(self.paths) > 1 else ""
+        return f"{self.paths[0].name}{more}"
 
 
 @dataclass
@@ -192,6 +220,48 @@ def _text(value: Any, what: str) -> str | None:
     return value
 
 
+def _classifier(c: Any, what: str, root: Path, allow_outside: bool) -> ClassifierConfig:
+    """One ``classifiers`` entry: ``"path"`` (or the shorthand of a bare string) or
+    ``"paths"`` (folds averaged as one model), ``weight`` > 0, ``format`` (one of
+    :data:`CLASSIFIER_FORMATS`) and, for ``"mpware"`` only, ``backbone``, ``image_size``,
+    ``crop_size``. Unknown keys are refused."""
+    if isinstance(c, str):  # shorthand: a path, weight 1
+        c = {"path": c}
+    c = _obj(c, what)
+    unknown = sorted(set(c) - _CLASSIFIER_KEYS)
+    if unknown:
+        raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_CLASSIFIER_KEYS))})")
+    if "path" in c and "paths" in c:
+        raise ConfigError(f"{what}.paths: give 'path' (a file) or 'paths' (folds averaged as one model), not both")
+    if "path" not in c and "paths" not in c:
+        raise ConfigError(f"{what}.path must be a non-empty string (or give 'paths', folds averaged as one model)")
+    names = c["paths"] if "paths" in c else [c["path"]]
+    key = "paths" if "paths" in c else "path"
+    if not isinstance(names, list) or not names:
+        raise ConfigError(f"{what}.paths must be a non-empty list of strings, not {names!r}")
+    for k, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            where = f"{what}.paths[{k}]" if key == "paths" else f"{what}.path"
+            raise ConfigError(f"{where} must be a non-empty string, not {name!r}")
+    fmt = c.get("format", CLASSIFIER_FORMATS[0])
+    if fmt not in CLASSIFIER_FORMATS:
+        raise ConfigError(f"{what}.format must be one of {list(CLASSIFIER_FORMATS)}, not {fmt!r}")
+    team = {k: c[k] for k in ("backbone", "image_size", "crop_size") if c.get(k) is not None}
+    if team and fmt != "mpware":
+        raise ConfigError(f"{what}.{next(iter(team))}: only for \"format\": \"mpware\" (our checkpoints carry their own)")
+    return ClassifierConfig(
+        paths=tuple(
+            _resolve(root, n, f"{what}.paths[{k}]" if key == "paths" else f"{what}.path", allow_outside)
+            for k, n in enumerate(names)
+        ),
+        weight=_number(c.get("weight", 1.0), f"{what}.weight", low_open=True),
+        format=fmt,
+        backbone=_text(team.get("backbone"), f"{what}.backbone"),
+        image_size=_integer(team["image_size"], f"{what}.image_size") if "image_size" in team else None,
+        crop_size=_integer(team["crop_size"], f"{what}.crop_size") if "crop_size" in team else None,
+    )
+
+
 def config_from_dict(
     raw: dict[str, Any], root: Path, allow_outside: bool = False, source: Path | None = None
 ) -> KernelConfig:
@@ -222,19 +292,7 @@ def config_from_dict(
     items = raw.get("classifiers", [])
     if not isinstance(items, list):
         raise ConfigError(f"classifiers must be a list of {{\"path\", \"weight\"}} objects, not {items!r}")
-    classifiers = []
-    for i, c in enumerate(items):
-        if isinstance(c, str):  # shorthand: a path, weight 1
-            c = {"path": c}
-        c = _obj(c, f"classifiers[{i}]")
-        if not isinstance(c.get("path"), str) or not c["path"]:
-            raise ConfigError(f"classifiers[{i}].path must be a non-empty string, not {c.get('path')!r}")
-        classifiers.append(
-            ClassifierConfig(
-                path=_resolve(root, c["path"], f"classifiers[{i}].path", allow_outside),
-                weight=_number(c.get("weight", 1.0), f"classifiers[{i}].weight", low_open=True),
-            )
-        )
+    classifiers = [_classifier(c, f"classifiers[{i}]", root, allow_outside) for i, c in enumerate(items)]
     sw = _obj(raw.get("step_weights", {}), "step_weights")
     step1 = _weights(sw.get("step1", 0.5), "step_weights.step1")
     step2 = _weights(sw.get("step2", 0.5), "step_weights.step2")

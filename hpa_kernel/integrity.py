@@ -147,7 +147,7 @@ def named_files(config: KernelConfig) -> list[Path]:
     seg = config.segmentation
     if seg.method == "hpa":
         out += [p for p in (seg.nuclei, seg.cell) if p is not None]
-    out += [c.path for c in config.classifiers]
+    out += [p for c in config.classifiers for p in c.paths]
     seen: set[Path] = set()
     unique = []
     for p in out:

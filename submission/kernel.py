@@ -136,7 +136,11 @@ def manifest_needs_outside_paths(manifest: Path, kaggle_input: Path = KAGGLE_INP
     if isinstance(seg, dict):
         paths += [str(seg[k]) for k in ("nuclei", "cell") if seg.get(k)]
     for c in raw.get("classifiers", []) or []:
-        paths.append(str(c.get("path", "")) if isinstance(c, dict) else str(c))
+        if isinstance(c, dict):
+            folds = c.get("paths") if isinstance(c.get("paths"), list) else []
+            paths += [str(p) for p in [c.get("path", ""), *folds]]
+        else:
+            paths.append(str(c))
     absolute = [p for p in paths if p and Path(p).is_absolute()]
     root = str(kaggle_input).rstrip("/") + "/"
     return bool(absolute) and all(p.startswith(root) for p in absolute)

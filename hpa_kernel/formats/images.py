@@ -41,6 +41,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hpa_kernel.stages.inputs import resize_rgby  # the kernel's pixels: one owner, re-exported for readers
+
 __all__ = [
     "CHANNELS",
     "ImageReadError",
@@ -358,37 +360,13 @@ def read_rgby(folder: str | os.PathLike, image_id: str, max_pixels: int | None =
     return _read_rgby(folder, image_id, max_pixels)[0]
 
 
-def resize_rgby(rgby: np.ndarray, size: int = 512) -> np.ndarray:
-    """Resize an ``(H, W, 4)`` uint8/uint16 image to ``(size, size, 4)`` float32 in [0, 1].
-
-    ``cv2.INTER_AREA`` in the native dtype (a non-square image is stretched to square), then
-    divided by 255 (uint8) or 65535 (uint16). An image already ``size x size`` is only
-    converted.
-    """
-    rgby = np.asarray(rgby)
-    if rgby.ndim != 3 or rgby.shape[2] != 4 or rgby.shape[0] == 0 or rgby.shape[1] == 0:
-        raise ValueError(f"expected an (H, W, 4) image, got shape {rgby.shape}")
-    if rgby.dtype == np.uint8:
-        scale = 255.0
-    elif rgby.dtype == np.uint16:
-        scale = 65535.0
-    else:
-        raise ValueError(f"expected uint8 or uint16, got {rgby.dtype}")
-    size = int(size)
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    if rgby.shape[:2] != (size, size):
-        rgby = cv2.resize(rgby, (size, size), interpolation=cv2.INTER_AREA)
-    out = rgby.astype(np.float32)
-    out *= np.float32(1.0 / scale)
-    return out
-
-
 @dataclass
 class LoadedImage:
     """One test image ready for the pipeline.
 
-    ``image`` is the ``(size, size, 4)`` float32 image, or ``None`` when loading failed;
+    ``image`` is the ``(size, size, 4)`` float32 image (:func:`resize_rgby`), or ``None``
+    when loading failed; ``rgby`` is the raw ``(H, W, 4)`` uint8/uint16 image it was made
+    from (models fed by another input pipeline start from it; ``None`` when loading failed);
     ``width``/``height`` are the original size (0 when unknown); ``error`` is ``None`` on
     success, else a one-line reason; ``warnings`` are what reading fixed on the way (one
     line each, naming the ID: 16-bit files holding 8-bit values, mixed depths).
@@ -400,6 +378,7 @@ class LoadedImage:
     height: int
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    rgby: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -423,4 +402,4 @@ def load_image(
             message = f"{image_id}: {type(e).__name__}: {message}"
         logger.warning("image %s not loaded: %s", image_id, message)
         return LoadedImage(id=image_id, image=None, width=0, height=0, error=message)
-    return LoadedImage(id=image_id, image=image, width=int(width), height=int(height), warnings=warnings)
+    return LoadedImage(id=image_id, image=image, width=int(width), height=int(height), warnings=warnings, rgby=rgby)

@@ -39,6 +39,7 @@ from hpa_kernel.run.journal import Journal, fingerprint, journal_path
 from hpa_kernel.run.options import RunOptions, select_ids
 from hpa_kernel.run.prefetch import prefetch
 from hpa_kernel.run.summary import RunSummary, StageTimer
+from hpa_kernel.stages.inputs import ImageInput
 from hpa_kernel.stages.predictor import Predictor, ScoreDetail
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,9 @@ def predict_row(
     """One decoded image's PredictionString: predict, masks to the original size, RLE
     (and its per-cell export when ``cells`` is given)."""
     detail = ScoreDetail() if cells is not None else None
+    image = ImageInput(item.rgby, image=item.image)  # each model's pixels from the raw image, made once
     labels, cell_ids, scores = predictor.predict(
-        item.image, (item.width, item.height), timer=timer, detail=detail, **LEVEL_SETTINGS[level]
+        image, (item.width, item.height), timer=timer, detail=detail, **LEVEL_SETTINGS[level]
     )
     written = cell_ids[scores.max(axis=1) > 0]  # cells with something to write
     with timer("rle"):

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.stages.inputs import DEFAULT_PIPELINE, INPUT_PIPELINES, get_pipeline
 
 __all__ = [
     "RGBY_MEAN",
@@ -34,7 +35,9 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CAM_NORMS",
     "CheckpointError",
+    "ClassMapModel",
     "PuzzleCAM",
+    "FoldGroup",
     "widen_stem",
     "widen_model_stem",
     "normalize",
@@ -50,6 +53,8 @@ RGBY_MEAN: tuple[float, float, float, float] = (0.485, 0.456, 0.406, 0.485)
 RGBY_STD: tuple[float, float, float, float] = (0.229, 0.224, 0.225, 0.229)
 CHECKPOINT_FORMAT = "hpa_kernel.puzzlecam/1"
 CAM_EPS = 1e-5
+#: the input side when a checkpoint's meta names none (:meth:`ClassMapModel.prepare`)
+DEFAULT_IMAGE_SIZE = 512
 #: How class maps become CAMs in [0, 1] (``step1.cam`` of the manifest): ``"relu_max"`` is
 #: the reference (the default); ``"minmax"`` keeps the ranking of cells inside a map that is
 #: negative everywhere (``relu`` would make it all zero) and measures a cell's height from
@@ -114,56 +119,50 @@ def _build_backbone(backbone: str, in_chans: int, pretrained: bool) -> nn.Module
 # --------------------------------------------------------------------------- the model
 
 
-class PuzzleCAM(nn.Module):
-    """timm backbone + bias-free 1×1 conv classifier producing class maps.
+class ClassMapModel(nn.Module):
+    """What the kernel asks of a classifier: class maps of a normalised batch, and the meta
+    that says how its input is made (:class:`PuzzleCAM`, :class:`FoldGroup`).
 
-    Args:
-        backbone: any timm model name with 4-D (NCHW) feature maps (e.g. ``seresnext50_32x4d``).
-        num_classes: number of classes (19).
-        in_chans: input channels (4 = RGBY).
-        pretrained: load timm's pretrained weights (a 3-channel stem is widened).
+    Subclasses define :meth:`class_maps` and set ``num_classes`` and ``meta``.
     """
 
-    def __init__(self, backbone: str, num_classes: int = NUM_CLASSES, in_chans: int = 4, pretrained: bool = False):
-        super().__init__()
-        self.backbone_name = backbone
-        self.num_classes = int(num_classes)
-        self.in_chans = int(in_chans)
-        self.encoder = _build_backbone(backbone, self.in_chans, pretrained)
-        self.num_features = int(self.encoder.num_features)
-        self.classifier = nn.Conv2d(self.num_features, self.num_classes, kernel_size=1, bias=False)
-        #: the checkpoint's meta (:func:`load_checkpoint`; empty for a model built here),
-        #: like timm's ``pretrained_cfg``: the one record of sizes and normalisation
-        self.meta: dict[str, Any] = {}
+    num_classes: int
+    meta: dict[str, Any]
+
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Class maps ``F (B, num_classes, h, w)`` for a normalised ``(B, in_chans, H, W)`` batch."""
+        raise NotImplementedError
 
     @property
     def data_config(self) -> dict[str, Any]:
         """What the inputs must look like, from :attr:`meta` (like timm's
-        ``resolve_data_config(model=m)``): ``image_size`` and ``crop_size`` (``None`` when
-        the meta names none: the caller's size stands), ``mean``, ``std`` (RGBY defaults)."""
+        ``resolve_data_config(model=m)``): ``input`` (the input pipeline,
+        :data:`hpa_kernel.stages.inputs.INPUT_PIPELINES`; ``"hpa_kernel"`` when the meta
+        names none), ``image_size`` and ``crop_size`` (``None`` when the meta names none:
+        the caller's size stands), ``mean``, ``std`` (RGBY defaults)."""
         meta = self.meta
         size, crop = meta.get("image_size"), meta.get("crop_size")
         return {
+            "input": meta.get("input", DEFAULT_PIPELINE),
             "image_size": int(size) if size is not None else None,
             "crop_size": int(crop) if crop is not None else None,
             "mean": tuple(meta.get("mean", RGBY_MEAN)),
             "std": tuple(meta.get("std", RGBY_STD)),
         }
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone feature maps ``(B, C, h, w)``."""
-        f = self.encoder(x)
-        if f.ndim != 4:
-            raise ValueError(f"backbone {self.backbone_name!r} gives {f.ndim}-D features; Puzzle-CAM needs maps")
-        if f.shape[1] != self.num_features and f.shape[-1] == self.num_features:
-            f = f.permute(0, 3, 1, 2)  # NHWC backbones (e.g. some transformers)
-        return f
+    @property
+    def input_pipeline(self) -> str:
+        """The name of the input pipeline this model was trained with (``data_config["input"]``)."""
+        return self.data_config["input"]
 
-    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Class maps ``F (B, num_classes, h, w)`` for a normalised ``(B, in_chans, H, W)`` batch."""
-        return self.classifier(self.features(x))
-
-    forward_features_maps = class_maps  # the name in docs/ARCHITECTURE.md
+    def prepare(self, rgby: np.ndarray) -> torch.Tensor:
+        """A raw ``(H, W, 4)`` uint8/uint16 RGBY image as this model's input: the normalised
+        ``(1, 4, S, S)`` float32 tensor (CPU), ``S`` = ``image_size`` (512 if the meta names
+        none), pixels made by the model's own input pipeline, then ``(x - mean) / std``."""
+        cfg = self.data_config
+        pixels = get_pipeline(cfg["input"]).pixels(rgby, cfg["image_size"] or DEFAULT_IMAGE_SIZE)
+        x = normalize(pixels, cfg["mean"], cfg["std"])
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (B, C), F (B, C, h, w))`` from one backbone pass."""
@@ -192,6 +191,78 @@ class PuzzleCAM(nn.Module):
             span = r.amax(dim=(-2, -1), keepdim=True)
             return torch.where(span > 0, r / torch.where(span > 0, span, 1.0), 1.0)
         raise ValueError(f"unknown CAM normalisation {norm!r}; choose from {', '.join(CAM_NORMS)}")
+
+
+class PuzzleCAM(ClassMapModel):
+    """timm backbone + bias-free 1×1 conv classifier producing class maps.
+
+    Args:
+        backbone: any timm model name with 4-D (NCHW) feature maps (e.g. ``seresnext50_32x4d``).
+        num_classes: number of classes (19).
+        in_chans: input channels (4 = RGBY).
+        pretrained: load timm's pretrained weights (a 3-channel stem is widened).
+    """
+
+    def __init__(self, backbone: str, num_classes: int = NUM_CLASSES, in_chans: int = 4, pretrained: bool = False):
+        super().__init__()
+        self.backbone_name = backbone
+        self.num_classes = int(num_classes)
+        self.in_chans = int(in_chans)
+        self.encoder = _build_backbone(backbone, self.in_chans, pretrained)
+        self.num_features = int(self.encoder.num_features)
+        self.classifier = nn.Conv2d(self.num_features, self.num_classes, kernel_size=1, bias=False)
+        #: the checkpoint's meta (:func:`load_checkpoint`; empty for a model built here),
+        #: like timm's ``pretrained_cfg``: the one record of sizes, normalisation and input pipeline
+        self.meta: dict[str, Any] = {}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone feature maps ``(B, C, h, w)``."""
+        f = self.encoder(x)
+        if f.ndim != 4:
+            raise ValueError(f"backbone {self.backbone_name!r} gives {f.ndim}-D features; Puzzle-CAM needs maps")
+        if f.shape[1] != self.num_features and f.shape[-1] == self.num_features:
+            f = f.permute(0, 3, 1, 2)  # NHWC backbones (e.g. some transformers)
+        return f
+
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Class maps ``F (B, num_classes, h, w)`` for a normalised ``(B, in_chans, H, W)`` batch."""
+        return self.classifier(self.features(x))
+
+    forward_features_maps = class_maps  # the name in docs/ARCHITECTURE.md
+
+
+class FoldGroup(ClassMapModel):
+    """Several folds of one recipe as one classifier, averaged the team's way
+    (``hpa_oof.Ensemble`` of MPWARE-TEAM/HPA2021): the folds' class maps (and so their
+    logits, the maps' global average) are averaged, then the sigmoid and the CAM are
+    taken; Step 2's crop probabilities come from the averaged logits.
+
+    The folds must share ``data_config`` (input pipeline, sizes, mean, std) and the number
+    of classes; the group's :attr:`meta` is the first fold's plus ``folds`` (their count).
+    """
+
+    def __init__(self, models: Sequence[ClassMapModel]):
+        super().__init__()
+        if not models:
+            raise ValueError("a fold group needs at least one model")
+        first = models[0]
+        for k, m in enumerate(models[1:], start=1):
+            if m.data_config != first.data_config or m.num_classes != first.num_classes:
+                raise CheckpointError(
+                    f"fold group: fold {k} is fed differently from fold 0 "
+                    f"({m.data_config} vs {first.data_config}); one group is one recipe"
+                )
+        self.folds = nn.ModuleList(models)
+        self.num_classes = first.num_classes
+        self.backbone_name = getattr(first, "backbone_name", "")
+        self.meta = dict(first.meta, folds=len(models))
+
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of the folds' class maps ``(B, num_classes, h, w)``."""
+        maps = self.folds[0].class_maps(x)
+        for fold in self.folds[1:]:
+            maps = maps + fold.class_maps(x)
+        return maps / len(self.folds)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -223,7 +294,7 @@ def flip_views(x: torch.Tensor, flips: Sequence[str] = TTA_FLIPS) -> list[torch.
     return [x.flip(_FLIPS[f]) if _FLIPS[f] else x for f in flips]
 
 
-def forward_tta(model: PuzzleCAM, x: torch.Tensor, flips: Sequence[str] = TTA_FLIPS) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_tta(model: ClassMapModel, x: torch.Tensor, flips: Sequence[str] = TTA_FLIPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip TTA of the full image: average logits and *un-flipped* class maps over the views.
 
     All views run as one batch (``len(flips)``× memory). Returns ``(logits (B, C), F (B, C,
@@ -239,7 +310,7 @@ def forward_tta(model: PuzzleCAM, x: torch.Tensor, flips: Sequence[str] = TTA_FL
 
 
 def classify_image(
-    model: PuzzleCAM,
+    model: ClassMapModel,
     image: np.ndarray,
     device: str | torch.device = "cpu",
     fp16: bool = False,
@@ -315,6 +386,7 @@ def save_checkpoint(model: PuzzleCAM, path: str | os.PathLike, half: bool = Fals
     }
     full.update({k: v for k, v in model.meta.items() if k not in full and k != "format"})
     full.update(meta)
+    full.setdefault("input", DEFAULT_PIPELINE)
     full["format"] = CHECKPOINT_FORMAT
     full = _plain(full, "meta")
     full["mean"], full["std"] = [float(v) for v in full["mean"]], [float(v) for v in full["std"]]
@@ -362,6 +434,8 @@ def _meta_problem(meta: dict[str, Any], num_classes: int) -> str | None:
             return f"{key} is {v!r}, not {KERNEL_IN_CHANS} finite numbers (one per RGBY channel)"
     if any(x <= 0 for x in meta["std"]):
         return f"std {meta['std']!r} has a value <= 0"
+    if meta.get("input", DEFAULT_PIPELINE) not in INPUT_PIPELINES:
+        return f"input pipeline {meta['input']!r} is not one of {', '.join(INPUT_PIPELINES)}"
     return None
 
 
@@ -402,38 +476,26 @@ def _refusal(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first[:160]})")
 
 
-def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu", num_classes: int = NUM_CLASSES
-) -> tuple[PuzzleCAM, dict[str, Any]]:
-    """Rebuild a :class:`PuzzleCAM` from a :func:`save_checkpoint` file, from its meta alone.
-
-    The meta is checked first (:func:`check_meta`: ``num_classes`` classes, 4 channels,
-    sizes, mean/std), so a checkpoint that loads but would fail on every image is refused
-    here, by name, not image by image.
-
-    Reads with ``torch.load(weights_only=True)``; returns ``(model, meta)`` with the model
-    in eval mode, float32, on ``device``; ``meta`` is ``model.meta`` (the model carries it). Anything else
-    (missing file, random bytes, a pickle naming arbitrary globals, a segmentation U-Net
-    file, a plain state dict without meta, a mismatched state dict) raises
-    :class:`CheckpointError` with a one-line message naming the file.
-    """
+def read_weights(path: str | os.PathLike) -> Any:
+    """The object a torch file holds, read with ``torch.load(weights_only=True)`` on the CPU
+    (tensors saved on a GPU included): a weight file never runs code. A missing file or
+    one torch refuses is a :class:`CheckpointError` with one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear refusal
         raise _refusal(path, e) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a Puzzle-CAM checkpoint (holds a {type(obj).__name__}, not a dict)")
-    if "meta" not in obj or "state_dict" not in obj:
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(
-                f"{path}: a plain state dict without hpa_kernel metadata (write it with hpa_kernel.stages.model.save_checkpoint)"
-            )
-        raise CheckpointError(f"{path}: not a Puzzle-CAM checkpoint (no 'state_dict' and 'meta' entries)")
-    meta, state = obj["meta"], obj["state_dict"]
-    check_meta(meta, path, num_classes)
+
+
+def build_model(
+    meta: dict[str, Any], state: Any, path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> PuzzleCAM:
+    """A :class:`PuzzleCAM` built from a checked ``meta`` (:func:`check_meta`) with ``state``
+    loaded strictly: in eval mode, float32, on ``device``, carrying ``meta``. A state that
+    is not a dict of tensors, an unknown backbone, a missing or unexpected key or a shape
+    that does not fit is a :class:`CheckpointError` naming ``path``."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: 'state_dict' is not a dict of tensors")
     try:
@@ -453,4 +515,40 @@ def load_checkpoint(
         )
     model = model.eval().to(device)
     model.meta = dict(meta)
+    return model
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", num_classes: int = NUM_CLASSES
+) -> tuple[PuzzleCAM, dict[str, Any]]:
+    """Rebuild a :class:`PuzzleCAM` from a :func:`save_checkpoint` file, from its meta alone.
+
+    The meta is checked first (:func:`check_meta`: ``num_classes`` classes, 4 channels,
+    sizes, mean/std, input pipeline), so a checkpoint that loads but would fail on every
+    image is refused here, by name, not image by image.
+
+    Reads with :func:`read_weights`; returns ``(model, meta)`` with the model in eval mode,
+    float32, on ``device`` (:func:`build_model`); ``meta`` is ``model.meta`` (the model
+    carries it). Anything else (missing file, random bytes, a pickle naming arbitrary
+    globals, a segmentation U-Net file, a plain state dict without meta -- the
+    third-place team's files are such, see :mod:`hpa_kernel.stages.mpware` --, a mismatched
+    state dict) raises :class:`CheckpointError` with a one-line message naming the file.
+    """
+    path = Path(path)
+    obj = read_weights(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a Puzzle-CAM checkpoint (holds a {type(obj).__name__}, not a dict)")
+    if "meta" not in obj or "state_dict" not in obj:
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            team = any(f".{k}".endswith(".mclassifier.weight") for k in obj)
+            hint = (
+                'the third-place team\'s format: name it with "format": "mpware" in the manifest '
+                "or convert it with python -m hpa_kernel.tools.import_checkpoint"
+                if team else "write it with hpa_kernel.stages.model.save_checkpoint"
+            )
+            raise CheckpointError(f"{path}: a plain state dict without hpa_kernel metadata ({hint})")
+        raise CheckpointError(f"{path}: not a Puzzle-CAM checkpoint (no 'state_dict' and 'meta' entries)")
+    meta, state = obj["meta"], obj["state_dict"]
+    check_meta(meta, path, num_classes)
+    model = build_model(meta, state, path, device)
     return model, model.meta

@@ -24,23 +24,25 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.config import KernelConfig, SegmentationConfig
+from hpa_kernel.config import ClassifierConfig, KernelConfig, SegmentationConfig
 from hpa_kernel.stages.ensemble import combine_models, combine_steps, select_top_classes
+from hpa_kernel.stages.inputs import ImageInput
 from hpa_kernel.stages.labels import present_ids
-from hpa_kernel.stages.model import PuzzleCAM, classify_image, load_checkpoint
+from hpa_kernel.stages.model import ClassMapModel, FoldGroup, classify_image, load_checkpoint
+from hpa_kernel.stages.mpware import load_mpware
 from hpa_kernel.stages.segmentation import Segmenter, create_segmenter
 from hpa_kernel.stages.step1 import step1_scores
 from hpa_kernel.stages.step2 import crop_cells, predict_crops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CROP_SIZE", "Member", "Predictor", "ScoreDetail", "Timer", "crop_size_of"]
+__all__ = ["DEFAULT_CROP_SIZE", "Member", "Predictor", "ScoreDetail", "Timer", "crop_size_of", "load_classifier"]
 
 #: Step 2 crop side when neither the manifest nor the checkpoint names one
 DEFAULT_CROP_SIZE = 384
 
 
-def crop_size_of(model: PuzzleCAM, config: KernelConfig) -> tuple[int, str]:
+def crop_size_of(model: ClassMapModel, config: KernelConfig) -> tuple[int, str]:
     """The Step 2 crop side of one classifier and where it comes from.
 
     The one precedence rule: the manifest's ``crop_size`` when it sets one (an explicit
@@ -54,6 +56,19 @@ def crop_size_of(model: PuzzleCAM, config: KernelConfig) -> tuple[int, str]:
     if crop:
         return int(crop), "checkpoint"
     return DEFAULT_CROP_SIZE, "default"
+
+
+def load_classifier(entry: ClassifierConfig, device: str = "cpu") -> ClassMapModel:
+    """The model of one manifest classifier entry: its file read in its ``format``
+    (:func:`~hpa_kernel.stages.model.load_checkpoint`, or
+    :func:`~hpa_kernel.stages.mpware.load_mpware` for the team's files), several files as
+    one :class:`~hpa_kernel.stages.model.FoldGroup`. Raises
+    :class:`~hpa_kernel.stages.model.CheckpointError` naming the file that does not fit."""
+    if entry.format == "mpware":
+        models = [load_mpware(p, device, entry.backbone, entry.image_size, entry.crop_size) for p in entry.paths]
+    else:
+        models = [load_checkpoint(p, device=device)[0] for p in entry.paths]
+    return models[0] if len(models) == 1 else FoldGroup(models)
 
 
 class Timer(Protocol):
@@ -77,7 +92,7 @@ class _NoTimer:
 class Member:
     """One classifier of the ensemble and its weight."""
 
-    model: PuzzleCAM
+    model: ClassMapModel
     weight: float = 1.0
     #: Step 2 crop side (:func:`crop_size_of`; ``None``: worked out when scoring)
     crop_size: int | None = None
@@ -158,14 +173,15 @@ class Predictor:
         members = []
         for k, c in enumerate(config.classifiers):
             try:
-                model, _ = load_checkpoint(c.path, device=device)
+                model = load_classifier(c, device=device)
             except Exception as e:  # CheckpointError and anything torch raises
-                msg = f"classifier {c.path} skipped: {e}"
+                msg = f"classifier {c.path if len(c.paths) == 1 else c.name} skipped: {e}"
                 logger.error(msg)
                 problems.append(msg)
                 continue
             crop, source = crop_size_of(model, config)
-            logger.info("classifier m%d %s: Step 2 crops %d px (%s's crop_size)", k, c.path.name, crop, source)
+            logger.info("classifier m%d %s: input %s, Step 2 crops %d px (%s's crop_size)",
+                        k, c.name, model.input_pipeline, crop, source)
             members.append(Member(model, c.weight, crop_size=crop, name=f"m{k}"))
         if not members:
             logger.error("no usable classifier: every image gets an empty prediction")
@@ -176,7 +192,7 @@ class Predictor:
 
     def predict(
         self,
-        image: np.ndarray,
+        image: ImageInput | np.ndarray,
         size: tuple[int, int],
         step2: bool = True,
         max_models: int | None = None,
@@ -186,12 +202,15 @@ class Predictor:
         """Segment and score one image.
 
         Args:
-            image: ``(S, S, 4)`` float32 RGBY in [0, 1].
+            image: the image as an :class:`~hpa_kernel.stages.inputs.ImageInput` (the raw
+                image: each classifier is fed through its own input pipeline), or the
+                ``(S, S, 4)`` float32 working pixels in [0, 1] alone (then only classifiers
+                of the ``"hpa_kernel"`` pipeline can be fed).
             size: the original ``(width, height)``.
             step2: run Step 2 (if the manifest weighs it); ``False`` = Step 1 only.
             max_models: use only the first this many classifiers (``None``: all).
             timer: receives stage times (``segmentation``, ``seg_network``,
-                ``forward_full``, ``step1``, ``crops``, ``forward_crops``, ``ensemble``).
+                ``inputs``, ``forward_full``, ``step1``, ``crops``, ``forward_crops``, ``ensemble``).
             detail: a :class:`ScoreDetail` to fill with the per-model Step 1, Step 2 and
                 ensembled scores (for ``submit --save-cells``); ``None``: not kept.
 
@@ -200,9 +219,10 @@ class Predictor:
             class-selection rule, 0 = not predicted.
         """
         timer = timer if timer is not None else _NoTimer()
+        image = ImageInput.of(image)
         net0 = self.segmenter.network_seconds
         t0 = time.perf_counter()
-        labels = self.segmenter.segment(image[None], [size])[0].cells
+        labels = self.segmenter.segment(image.image[None], [size])[0].cells
         net = self.segmenter.network_seconds - net0
         timer.add("segmentation", time.perf_counter() - t0 - net)
         if net:  # the U-Net forwards apart from the post-processing
@@ -212,7 +232,7 @@ class Predictor:
 
     def score(
         self,
-        image: np.ndarray,
+        image: ImageInput | np.ndarray,
         labels: np.ndarray,
         cell_ids: np.ndarray,
         step2: bool = True,
@@ -221,8 +241,15 @@ class Predictor:
         detail: ScoreDetail | None = None,
     ) -> np.ndarray:
         """Per-cell, per-class scores ``(n, 19)`` of given cells: Step 1, Step 2, the
-        ensemble and the class-selection rule (see :meth:`predict`; ``detail`` likewise)."""
+        ensemble and the class-selection rule (see :meth:`predict`; ``image`` and ``detail``
+        likewise; ``labels`` at the working size ``S``).
+
+        Each model gets the pixels of its own input pipeline: at its ``image_size`` for the
+        full image, at ``S`` for the cell crops (cut where the labels are); each
+        ``(pipeline, size)`` is made once per image (:class:`~hpa_kernel.stages.inputs.ImageInput`).
+        """
         timer = timer if timer is not None else _NoTimer()
+        image = ImageInput.of(image)
         config = self.config
         n = len(cell_ids)
         members = self.members[:max_models] if max_models is not None else self.members
@@ -233,14 +260,19 @@ class Predictor:
         per_model = []
         for m in members:
             s1 = s2 = None
+            pipeline, side = m.model.input_pipeline, labels.shape[0]
             if use_step1:
+                with timer("inputs"):
+                    full = image.pixels(pipeline, m.model.data_config["image_size"] or side)
                 with timer("forward_full"):
-                    probs, cams = classify_image(m.model, image, self.device, self.fp16, self.tta, config.cam_norm)
+                    probs, cams = classify_image(m.model, full, self.device, self.fp16, self.tta, config.cam_norm)
                 with timer("step1"):
                     s1 = step1_scores(cams, probs, labels, cell_ids)
             if use_step2:
+                with timer("inputs"):
+                    pixels = image.pixels(pipeline, side)
                 with timer("crops"):
-                    crops = crop_cells(image, labels, cell_ids, crop_size=m.crop_size or crop_size_of(m.model, config)[0])
+                    crops = crop_cells(pixels, labels, cell_ids, crop_size=m.crop_size or crop_size_of(m.model, config)[0])
                 with timer("forward_crops"):
                     s2 = predict_crops(
                         m.model, crops, batch_size=self.batch_size, device=self.device, fp16=self.fp16, tta=self.tta

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-from hpa_kernel.stages.model import TTA_FLIPS, PuzzleCAM, flip_views, normalize
+from hpa_kernel.stages.model import TTA_FLIPS, ClassMapModel, flip_views, normalize
 from hpa_kernel.stages.labels import label_boxes
 
 __all__ = ["square_boxes", "crop_cells", "predict_crops"]
@@ -73,7 +73,7 @@ def crop_cells(
 
 
 def predict_crops(
-    model: PuzzleCAM,
+    model: ClassMapModel,
     crops: np.ndarray,
     *,
     mean: Sequence[float] | None = None,
