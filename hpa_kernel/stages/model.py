@@ -2,8 +2,8 @@
 
 A timm backbone (``num_classes=0, global_pool=''``) gives feature maps; a bias-free 1×1
 conv turns them into class maps ``F (B, 19, h, w)``; the logits are the global average of
-``F``. CAMs are ``relu(F)`` divided per class by its spatial max (+1e-5), in [0, 1]
-(the reference, ``"relu_max"``), or, as a measured manifest option, ``"minmax"``:
+``F``. CAMs are ``relu(relu(F) - 1e-5)`` divided per class by the spatial max of ``relu(F)``
+(+1e-5), in [0, 1] (the reference's ``make_cam``, ``"relu_max"``), or, as a measured manifest option, ``"minmax"``:
 ``(F - min F) / (max F - min F)`` per class (:data:`CAM_NORMS`, :meth:`PuzzleCAM.cams`).
 
 A pretrained 3-channel stem is widened to RGBY with the mean of its RGB filters as the 4th
@@ -177,7 +177,8 @@ class ClassMapModel(nn.Module):
     def cams(maps: torch.Tensor, norm: str = "relu_max") -> torch.Tensor:
         """CAMs in [0, 1] of class maps ``F`` (any leading dims), float32.
 
-        ``norm="relu_max"`` (the reference): ``relu(F) / (per-class spatial max + 1e-5)``.
+        ``norm="relu_max"`` (the reference, the team's ``make_cam`` exactly):
+        ``relu(relu(F) - 1e-5) / (per-class spatial max of relu(F) + 1e-5)``.
         ``norm="minmax"``: ``(F - min F) / (max F - min F)`` per class; a flat map gives 1
         everywhere (nothing says which cells show the class, so Step 1 gives every cell
         the image probability).
@@ -185,7 +186,7 @@ class ClassMapModel(nn.Module):
         f = maps.float()
         if norm == "relu_max":
             r = F.relu(f)
-            return r / (r.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
+            return F.relu(r - CAM_EPS) / (r.amax(dim=(-2, -1), keepdim=True) + CAM_EPS)
         if norm == "minmax":
             r = f - f.amin(dim=(-2, -1), keepdim=True)
             span = r.amax(dim=(-2, -1), keepdim=True)

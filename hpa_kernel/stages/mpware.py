@@ -87,19 +87,18 @@ def team_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor
         if isinstance(obj, dict) and "meta" in obj and "state_dict" in obj:
             raise CheckpointError(f'{path}: an hpa_kernel checkpoint, not a team file (drop "format": "mpware")')
         raise CheckpointError(f"{path}: not a team checkpoint (expected a plain state dict of tensors)")
-    keys = list(obj)
-    for prefix in ("module.", "cnn1."):
-        if all(k.startswith(prefix) for k in keys):
-            keys = [k[len(prefix):] for k in keys]
     state = {}
-    for key, value in zip(keys, obj.values()):
+    for name, value in obj.items():
+        key = name
+        for prefix in ("module.", "cnn1."):  # DataParallel, then the siamese wrapper
+            key = key[len(prefix):] if key.startswith(prefix) else key
         head, _, rest = key.partition(".")
         if head == "mfeatures" and rest:
             state[f"encoder.{rest}"] = value
         elif key == "mclassifier.weight":
             state["classifier.weight"] = value
         else:
-            raise CheckpointError(f"{path}: unexpected key {key!r} for a team model (mfeatures. / mclassifier.weight)")
+            raise CheckpointError(f"{path}: unexpected key {name!r} for a team model (mfeatures. / mclassifier.weight)")
     if "classifier.weight" not in state:
         raise CheckpointError(f"{path}: no mclassifier.weight: not a team Puzzle-CAM model")
     return state
