@@ -114,6 +114,7 @@ def main() -> None:
     from hpa_kernel.stages.ensemble import combine_models, combine_steps, select_top_classes
     from hpa_kernel.stages.labels import present_ids, resize_labels
     from hpa_kernel.stages.model import classify_image
+    from hpa_kernel.stages.inputs import ImageInput
     from hpa_kernel.stages.predictor import Predictor, ScoreDetail
     from hpa_kernel.stages.step1 import step1_scores
     from hpa_kernel.tools.metric import read_label_image, read_truth_index, score_image, summarize
@@ -151,14 +152,16 @@ def main() -> None:
     t0 = time.perf_counter()
     for image_id in tqdm(ids, desc="quality", unit="img"):
         item = load_image(data / "test", image_id, size=512)
+        image = ImageInput(item.rgby, image=item.image)  # each model fed by its own input pipeline
         gt_full = read_label_image(data / "truth", image_id)
         truth = (gt_full, truth_index.get(image_id, {}))
         seg_labels = predictor.segmenter.segment(item.image[None], [(item.width, item.height)])[0].cells
-        forwards = {c: [classify_image(m.model, item.image, cam_norm=c) for m in members] for c in other_cams}
+        forwards = {c: [classify_image(m.model, image.pixels(m.model.input_pipeline, m.model.data_config["image_size"] or 512),
+                                       cam_norm=c) for m in members] for c in other_cams}
         for seg_name, labels in zip(seg_names, (seg_labels, resize_labels(gt_full, 512, 512))):
             cell_ids = present_ids(labels)
             detail = ScoreDetail()
-            kernel = predictor.score(item.image, labels, cell_ids, detail=detail)
+            kernel = predictor.score(image, labels, cell_ids, detail=detail)
             steps = [detail.steps[m.name] for m in members]
             s1 = combine_models([s["step1"] for s in steps], model_w)
             s2 = combine_models([s["step2"] for s in steps], model_w)

@@ -106,6 +106,27 @@ def _key_path(root: Path, key: str) -> Path:
     return p if p.is_absolute() else Path(os.path.abspath(root / p))
 
 
+def _local_copy(full: Path, local_copies: Sequence[str | Path], shared_name: bool) -> Path:
+    """The local copy of ``full``: the first folder of ``local_copies`` holding the longest
+    tail of its path (``DIR/<run>/fold1/.../model_best.pt`` for a mirrored tree, else
+    ``DIR/<name>``); ``full`` itself when none does. A name several files share (the team's
+    ``model_best.pt`` folds) must match on more than its name: one copy for all would be
+    recorded silently."""
+    parts = full.parts[1:]  # without the root
+    for folder in local_copies:
+        for k in range(len(parts), 0, -1):
+            candidate = Path(folder).joinpath(*parts[-k:])
+            if candidate.is_file():
+                if k == 1 and shared_name:
+                    raise IntegrityError(
+                        full, f"several named files are called {full.name}: mirror their folders under "
+                              f"{folder} (e.g. {Path(folder).joinpath(*parts[-min(len(parts), 5):])})"
+                    )
+                logger.info("%s is not here: recording its local copy %s", full, candidate)
+                return candidate
+    return full
+
+
 def record_files(
     manifest_path: str | Path,
     paths: Iterable[str | Path],
@@ -116,23 +137,21 @@ def record_files(
     Relative ``paths`` are taken relative to the manifest's folder; a path outside that
     folder is keyed by its absolute path. A file outside the folder that does not exist
     here (e.g. ``/kaggle/input/<dataset>/x.pth`` on a workstation) is read from the first
-    of ``local_copies`` (folders) holding a file of the same name, and recorded under its
-    own (Kaggle) path. Raises :class:`IntegrityError` for a file found nowhere.
+    of ``local_copies`` (folders) holding a copy, found by the longest tail of its path
+    (a mirrored tree, else the same name; a name several files share must match on more),
+    and recorded under its own (Kaggle) path. Raises :class:`IntegrityError` for a file
+    found nowhere.
     """
     root = _manifest_root(manifest_path)
     entries: dict[str, dict[str, Any]] = {}
+    paths = [Path(p) for p in paths]
+    names = [p.name for p in paths]
     for p in paths:
-        p = Path(p)
         key = _file_key(root, p)
         full = _key_path(root, key)
         source = full
         if not full.is_file() and not _is_inside(root, full):
-            for folder in local_copies:
-                candidate = Path(folder) / full.name
-                if candidate.is_file():
-                    source = candidate
-                    logger.info("%s is not here: recording its local copy %s", full, candidate)
-                    break
+            source = _local_copy(full, local_copies, shared_name=names.count(full.name) > 1)
         if not source.is_file():
             hint = "" if _is_inside(root, full) else " (pass --local-copies DIR holding a copy of it)"
             raise IntegrityError(full, f"missing (cannot record its size and sha256){hint}")

@@ -229,3 +229,24 @@ def test_inside_only_still_checks_inside_files(weights: Path) -> None:
     _write(weights / "demo" / "a.pt", b"tampered")
     with pytest.raises(IntegrityError, match="a.pt"):
         verify_files(load_config(weights / "manifest.json"), inside_only=True)
+
+
+def test_local_copies_of_team_folds_sharing_a_name(tmp_path: Path, weights: Path) -> None:
+    """Four folds all called model_best.pt are recorded from a mirrored tree, never from one copy."""
+    run = "siamese_seresnext50_32x4d_512_384_RGBY_fp16_CV4_v2.0"
+    kaggle = tmp_path / "not-mounted" / "hpa-models"
+    folds = [kaggle / run / f"fold{k}" / "stage1" / "snapshots" / "model_best.pt" for k in (1, 2)]
+    m = weights / "manifest.json"
+    raw = json.loads(m.read_text())
+    raw["classifiers"] = [{"paths": [str(p) for p in folds], "format": "mpware"}]
+    m.write_text(json.dumps(raw))
+    flat = tmp_path / "flat"
+    _write(flat / "model_best.pt", b"F" * 10)
+    with pytest.raises(IntegrityError, match="several named files are called model_best.pt"):
+        update_manifest(m, allow_outside=True, local_copies=[flat])
+    mirror = tmp_path / "mirror"
+    for k, p in enumerate(folds):
+        _write(mirror / run / p.parent.relative_to(kaggle / run) / "model_best.pt", bytes([65 + k]) * (10 + k))
+    update_manifest(m, allow_outside=True, local_copies=[mirror])
+    files = json.loads(m.read_text())["files"]
+    assert [files[p.as_posix()]["size"] for p in folds] == [10, 11]
