@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.json"
 ENV_MANIFEST = "HPA_KERNEL_WEIGHTS"
+#: a manifest larger than this is refused unread (one with per-class weights is ~2 KB)
+MAX_MANIFEST_BYTES = 16 << 20
 #: the segmenters a manifest may name (``segmentation.method``); each is one registered
 #: class of :mod:`hpa_kernel.stages.segmentation` (a test keeps the two lists equal)
 SEGMENTATION_METHODS: tuple[str, ...] = ("classic", "hpa")
 #: the most classes a prediction may keep (``top_classes``): ``classes.NUM_CLASSES``,
 #: written out because this module imports nothing of the package (a test keeps them equal)
 MAX_TOP_CLASSES = 19
+#: the largest Step 2 crop side (``crop_size``): ``stages.model.MAX_CROP_SIZE``, written out
+#: for the same reason (a test keeps them equal)
+MAX_CROP_SIZE = 1024
 #: the classifier file formats a manifest entry may name (``classifiers[i].format``): ours
 #: (self-describing, ``stages.model.save_checkpoint``) and the third-place team's
 #: (``stages.mpware``); the first is the default
@@ -153,7 +159,10 @@ def _resolve(root: Path, value: str | None, what: str, allow_outside: bool) -> P
                 f"{what}: absolute path {value!r} refused (pass allow_outside=True / --allow-outside-paths)"
             )
         return p
-    full = (root / p).resolve()
+    try:
+        full = (root / p).resolve()
+    except (RuntimeError, OSError) as e:  # "Symlink loop from ..." and the like
+        raise ConfigError(f"{what}: path {value!r} cannot be resolved ({e})") from None
     if not allow_outside and not full.is_relative_to(root.resolve()):
         raise ConfigError(f"{what}: path {value!r} escapes the manifest folder {root}")
     return full
@@ -164,12 +173,22 @@ def load_config(path: str | Path | None = None, allow_outside: bool = False) -> 
     path = Path(path) if path is not None else default_manifest()
     if path.is_dir():
         path = path / "manifest.json"
-    if not path.exists():
-        raise ConfigError(f"manifest {path} not found (name one with --weights or ${ENV_MANIFEST})")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"manifest {path} not found (name one with --weights or ${ENV_MANIFEST})") from None
+    except OSError as e:  # a symlink loop, a permission
+        raise ConfigError(f"manifest {path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never ends
+        raise ConfigError(f"manifest {path}: not a regular file")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"manifest {path}: {st.st_size:,} bytes, over {MAX_MANIFEST_BYTES:,}; not a manifest")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"manifest {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"manifest {path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"manifest {path}: top level must be an object")
     try:
@@ -228,9 +247,7 @@ def _classifier(c: Any, what: str, root: Path, allow_outside: bool) -> Classifie
     if isinstance(c, str):  # shorthand: a path, weight 1
         c = {"path": c}
     c = _obj(c, what)
-    unknown = sorted(set(c) - _CLASSIFIER_KEYS)
-    if unknown:
-        raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_CLASSIFIER_KEYS))})")
+    _known_keys(c, _CLASSIFIER_KEYS, f"{what}: ")
     if "path" in c and "paths" in c:
         raise ConfigError(f"{what}.paths: give 'path' (a file) or 'paths' (folds averaged as one model), not both")
     if "path" not in c and "paths" not in c:
@@ -258,23 +275,29 @@ def _classifier(c: Any, what: str, root: Path, allow_outside: bool) -> Classifie
         format=fmt,
         backbone=_text(team.get("backbone"), f"{what}.backbone"),
         image_size=_integer(team["image_size"], f"{what}.image_size") if "image_size" in team else None,
-        crop_size=_integer(team["crop_size"], f"{what}.crop_size") if "crop_size" in team else None,
+        crop_size=_integer(team["crop_size"], f"{what}.crop_size", 1, MAX_CROP_SIZE) if "crop_size" in team else None,
     )
 
 
-def config_from_dict(
-    raw: dict[str, Any], root: Path, allow_outside: bool = False, source: Path | None = None
-) -> KernelConfig:
-    """A :class:`KernelConfig` from a parsed manifest, every value checked.
+_TOP_KEYS = {"segmentation", "classifiers", "step_weights", "step1", "top_classes", "min_confidence",
+             "crop_size", "batch_size", "image_size", "files"}
+_SEGMENTATION_KEYS = {"method", "nuclei", "cell", "scale", "batch_size"}
 
-    Raises :class:`ConfigError` with one line naming the first bad field: a wrong type
-    (``"weight": "heavy"``), a NaN or infinity, or a value out of range (``top_classes``
-    1..19, ``min_confidence`` in [0, 1], step weights >= 0 (a number or 19 of them) and
-    not both 0 for any class, ``step1.cam`` one of :data:`CAM_NORMS`, classifier
-    weights > 0, sizes and batch sizes >= 1, ``image_size`` a multiple of 32).
-    """
-    root = Path(root)
+
+def _known_keys(obj: dict[str, Any], known: set[str], what: str) -> None:
+    """:class:`ConfigError` naming the first unknown key of ``obj`` and the closest known one."""
+    import difflib
+
+    for key in obj:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(known))})"
+            raise ConfigError(f"{what}unknown key {key!r}{hint}")
+
+
+def _segmentation(raw: dict[str, Any], root: Path, allow_outside: bool) -> SegmentationConfig:
     seg_raw = _obj(raw.get("segmentation", {"method": "classic"}), "segmentation")
+    _known_keys(seg_raw, _SEGMENTATION_KEYS, "segmentation: ")
     method = seg_raw.get("method", "hpa" if seg_raw.get("cell") else "classic")
     if method not in SEGMENTATION_METHODS:
         raise ConfigError(f"segmentation.method must be one of {list(SEGMENTATION_METHODS)}, not {method!r}")
@@ -289,11 +312,24 @@ def config_from_dict(
         raise ConfigError("segmentation.method 'hpa' needs both 'nuclei' and 'cell' weight paths")
     if seg.scale not in ("512", "full"):
         raise ConfigError(f"segmentation.scale must be '512' or 'full', not {seg.scale!r}")
+    return seg
+
+
+def _classifiers(raw: dict[str, Any], root: Path, allow_outside: bool) -> list[ClassifierConfig]:
+    """The ``classifiers`` list (none is valid here; a run refuses to start without a usable
+    one), weights whose sum is finite."""
     items = raw.get("classifiers", [])
     if not isinstance(items, list):
         raise ConfigError(f"classifiers must be a list of {{\"path\", \"weight\"}} objects, not {items!r}")
     classifiers = [_classifier(c, f"classifiers[{i}]", root, allow_outside) for i, c in enumerate(items)]
+    if not math.isfinite(sum(c.weight for c in classifiers)):
+        raise ConfigError("classifiers: the weights' sum overflows; scale them down (only their ratios matter)")
+    return classifiers
+
+
+def _step_weights(raw: dict[str, Any]) -> tuple[float | tuple[float, ...], float | tuple[float, ...]]:
     sw = _obj(raw.get("step_weights", {}), "step_weights")
+    _known_keys(sw, {"step1", "step2"}, "step_weights: ")
     step1 = _weights(sw.get("step1", 0.5), "step_weights.step1")
     step2 = _weights(sw.get("step2", 0.5), "step_weights.step2")
     w1, w2 = _as_tuple(step1), _as_tuple(step2)
@@ -301,17 +337,51 @@ def config_from_dict(
     if both_zero:
         where = "" if len(w1) == len(w2) == 1 else f" for class {both_zero[0]}"
         raise ConfigError(f"step_weights: step1 and step2 may not both be 0{where}")
+    return step1, step2
+
+
+def _files(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``files`` section: ``{path: {"size": int >= 0, "sha256": str}}`` (a digest that
+    does not match is the integrity check's to report, and ``--update`` rewrites it)."""
+    files = _obj(raw.get("files", {}), "files")
+    for key, entry in files.items():
+        what = f"files[{key!r}]"
+        entry = _obj(entry, what)
+        _known_keys(entry, {"size", "sha256"}, f"{what}: ")
+        if "size" in entry:
+            _integer(entry["size"], f"{what}.size", 0)
+        if not isinstance(entry.get("sha256", ""), str):
+            raise ConfigError(f"{what}.sha256 must be a string of hex digits, not {entry['sha256']!r}")
+    return dict(files)
+
+
+def config_from_dict(
+    raw: dict[str, Any], root: Path, allow_outside: bool = False, source: Path | None = None
+) -> KernelConfig:
+    """A :class:`KernelConfig` from a parsed manifest, every value checked.
+
+    Raises :class:`ConfigError` with one line naming the first bad field: an unknown key at
+    any level (with the closest known one), a wrong type (``"weight": "heavy"``), a NaN or
+    infinity, or a value out of range (``top_classes`` 1..19, ``min_confidence`` in [0, 1],
+    step weights >= 0 (a number or 19 of them) and not both 0 for any class, ``step1.cam``
+    one of :data:`CAM_NORMS`, classifier weights > 0 with a finite
+    sum, sizes and batch sizes >= 1, ``crop_size`` <= :data:`MAX_CROP_SIZE`, ``image_size``
+    a multiple of 32, ``files`` entries ``{"size": int, "sha256": str}``).
+    """
+    root = Path(root)
+    _known_keys(raw, _TOP_KEYS, "")
+    seg = _segmentation(raw, root, allow_outside)
+    classifiers = _classifiers(raw, root, allow_outside)
+    step1, step2 = _step_weights(raw)
     s1_raw = _obj(raw.get("step1", {}), "step1")
-    unknown = sorted(set(s1_raw) - {"cam"})
-    if unknown:
-        raise ConfigError(f"step1: unknown key(s) {', '.join(unknown)} (step1 has cam)")
+    _known_keys(s1_raw, {"cam"}, "step1: ")
     cam_norm = s1_raw.get("cam", CAM_NORMS[0])
     if cam_norm not in CAM_NORMS:
         raise ConfigError(f"step1.cam must be one of {list(CAM_NORMS)}, not {cam_norm!r}")
     image_size = _integer(raw.get("image_size", 512), "image_size")
     if image_size % 32:
         raise ConfigError(f"image_size must be a multiple of 32, not {image_size}")
-    cfg = KernelConfig(
+    return KernelConfig(
         segmentation=seg,
         classifiers=classifiers,
         step1_weight=step1,
@@ -319,11 +389,10 @@ def config_from_dict(
         cam_norm=cam_norm,
         top_classes=_integer(raw.get("top_classes", 18), "top_classes", 1, MAX_TOP_CLASSES),
         min_confidence=_number(raw.get("min_confidence", 0.0), "min_confidence", 0.0, 1.0),
-        crop_size=_integer(raw["crop_size"], "crop_size") if raw.get("crop_size") is not None else None,
+        crop_size=_integer(raw["crop_size"], "crop_size", 1, MAX_CROP_SIZE) if raw.get("crop_size") is not None else None,
         batch_size=_integer(raw.get("batch_size", 16), "batch_size"),
         image_size=image_size,
-        files=dict(_obj(raw.get("files", {}), "files")),
+        files=_files(raw),
         root=root,
         source=source,
     )
-    return cfg

@@ -25,7 +25,7 @@ def test_the_top_classes_bound_is_the_number_of_classes():
     ({"step_weights": {"step1": [0.5] * 18 + [-1], "step2": 0.5}}, "step_weights.step1[18]"),
     ({"step_weights": {"step1": [1.0] * 18 + [0.0], "step2": [0.0] * 19}}, "for class 18"),
     ({"step1": {"cam": "softmax"}}, "step1.cam"),
-    ({"step1": {"norm": "minmax"}}, "step1: unknown key(s) norm"),
+    ({"step1": {"norm": "minmax"}}, "step1: unknown key 'norm'"),
     ({"image_size": 500}, "image_size"),
     ({"batch_size": 2.5}, "batch_size"),
     ({"segmentation": {"method": "classic", "batch_size": 0}}, "segmentation.batch_size"),

@@ -148,7 +148,7 @@ def test_read_rgby_faults(tmp_path):
     _assert_one_line_error(tmp_path, "img", "img_blue.png", "cannot decode")
 
     (tmp_path / "img_blue.png").write_bytes(b"this is not a png at all")
-    _assert_one_line_error(tmp_path, "img", "img_blue.png", "cannot decode")
+    _assert_one_line_error(tmp_path, "img", "img_blue.png", "not a PNG file")
 
     (tmp_path / "img_blue.png").write_bytes(good)
     cv2.imwrite(str(tmp_path / "img_green.png"), planes[1][:, :6])

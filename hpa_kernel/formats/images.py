@@ -276,6 +276,23 @@ def channel_path(folder: str | os.PathLike, image_id: str, channel: str) -> Path
     return id_file(folder, image_id, f"_{channel}.png")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: what other content under a ``.png`` name is, by its first bytes (for the message only)
+_OTHER_FORMATS = ((b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
+                  (b"GIF8", "GIF"), (b"RIFF", "RIFF/WebP"), (b"\x00\x00\x00\x0cjP", "JPEG 2000"))
+
+
+def _require_png(path: Path) -> None:
+    """:class:`ImageReadError` unless ``path`` starts with the PNG signature: only PNG is
+    decoded, so the pixel cap (read from the PNG header) holds for every file decoded."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_PNG_SIGNATURE):
+        return
+    kind = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), "not an image format read here")
+    raise ImageReadError(f"{path}: not a PNG file ({kind} data under a .png name); only PNG channel files are read")
+
+
 def read_channel(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read one channel PNG as a 2-D uint8 or uint16 array.
 
@@ -286,13 +303,16 @@ def read_channel(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
     grayscale conversion would scale it by 0.299/0.587/0.114.
 
     Raises :class:`ImageReadError` for a missing, non-regular (FIFO, device, folder), empty
-    or undecodable file, an unsupported pixel type, or a PNG whose header declares more than
-    ``max_pixels`` pixels (``None``: no cap; checked before decoding).
+    or undecodable file, content that is not PNG (JPEG, TIFF... under a ``.png`` name: the
+    pixel cap is read from the PNG header, so nothing else is decoded), an unsupported pixel
+    type, or a PNG whose header declares more than ``max_pixels`` pixels (``None``: no cap;
+    checked before decoding).
     """
     path = Path(path)
     nbytes = _regular_size(path)
     if nbytes == 0:
         raise ImageReadError(f"{path}: empty (0-byte) file")
+    _require_png(path)
     if max_pixels is not None:
         size = png_size(path)
         if size is not None and size[0] * size[1] > max_pixels:

@@ -49,6 +49,12 @@ class Budget:
         self.start = start
         self.spent: dict[int, list[float]] = defaultdict(list)
 
+    @property
+    def deadline(self) -> float | None:
+        """When the budget's margin runs out (``perf_counter`` seconds; ``None``: no budget):
+        a Step 2 still running then is cut short (``Predictor.predict(deadline=...)``)."""
+        return None if self.seconds is None else self.start + self.seconds * self.MARGIN
+
     def record(self, level: int, seconds: float) -> None:
         self.spent[level].append(seconds)
 

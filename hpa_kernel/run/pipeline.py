@@ -76,14 +76,14 @@ class CellsExport:
 
 def predict_row(
     predictor: Predictor, item: LoadedImage, level: int, timer: StageTimer, overlays: Path | None,
-    cells: CellsExport | None = None,
+    cells: CellsExport | None = None, deadline: float | None = None,
 ) -> str:
     """One decoded image's PredictionString: predict, masks to the original size, RLE
     (and its per-cell export when ``cells`` is given)."""
     detail = ScoreDetail() if cells is not None else None
     image = ImageInput(item.rgby, image=item.image)  # each model's pixels from the raw image, made once
     labels, cell_ids, scores = predictor.predict(
-        image, (item.width, item.height), timer=timer, detail=detail, **LEVEL_SETTINGS[level]
+        image, (item.width, item.height), timer=timer, detail=detail, deadline=deadline, **LEVEL_SETTINGS[level]
     )
     written = cell_ids[scores.max(axis=1) > 0]  # cells with something to write
     with timer("rle"):
@@ -199,7 +199,7 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
             if error is None:
                 try:
                     # 2-8. segmentation, classifiers, Step 1/2, ensemble, class selection, RLE
-                    pred = predict_row(predictor, item, level, timer, opts.save_overlays, cells)
+                    pred = predict_row(predictor, item, level, timer, opts.save_overlays, cells, budget.deadline)
                 except Exception as e:  # an image never costs the rest of the run
                     logger.exception("image %s failed", image_id)
                     error, pred = f"{type(e).__name__}: {e}", ""

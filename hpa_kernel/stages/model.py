@@ -55,6 +55,9 @@ CHECKPOINT_FORMAT = "hpa_kernel.puzzlecam/1"
 CAM_EPS = 1e-5
 #: the input side when a checkpoint's meta names none (:meth:`ClassMapModel.prepare`)
 DEFAULT_IMAGE_SIZE = 512
+#: the largest Step 2 crop side the kernel cuts (a 4096 px crop of 38 cells needed 9.5 GiB);
+#: ``config.MAX_CROP_SIZE`` is the same number (a test keeps them equal)
+MAX_CROP_SIZE = 1024
 #: How class maps become CAMs in [0, 1] (``step1.cam`` of the manifest): ``"relu_max"`` is
 #: the reference (the default); ``"minmax"`` keeps the ranking of cells inside a map that is
 #: negative everywhere (``relu`` would make it all zero) and measures a cell's height from
@@ -426,6 +429,8 @@ def _meta_problem(meta: dict[str, Any], num_classes: int) -> str | None:
         v = meta[key]
         if v is not None and not (integer(v) and v > 0):
             return f"{key} is {v!r}, not a positive integer"
+    if meta["crop_size"] is not None and meta["crop_size"] > MAX_CROP_SIZE:
+        return f"crop_size {meta['crop_size']} is over the kernel's bound of {MAX_CROP_SIZE}"
     for key in ("mean", "std"):
         v = meta[key]
         ok = isinstance(v, (list, tuple)) and len(v) == KERNEL_IN_CHANS and all(

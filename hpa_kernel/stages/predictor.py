@@ -32,7 +32,7 @@ from hpa_kernel.stages.model import ClassMapModel, FoldGroup, classify_image, lo
 from hpa_kernel.stages.mpware import load_mpware
 from hpa_kernel.stages.segmentation import Segmenter, create_segmenter
 from hpa_kernel.stages.step1 import step1_scores
-from hpa_kernel.stages.step2 import crop_cells, predict_crops
+from hpa_kernel.stages.step2 import crop_batches, predict_crops
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,8 @@ class Predictor:
         self.tta = tta
         self.batch_size = int(batch_size or config.batch_size)
         self.problems = list(problems or [])
+        #: how many times Step 2 was cut short by a deadline (:meth:`score`)
+        self.step2_cut = 0
         #: the segmenter in words (``"classic (fallback)"`` when the manifest's was unusable)
         self.segmenter_name = segmenter.name
 
@@ -198,6 +200,7 @@ class Predictor:
         max_models: int | None = None,
         timer: Timer | None = None,
         detail: ScoreDetail | None = None,
+        deadline: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Segment and score one image.
 
@@ -213,6 +216,9 @@ class Predictor:
                 ``inputs``, ``forward_full``, ``step1``, ``crops``, ``forward_crops``, ``ensemble``).
             detail: a :class:`ScoreDetail` to fill with the per-model Step 1, Step 2 and
                 ensembled scores (for ``submit --save-cells``); ``None``: not kept.
+            deadline: a ``time.perf_counter()`` time (the time budget's): a model's Step 2
+                still running then stops between batches and the image is scored by Step 1
+                for that model (logged, counted in :attr:`step2_cut`); ``None``: no limit.
 
         Returns:
             ``(labels (S, S) int32, cell_ids (n,), scores (n, 19) float32)``: after the
@@ -228,7 +234,7 @@ class Predictor:
         if net:  # the U-Net forwards apart from the post-processing
             timer.add("seg_network", net)
         cell_ids = present_ids(labels)
-        return labels, cell_ids, self.score(image, labels, cell_ids, step2, max_models, timer, detail)
+        return labels, cell_ids, self.score(image, labels, cell_ids, step2, max_models, timer, detail, deadline)
 
     def score(
         self,
@@ -239,10 +245,11 @@ class Predictor:
         max_models: int | None = None,
         timer: Timer | None = None,
         detail: ScoreDetail | None = None,
+        deadline: float | None = None,
     ) -> np.ndarray:
         """Per-cell, per-class scores ``(n, 19)`` of given cells: Step 1, Step 2, the
-        ensemble and the class-selection rule (see :meth:`predict`; ``image`` and ``detail``
-        likewise; ``labels`` at the working size ``S``).
+        ensemble and the class-selection rule (see :meth:`predict`; ``image``, ``detail``
+        and ``deadline`` likewise; ``labels`` at the working size ``S``).
 
         Each model gets the pixels of its own input pipeline: at its ``image_size`` for the
         full image, at ``S`` for the cell crops (cut where the labels are); each
@@ -259,24 +266,10 @@ class Predictor:
         use_step1 = config.use_step1 or not use_step2
         per_model = []
         for m in members:
-            s1 = s2 = None
-            pipeline, side = m.model.input_pipeline, labels.shape[0]
-            if use_step1:
-                with timer("inputs"):
-                    full = image.pixels(pipeline, m.model.data_config["image_size"] or side)
-                with timer("forward_full"):
-                    probs, cams = classify_image(m.model, full, self.device, self.fp16, self.tta, config.cam_norm)
-                with timer("step1"):
-                    s1 = step1_scores(cams, probs, labels, cell_ids)
-            if use_step2:
-                with timer("inputs"):
-                    pixels = image.pixels(pipeline, side)
-                with timer("crops"):
-                    crops = crop_cells(pixels, labels, cell_ids, crop_size=m.crop_size or crop_size_of(m.model, config)[0])
-                with timer("forward_crops"):
-                    s2 = predict_crops(
-                        m.model, crops, batch_size=self.batch_size, device=self.device, fp16=self.fp16, tta=self.tta
-                    )
+            s1 = self._step1(m, image, labels, cell_ids, timer) if use_step1 else None
+            s2 = self._step2(m, image, labels, cell_ids, timer, deadline) if use_step2 else None
+            if s1 is None and s2 is None:  # Step 2 cut short by the deadline: Step 1 instead
+                s1 = self._step1(m, image, labels, cell_ids, timer)
             with timer("ensemble"):
                 per_model.append(combine_steps(s1, s2, config.step1_weight, config.step2_weight))
             if detail is not None:
@@ -286,3 +279,38 @@ class Predictor:
             if detail is not None:
                 detail.ensemble = scores
             return select_top_classes(scores, top_n=config.top_classes, floor=config.min_confidence)
+
+    def _step1(self, m: Member, image: ImageInput, labels: np.ndarray, cell_ids: np.ndarray, timer: Timer) -> np.ndarray:
+        """One model's Step 1: the full image through its pipeline, CAM ∩ cell."""
+        with timer("inputs"):
+            full = image.pixels(m.model.input_pipeline, m.model.data_config["image_size"] or labels.shape[0])
+        with timer("forward_full"):
+            probs, cams = classify_image(m.model, full, self.device, self.fp16, self.tta, self.config.cam_norm)
+        with timer("step1"):
+            return step1_scores(cams, probs, labels, cell_ids)
+
+    def _step2(
+        self, m: Member, image: ImageInput, labels: np.ndarray, cell_ids: np.ndarray, timer: Timer,
+        deadline: float | None,
+    ) -> np.ndarray | None:
+        """One model's Step 2, cut and classified ``batch_size`` cells at a time (memory bounded
+        by the batch, not the cell count); ``None`` when ``deadline`` (``time.perf_counter()``
+        seconds) passes before the last batch."""
+        with timer("inputs"):
+            pixels = image.pixels(m.model.input_pipeline, labels.shape[0])
+        crop = m.crop_size or crop_size_of(m.model, self.config)[0]
+        batches = crop_batches(pixels, labels, cell_ids, crop, self.batch_size)
+        out, done = [], 0
+        while done < len(cell_ids):
+            if deadline is not None and time.perf_counter() > deadline:
+                logger.warning("Step 2 of %s cut after %d of %d cells: past the time budget's deadline; "
+                               "Step 1 scores this image", m.name, done, len(cell_ids))
+                self.step2_cut += 1
+                return None
+            with timer("crops"):
+                batch = next(batches)
+            with timer("forward_crops"):
+                out.append(predict_crops(m.model, batch, batch_size=self.batch_size, device=self.device,
+                                         fp16=self.fp16, tta=self.tta))
+            done += len(batch)
+        return np.concatenate(out) if out else np.zeros((0, m.model.num_classes), np.float32)

@@ -7,16 +7,16 @@ sigmoid gives per-cell class probabilities.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-from hpa_kernel.stages.model import TTA_FLIPS, ClassMapModel, flip_views, normalize
+from hpa_kernel.stages.model import MAX_CROP_SIZE, TTA_FLIPS, ClassMapModel, flip_views, normalize
 from hpa_kernel.stages.labels import label_boxes
 
-__all__ = ["square_boxes", "crop_cells", "predict_crops"]
+__all__ = ["MAX_CROP_SIZE", "square_boxes", "crop_cells", "crop_batches", "predict_crops"]
 
 
 def square_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -34,6 +34,32 @@ def square_boxes(boxes: np.ndarray) -> np.ndarray:
     return np.stack([y0, x0, y0 + side, x0 + side], axis=1)
 
 
+def _cut(image: np.ndarray, squares: np.ndarray, crop_size: int) -> np.ndarray:
+    """The crops of ``squares`` (``(k, 4)`` y0, x0, y1, x1; may reach past the image:
+    zeros there), ``(k, C, crop_size, crop_size)`` float32."""
+    H, W, C = image.shape
+    out = np.zeros((len(squares), C, crop_size, crop_size), dtype=np.float32)
+    for i, (y0, x0, y1, x1) in enumerate(squares):  # per cell, bbox-sized work
+        side = int(y1 - y0)
+        if side <= 0:
+            continue
+        patch = np.zeros((side, side, C), dtype=np.float32)
+        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
+        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+        interp = cv2.INTER_AREA if side > crop_size else cv2.INTER_LINEAR
+        r = cv2.resize(patch, (crop_size, crop_size), interpolation=interp)
+        out[i] = r.reshape(crop_size, crop_size, C).transpose(2, 0, 1)
+    return out
+
+
+def _squares(image: np.ndarray, labels: np.ndarray, cell_ids: np.ndarray, crop_size: int) -> np.ndarray:
+    if image.ndim != 3 or image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape} and labels {labels.shape} do not match")
+    if not 1 <= int(crop_size) <= MAX_CROP_SIZE:
+        raise ValueError(f"crop_size must be in 1..{MAX_CROP_SIZE}, not {crop_size}")
+    return square_boxes(label_boxes(labels, np.asarray(cell_ids, dtype=np.int64).reshape(-1)))
+
+
 def crop_cells(
     image: np.ndarray,
     labels: np.ndarray,
@@ -46,30 +72,33 @@ def crop_cells(
         image: ``(S, S, C)`` float32 in [0, 1] (the 512 RGBY image; any H×W works).
         labels: ``(S, S)`` label image of the same size.
         cell_ids: the cells to crop, in output order.
-        crop_size: output side.
+        crop_size: output side, 1..:data:`MAX_CROP_SIZE`.
 
     Each crop is the cell's bounding box padded to a centred square (zeros beyond the
     image), resized with ``cv2.INTER_AREA`` when shrinking, ``cv2.INTER_LINEAR`` when
-    enlarging. A cell without pixels gives an all-zero crop.
+    enlarging. A cell without pixels gives an all-zero crop. All ``n`` crops are held at
+    once: the kernel cuts them batch by batch instead (:func:`crop_batches`).
     """
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3 or image.shape[:2] != labels.shape:
-        raise ValueError(f"image {image.shape} and labels {labels.shape} do not match")
-    cell_ids = np.asarray(cell_ids, dtype=np.int64).reshape(-1)
-    H, W, C = image.shape
-    out = np.zeros((len(cell_ids), C, crop_size, crop_size), dtype=np.float32)
-    squares = square_boxes(label_boxes(labels, cell_ids))
-    for i, (y0, x0, y1, x1) in enumerate(squares):  # per cell, bbox-sized work
-        side = int(y1 - y0)
-        if side <= 0:
-            continue
-        patch = np.zeros((side, side, C), dtype=np.float32)
-        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, H), min(x1, W)
-        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
-        interp = cv2.INTER_AREA if side > crop_size else cv2.INTER_LINEAR
-        r = cv2.resize(patch, (crop_size, crop_size), interpolation=interp)
-        out[i] = r.reshape(crop_size, crop_size, C).transpose(2, 0, 1)
-    return out
+    return _cut(image, _squares(image, labels, cell_ids, crop_size), int(crop_size))
+
+
+def crop_batches(
+    image: np.ndarray,
+    labels: np.ndarray,
+    cell_ids: np.ndarray,
+    crop_size: int = 384,
+    batch_size: int = 16,
+) -> Iterator[np.ndarray]:
+    """:func:`crop_cells` cut ``batch_size`` cells at a time: yields ``(<= batch_size, C,
+    crop_size, crop_size)`` arrays in ``cell_ids`` order, the boxes found once. Memory is
+    bounded by the batch, not by the number of cells."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    image = np.asarray(image, dtype=np.float32)
+    squares = _squares(image, labels, cell_ids, crop_size)
+    for s in range(0, len(squares), batch_size):
+        yield _cut(image, squares[s : s + batch_size], int(crop_size))
 
 
 def predict_crops(
