@@ -58,10 +58,15 @@ def setup_logging(quiet: bool = False, verbose: bool = False, tag: str = "") -> 
 
 
 def merge_main(argv: list[str]) -> int:
-    from hpa_kernel.formats.submission import merge_submissions
+    from hpa_kernel.formats.submission import merge_submissions, prepare_output
 
     args = build_merge_parser().parse_args(argv)
     setup_logging()
+    try:
+        prepare_output(args.out, [args.sample, *args.parts])  # before reading anything
+    except OSError as e:
+        print(f"error: --out: {e}", file=sys.stderr)
+        return 2
     try:
         n = merge_submissions(args.parts, args.sample, args.out)
     except (OSError, ValueError) as e:
@@ -106,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from hpa_kernel.formats.images import SAMPLE_NAME
     from hpa_kernel.formats.submission import prepare_output
 
-    try:
-        prepare_output(out)  # before any work: a folder or an unwritable place fails now
+    try:  # before any work: a folder, the sample or an unwritable place fails now
+        prepare_output(out, [Path(data_dir) / SAMPLE_NAME])
     except OSError as e:
         print(f"error: --out: {e}", file=sys.stderr)
         return 2
@@ -151,7 +157,7 @@ def report(args: argparse.Namespace, data_dir: Path, out: Path) -> bool:
     if sample.exists() and args.shard is None and args.max_images is None:
         from hpa_kernel.formats.submission import validate_submission
 
-        problems = validate_submission(out, sample)
+        problems = validate_submission(out, sample, max_pixels=args.max_pixels)
         print("validation: OK" if not problems else f"validation: {len(problems)} problem(s)")
         for msg in problems[:20]:
             print(f"  {msg}")
