@@ -304,6 +304,36 @@ def _mask_size(row: tuple[int | None, int | None], said: tuple[int, int], max_pi
     return (h, w), ""
 
 
+def _validation_sample(sample_path: Path, max_pixels: int) -> tuple[dict[str, tuple[int, int]], str]:
+    """The sample's sizes, or the one line saying why it cannot be validated against."""
+    try:
+        sample = read_sample(sample_path).sizes
+    except (OSError, ValueError, csv.Error) as e:
+        return {}, f"sample {sample_path}: cannot read ({' '.join(str(e).split())})"
+    if not sample:
+        return {}, f"sample {sample_path}: has no IDs"
+    absurd = sample_size_problems(sample, max_pixels)
+    if absurd:
+        more = f" (and {len(absurd) - 1} more)" if len(absurd) > 1 else ""
+        return {}, f"sample {sample_path}: refused, {absurd[0]}{more}"
+    return sample, ""
+
+
+def _id_problems(rows: list[list[str]], sample: Mapping[str, tuple[int, int]]) -> list[str]:
+    """IDs repeated, not in the sample, or missing."""
+    problems: list[str] = []
+    counts = Counter(r[0].strip() if r else "" for r in rows)
+    for image_id, n in counts.items():
+        if n > 1:
+            problems.append(f"ID {image_id}: appears {n} times")
+        if image_id not in sample:
+            problems.append(f"ID {image_id}: not in the sample" if image_id else "a row has an empty ID")
+    for image_id in sample:
+        if image_id not in counts:
+            problems.append(f"ID {image_id}: missing")
+    return problems
+
+
 def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
     """Check a submission against the sample; return one-line problems (empty = valid).
@@ -324,16 +354,9 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike,
     (:func:`sample_size_problems`) is refused.
     """
     path, sample_path = Path(path), Path(sample_path)
-    try:
-        sample = read_sample(sample_path).sizes
-    except (OSError, ValueError, csv.Error) as e:
-        return [f"sample {sample_path}: cannot read ({' '.join(str(e).split())})"]
-    if not sample:
-        return [f"sample {sample_path}: has no IDs"]
-    absurd = sample_size_problems(sample, max_pixels)
-    if absurd:
-        more = f" (and {len(absurd) - 1} more)" if len(absurd) > 1 else ""
-        return [f"sample {sample_path}: refused, {absurd[0]}{more}"]
+    sample, refusal = _validation_sample(sample_path, max_pixels)
+    if refusal:
+        return [refusal]
     try:
         header, rows = _read_rows(path)
     except (OSError, ValueError, csv.Error) as e:
@@ -343,17 +366,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike,
     if header != list(COLUMNS):
         return [f"{path}: columns {header} differ from {list(COLUMNS)}"]
 
-    problems: list[str] = []
-    counts = Counter(r[0].strip() if r else "" for r in rows)
-    for image_id, n in counts.items():
-        if n > 1:
-            problems.append(f"ID {image_id}: appears {n} times")
-        if image_id not in sample:
-            problems.append(f"ID {image_id}: not in the sample" if image_id else "a row has an empty ID")
-    for image_id in sample:
-        if image_id not in counts:
-            problems.append(f"ID {image_id}: missing")
-
+    problems = _id_problems(rows, sample)
     # (row problems list, image id, triple index) per distinct mask and size
     mask_refs: dict[tuple[str, int, int], list[tuple[str, int]]] = {}
     row_faults: dict[str, dict[str, list[tuple[int, str]]]] = {}
