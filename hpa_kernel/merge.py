@@ -24,6 +24,7 @@ from typing import Sequence
 from hpa_kernel.formats.submission import prepare_output
 from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED
 from hpa_kernel.run.merge import MergeOptions, merge_inputs
+from hpa_kernel.run.summary import log_to_stderr
 
 logger = logging.getLogger("hpa_kernel")
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr(logging.WARNING if args.quiet else logging.INFO, "%(levelname)s %(name)s: %(message)s")
     opts = MergeOptions(weights=args.weights, reference=args.reference, iou=args.iou,
                         unmatched=args.unmatched, mean=args.mean)
     try:

@@ -51,10 +51,13 @@ def build_merge_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False, tag: str = "") -> None:
-    """Log to stderr; ``tag`` (e.g. ``[shard 1/2]``) starts every line of a shard process."""
+    """Log to stderr; ``tag`` (e.g. ``[shard 1/2]``) starts every line of a shard process.
+    One line per record, and at most a few of each kind (:class:`~hpa_kernel.run.summary.RepeatFilter`)."""
+    from hpa_kernel.run.summary import log_to_stderr
+
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s " + (f"{tag} " if tag else "") + "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
+    log_to_stderr(level, fmt, datefmt="%H:%M:%S")  # repeated faults: the first few, then the summary
 
 
 def merge_main(argv: list[str]) -> int:

@@ -204,3 +204,44 @@ def test_a_malformed_teammate_row_costs_only_that_inputs_cells_for_that_image(tm
     summary = [line for line in stdout.splitlines() if line.startswith("input 1: malformed row")]
     assert len(summary) == 1 and "on 3 image(s)" in summary[0], stdout
     assert "'img0'" in summary[0] and "5 fields" in summary[0]
+
+
+# ------------------------------------------- 16. litter: one line per record, repeats summarised
+
+
+def test_the_summary_of_99998_failures_is_short_and_an_id_never_splits_a_line(tmp_path):
+    """Item 16: 99,998 failures printed 6.8 MB (one line each); an ID with a newline split
+    its summary line. Failures of the same reason are one line with a count and the first IDs."""
+    from hpa_kernel.run.summary import RunSummary
+
+    failures = {f"id{k:05d}": f"/data/test/id{k:05d}_red.png: missing file" for k in range(99_998)}
+    failures["evil\nfailed: forged"] = "ID 'evil\\nfailed: forged' is not a safe file name"
+    failures["odd"] = "ValueError: two\nlines"
+    text = RunSummary(out=tmp_path / "s.csv", n_images=100_000, n_done=100_000, failures=failures).format()
+    assert len(text) < 2_000, f"{len(text)} bytes"
+    failed = [ln for ln in text.splitlines() if ln.startswith("failed: ")]
+    assert len(failed) == 3 and failed[0].startswith("failed: 99998 images with the same reason, e.g. id00000, id00001")
+    assert failed[1:] == ["failed: evil\\nfailed: forged: ID 'evil\\nfailed: forged' is not a safe file name",
+                          "failed: odd: ValueError: two\\nlines"]
+
+
+def test_many_failing_images_print_little_even_on_stderr(tmp_path):
+    """Item 16: 99,998 failures wrote 25 MB to stderr even with ``-q`` (two warnings per
+    image). The log keeps the first few of each kind and says the summary counts the rest;
+    here 300 images (each fails fast: its files are missing) print about what 10 would."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    ids = [f"id{k:04d}" for k in range(300)] + ["x\ny"]
+    _csv(data / "sample_submission.csv", [(i, SIZE, SIZE, "") for i in ids])
+    out = tmp_path / "s.csv"
+    r = subprocess.run([sys.executable, "-m", "hpa_kernel.submit", "--data-dir", str(data), "--out", str(out),
+                        "--device", "cpu", "--no-progress", "-q", "--no-verify"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert len(r.stdout) < 3_000 and len(r.stderr) < 8_000, (len(r.stdout), len(r.stderr))
+    assert "failed: 300 images with the same reason" in r.stdout and "failed: x\\ny: " in r.stdout
+    assert "more like this are not logged" in r.stderr
+    assert not any(line.startswith("y") for line in (r.stdout + r.stderr).splitlines())
+    assert list(read_submission(out)) == ids  # every ID still has its row
