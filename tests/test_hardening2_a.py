@@ -114,6 +114,23 @@ def test_a_sample_claiming_absurd_sizes_is_refused(tmp_path, capsys):
     rc, _, err = _merge(capsys, sub, "--sample", sample, "--out", tmp_path / "m.csv")
     assert rc == 2 and "pixel cap" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.csv").exists()
+    # a sample without a size: the merge never allocates the reference row's claim past the cap
+    no_size = _csv(tmp_path / "no_size.csv", [("img0", "", "", "")])
+    rc, stdout, err = _merge(capsys, sub, "--sample", no_size, "--out", tmp_path / "m.csv")
+    assert rc == 0, err
+    assert "input 0: size over the 50000000-pixel cap on 1 image(s)" in stdout
+    assert read_submission(tmp_path / "m.csv") == {"img0": (100000, 100000, "")}
+
+
+def test_submit_refuses_an_out_naming_its_sample(tmp_path, capsys):
+    """Item 13: ``submit --out DATA/sample_submission.csv`` overwrote the sample it reads."""
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    sample = _sample(data / "sample_submission.csv")
+    before = sample.read_bytes()
+    rc, _, err = _cli(submit_main, capsys, "--data-dir", data, "--out", sample, "--no-progress")
+    assert rc == 2 and err.strip().startswith("error: --out:") and len(err.strip().splitlines()) == 1, err
+    assert sample.read_bytes() == before
 
 
 # ------------------------------------------- 9. one CSV rule: no field cap for any reader

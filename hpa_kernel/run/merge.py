@@ -32,7 +32,7 @@ import numpy as np
 from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED, RankTable, merge_cells
 from hpa_kernel.formats.cells import read_cells, read_labels, scores as table_scores
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.formats.images import read_sample
+from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS, read_sample
 from hpa_kernel.formats.rle import encode_label_image
 from hpa_kernel.stages.labels import resize_labels
 from hpa_kernel.formats.submission import (prediction_string, prepare_output, read_submission_rows, sample_size_problems,
@@ -250,8 +250,9 @@ def merge_inputs(
             ref = sources[opts.reference]
             size = ref.rows.get(image_id, (0, 0, ""))[:2] if ref.kind == "submission" else ref.sizes.get(image_id, (0, 0))
             width, height = size
-        if not (width and height):
-            summary.fault(opts.reference, image_id, "no image size")
+        if not (width > 0 and height > 0) or width * height > DEFAULT_MAX_PIXELS:  # never the row's claim past the cap
+            summary.fault(opts.reference, image_id, "no image size" if not (width > 0 and height > 0)
+                          else f"size over the {DEFAULT_MAX_PIXELS}-pixel cap: {width}x{height}")
             rows[image_id] = (width, height, "")
             continue
         cells = []
