@@ -7,7 +7,10 @@
 Each INPUT is a ``submission.csv`` (any pipeline's) or a ``submit --save-cells`` folder.
 
 Exit status: 0 merged and valid; 1 written but the validator found problems (listed);
-2 bad arguments or an unreadable input/sample (one line ``error: ...``).
+2 bad arguments, an ``--out`` that cannot be written (a folder, the sample or an input, a
+read-only place: checked before any input is read), an unreadable input or sample, or a
+sample declaring a size over the pixel cap (one line ``error: ...``). A malformed row of an
+input costs only that input's cells on that image: it is logged and counted in the summary.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hpa_kernel.formats.submission import prepare_output
 from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED
 from hpa_kernel.run.merge import MergeOptions, merge_inputs
+from hpa_kernel.run.summary import log_to_stderr
 
 logger = logging.getLogger("hpa_kernel")
 
@@ -52,13 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr(logging.WARNING if args.quiet else logging.INFO, "%(levelname)s %(name)s: %(message)s")
     opts = MergeOptions(weights=args.weights, reference=args.reference, iou=args.iou,
                         unmatched=args.unmatched, mean=args.mean)
     try:
         opts.check(len(args.inputs))
         if not args.sample.is_file():
             raise ValueError(f"sample {args.sample} does not exist")
+        try:  # before any input is read: a folder, the sample, an input, a read-only place
+            prepare_output(args.out, [args.sample, *args.inputs])
+        except OSError as e:
+            raise ValueError(f"--out: {e}") from None
         summary = merge_inputs(args.inputs, args.sample, args.out, opts, progress=not args.no_progress)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -51,17 +51,25 @@ def build_merge_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False, tag: str = "") -> None:
-    """Log to stderr; ``tag`` (e.g. ``[shard 1/2]``) starts every line of a shard process."""
+    """Log to stderr; ``tag`` (e.g. ``[shard 1/2]``) starts every line of a shard process.
+    One line per record, and at most a few of each kind (:class:`~hpa_kernel.run.summary.RepeatFilter`)."""
+    from hpa_kernel.run.summary import log_to_stderr
+
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s " + (f"{tag} " if tag else "") + "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
+    log_to_stderr(level, fmt, datefmt="%H:%M:%S")  # repeated faults: the first few, then the summary
 
 
 def merge_main(argv: list[str]) -> int:
-    from hpa_kernel.formats.submission import merge_submissions
+    from hpa_kernel.formats.submission import merge_submissions, prepare_output
 
     args = build_merge_parser().parse_args(argv)
     setup_logging()
+    try:
+        prepare_output(args.out, [args.sample, *args.parts])  # before reading anything
+    except OSError as e:
+        print(f"error: --out: {e}", file=sys.stderr)
+        return 2
     try:
         n = merge_submissions(args.parts, args.sample, args.out)
     except (OSError, ValueError) as e:
@@ -106,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from hpa_kernel.formats.images import SAMPLE_NAME
     from hpa_kernel.formats.submission import prepare_output
 
-    try:
-        prepare_output(out)  # before any work: a folder or an unwritable place fails now
+    try:  # before any work: a folder, the sample or an unwritable place fails now
+        prepare_output(out, [Path(data_dir) / SAMPLE_NAME])
     except OSError as e:
         print(f"error: --out: {e}", file=sys.stderr)
         return 2
@@ -151,7 +160,7 @@ def report(args: argparse.Namespace, data_dir: Path, out: Path) -> bool:
     if sample.exists() and args.shard is None and args.max_images is None:
         from hpa_kernel.formats.submission import validate_submission
 
-        problems = validate_submission(out, sample)
+        problems = validate_submission(out, sample, max_pixels=args.max_pixels)
         print("validation: OK" if not problems else f"validation: {len(problems)} problem(s)")
         for msg in problems[:20]:
             print(f"  {msg}")

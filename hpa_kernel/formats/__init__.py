@@ -6,7 +6,12 @@
 * :mod:`~hpa_kernel.formats.submission`: ``submission.csv`` rows: the one parser, the
   atomic writer, the validator and the shard-part merge.
 * :mod:`~hpa_kernel.formats.overlay`: the debugging PNG with cell outlines.
+* :mod:`~hpa_kernel.formats.csvfile`: the one CSV reading rule (UTF-8 with or without a
+  byte-order mark, no per-field cap) for every CSV reader above; imported here, so the
+  rule holds whichever module of the package is used first.
 
 May import :mod:`hpa_kernel.classes` and :mod:`hpa_kernel.stages.labels` (label-image
 arrays), never the other stages, :mod:`hpa_kernel.run` or :mod:`hpa_kernel.tools`.
 """
+
+from hpa_kernel.formats import csvfile as _csvfile  # noqa: E402,F401  (the CSV rule, see above)

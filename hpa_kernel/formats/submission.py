@@ -1,9 +1,11 @@
 """``submission.csv``: the one reader (:func:`read_submission`, :func:`parse_prediction_string`),
 the atomic writer, the validator and the merge of shard parts.
 
-The metric, the shard join and the merge read files with :func:`read_submission`; the
-validator reads the same CSV lines leniently, to report every fault, with the same triple
-grammar (:func:`triple_faults`); the resume journal stores its rows as :data:`Row`.
+The metric and the shard join read files with :func:`read_submission` (strict), the merge
+with :func:`read_submission_rows` (the same reader, lenient: a malformed row costs only its
+ID); the validator reads the same CSV lines leniently, to report every fault, with the same
+triple grammar (:func:`triple_faults`); the resume journal stores its rows as :data:`Row`.
+Every CSV is read under the one rule of :mod:`hpa_kernel.formats.csvfile`.
 
 A row is ``ID,ImageWidth,ImageHeight,PredictionString``; PredictionString is space-separated
 triples ``class confidence mask`` (one per cell and class, the cell's mask string repeated
@@ -16,7 +18,6 @@ import csv
 import logging
 import math
 import os
-import sys
 import io
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,8 @@ import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.formats.atomic import atomic_write, stale_temps
-from hpa_kernel.formats.images import read_sample
+from hpa_kernel.formats.csvfile import read_rows
+from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS, read_sample
 from hpa_kernel.formats.rle import check_masks
 
 __all__ = [
@@ -37,7 +39,9 @@ __all__ = [
     "write_submission",
     "prepare_output",
     "validate_submission",
+    "sample_size_problems",
     "read_submission",
+    "read_submission_rows",
     "parse_prediction_string",
     "triple_faults",
     "check_row",
@@ -168,15 +172,19 @@ def check_row(image_id: str, row: Row) -> Row:
     return int(width), int(height), text
 
 
-def prepare_output(path: str | os.PathLike) -> None:
+def prepare_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Check, before any work, that :func:`write_submission` can write ``path``, and remove
     the temp files a killed earlier write left beside it (:func:`~hpa_kernel.formats.atomic.stale_temps`; nothing else).
 
     Raises ``OSError`` with a one-line reason when ``path`` is a folder or another
-    non-regular file, or when its folder is not a folder or cannot be created or written.
-    Creates nothing.
+    non-regular file, when it is one of ``inputs`` (the sample, a file being merged: it
+    would be overwritten), or when its folder is not a folder or cannot be created or
+    written. Creates nothing. Every command that writes a submission calls it first.
     """
     path = Path(path)
+    for other in inputs:
+        if path.exists() and Path(other).exists() and os.path.samefile(path, other):
+            raise FileExistsError(f"{path} is {other}, an input of this command; name another file to write")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; name the file to write")
     if path.exists() and not path.is_file():
@@ -263,15 +271,9 @@ def _positive_int(text: str) -> int | None:
 
 
 def _read_rows(path: Path) -> tuple[list[str] | None, list[list[str]]]:
-    old = csv.field_size_limit()
-    csv.field_size_limit(sys.maxsize)  # one PredictionString can be megabytes
-    try:
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            return header, list(reader)
-    finally:
-        csv.field_size_limit(old)
+    """Header (names stripped of blanks) and rows, under the one CSV rule (:mod:`~hpa_kernel.formats.csvfile`)."""
+    header, rows = read_rows(path)
+    return (None if header is None else [h.strip() for h in header]), rows
 
 
 def _summarise(image_id: str, what: str, where: list[tuple[int, str]]) -> str:
@@ -281,35 +283,44 @@ def _summarise(image_id: str, what: str, where: list[tuple[int, str]]) -> str:
     return f"ID {image_id}: {what}: triple {t + 1}{detail}{more}"
 
 
-def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike) -> list[str]:
-    """Check a submission against the sample; return one-line problems (empty = valid).
+def sample_size_problems(sizes: Mapping[str, tuple[int, int]], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
+    """One line per sample ID whose ``ImageWidth x ImageHeight`` is over ``max_pixels`` (the
+    image reader's cap, ``--max-pixels``): such a sample is refused, since its sizes bound
+    what the validator inflates and what the merge allocates."""
+    return [f"ID {image_id!a}: {w}x{h} is over the {max_pixels}-pixel cap"
+            for image_id, (w, h) in sizes.items() if w * h > max_pixels]
 
-    Checks: the header is exactly ``ID,ImageWidth,ImageHeight,PredictionString``; every
-    sample ID appears exactly once and no other ID appears; widths/heights are positive
-    integers equal to the sample's where the sample gives them (non-zero); the
-    PredictionString is whitespace-separated triples with a class in 0..18, a finite
-    confidence, and a mask string that decodes at the row's size to a non-empty mask.
-    Faults of one kind in one row are reported once, with the first offending triple and a
-    count. Mask strings are checked in one vectorised pass without decoding them to pixels
-    (:func:`hpa_kernel.formats.rle.check_masks`), each distinct (mask, size) once.
-    """
-    path, sample_path = Path(path), Path(sample_path)
+
+def _mask_size(row: tuple[int | None, int | None], said: tuple[int, int], max_pixels: int) -> tuple[tuple[int, int] | None, str]:
+    """The ``(height, width)`` a row's masks are checked at -- the sample's size where it gives
+    one, never the row's own claim beyond it -- or ``None`` and why not."""
+    w, h = row
+    if w is None or h is None:
+        return None, "masks not checked (no valid size)"
+    if min(said) > 0 and (w, h) != said:
+        return None, "masks not checked (size differs from the sample's)"
+    if w * h > max_pixels:
+        return None, f"masks not checked ({w}x{h} is over the {max_pixels}-pixel cap)"
+    return (h, w), ""
+
+
+def _validation_sample(sample_path: Path, max_pixels: int) -> tuple[dict[str, tuple[int, int]], str]:
+    """The sample's sizes, or the one line saying why it cannot be validated against."""
     try:
         sample = read_sample(sample_path).sizes
     except (OSError, ValueError, csv.Error) as e:
-        return [f"sample {sample_path}: cannot read ({' '.join(str(e).split())})"]
+        return {}, f"sample {sample_path}: cannot read ({' '.join(str(e).split())})"
     if not sample:
-        return [f"sample {sample_path}: has no IDs"]
-    try:
-        header, rows = _read_rows(path)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        return [f"{path}: cannot read ({' '.join(str(e).split())})"]
-    if header is None:
-        return [f"{path}: empty file"]
-    header = [h.lstrip("\ufeff").strip() for h in header]
-    if header != list(COLUMNS):
-        return [f"{path}: columns {header} differ from {list(COLUMNS)}"]
+        return {}, f"sample {sample_path}: has no IDs"
+    absurd = sample_size_problems(sample, max_pixels)
+    if absurd:
+        more = f" (and {len(absurd) - 1} more)" if len(absurd) > 1 else ""
+        return {}, f"sample {sample_path}: refused, {absurd[0]}{more}"
+    return sample, ""
 
+
+def _id_problems(rows: list[list[str]], sample: Mapping[str, tuple[int, int]]) -> list[str]:
+    """IDs repeated, not in the sample, or missing."""
     problems: list[str] = []
     counts = Counter(r[0].strip() if r else "" for r in rows)
     for image_id, n in counts.items():
@@ -320,7 +331,42 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
     for image_id in sample:
         if image_id not in counts:
             problems.append(f"ID {image_id}: missing")
+    return problems
 
+
+def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
+    """Check a submission against the sample; return one-line problems (empty = valid).
+
+    Checks: the header is exactly ``ID,ImageWidth,ImageHeight,PredictionString``; every
+    sample ID appears exactly once and no other ID appears; widths/heights are positive
+    integers equal to the sample's where the sample gives them (non-zero); the
+    PredictionString is whitespace-separated triples with a class in 0..18, a finite
+    confidence, and a mask string that decodes at the row's size to a non-empty mask.
+    Faults of one kind in one row are reported once, with the first offending triple and a
+    count. Mask strings are checked in one vectorised pass without decoding them to pixels
+    (:func:`hpa_kernel.formats.rle.check_masks`), each distinct (mask, size) once.
+
+    What is inflated is bounded by the sample, never by the row: masks are checked at the
+    sample's size (a row claiming another size is reported and its masks are not checked; a
+    row of an ID the sample gives no size for is checked at its own size up to
+    ``max_pixels``), and a sample declaring a size over ``max_pixels``
+    (:func:`sample_size_problems`) is refused.
+    """
+    path, sample_path = Path(path), Path(sample_path)
+    sample, refusal = _validation_sample(sample_path, max_pixels)
+    if refusal:
+        return [refusal]
+    try:
+        header, rows = _read_rows(path)
+    except (OSError, ValueError, csv.Error) as e:
+        return [f"{path}: cannot read ({' '.join(str(e).split())})"]
+    if header is None:
+        return [f"{path}: empty file"]
+    if header != list(COLUMNS):
+        return [f"{path}: columns {header} differ from {list(COLUMNS)}"]
+
+    problems = _id_problems(rows, sample)
     # (row problems list, image id, triple index) per distinct mask and size
     mask_refs: dict[tuple[str, int, int], list[tuple[str, int]]] = {}
     row_faults: dict[str, dict[str, list[tuple[int, str]]]] = {}
@@ -344,14 +390,15 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
         if len(tokens) % 3:
             problems.append(f"ID {label}: PredictionString has {len(tokens)} tokens, not a multiple of 3")
             continue
+        size, unchecked = _mask_size((w, h), sample.get(image_id, (0, 0)), max_pixels)
         for t in range(len(tokens) // 3):
             cls, conf, mask = tokens[3 * t : 3 * t + 3]
             for what, detail in triple_faults(cls, conf):
                 faults.setdefault(what, []).append((t, detail))
-            if w is None or h is None:
-                faults.setdefault("masks not checked (no valid size)", []).append((t, ""))
+            if size is None:
+                faults.setdefault(unchecked, []).append((t, ""))
             else:
-                mask_refs.setdefault((mask, h, w), []).append((label, t))
+                mask_refs.setdefault((mask, *size), []).append((label, t))
 
     keys = list(mask_refs)
     areas, errors = check_masks([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
@@ -373,22 +420,48 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
 # ----------------------------------------------------------------------------------------
 
 
-def read_submission(path: str | os.PathLike) -> dict[str, Row]:
-    """The rows of a submission CSV written by :func:`write_submission`: ``{ID: (width,
-    height, predstring)}``. ``ValueError`` for another header, a repeated ID or a bad size."""
+def read_submission_rows(path: str | os.PathLike) -> tuple[dict[str, Row], dict[str, str]]:
+    """The rows of a submission CSV, leniently: ``({ID: (width, height, predstring)},
+    {ID: fault})``. A row that cannot be taken (another number of fields, a width or height
+    that is not an integer, an ID on more than one row) is left out of the rows and its ID
+    (``(line N)`` without one) gets the fault, one line naming the line number(s). IDs are
+    stripped of blanks. ``ValueError`` for another header or text that is not UTF-8 (the
+    file as a whole cannot be read), ``OSError`` when it cannot be opened.
+    """
     header, body = _read_rows(Path(path))
-    if header is None or list(header) != list(COLUMNS):
+    if header is None or header != list(COLUMNS):
         raise ValueError(f"{path}: not a submission (columns {header})")
     rows: dict[str, Row] = {}
+    faults: dict[str, str] = {}
+    lines: dict[str, list[int]] = {}
     for n, r in enumerate(body, 2):
-        if len(r) != len(COLUMNS):
-            raise ValueError(f"{path}, line {n}: {len(r)} fields, expected {len(COLUMNS)}")
-        if r[0] in rows:
-            raise ValueError(f"{path}: ID {r[0]} appears twice")
-        try:
-            rows[r[0]] = (int(r[1]), int(r[2]), r[3])
-        except ValueError:
-            raise ValueError(f"{path}, line {n}: width/height are not integers") from None
+        image_id = r[0].strip() if r else ""
+        key = image_id or f"(line {n})"
+        lines.setdefault(key, []).append(n)
+        if len(lines[key]) > 1:
+            rows.pop(key, None)
+            faults[key] = f"on {len(lines[key])} rows (lines {', '.join(map(str, lines[key][:5]))})"
+        elif len(r) != len(COLUMNS):
+            faults[key] = f"line {n}: {len(r)} fields, expected {len(COLUMNS)}"
+        elif not image_id:
+            faults[key] = f"line {n}: no ID"
+        else:
+            try:
+                rows[key] = (int(r[1]), int(r[2]), r[3])
+            except ValueError:
+                faults[key] = f"line {n}: width/height {r[1]!r}, {r[2]!r} are not integers"
+    return rows, faults
+
+
+def read_submission(path: str | os.PathLike) -> dict[str, Row]:
+    """The rows of a submission CSV written by :func:`write_submission`: ``{ID: (width,
+    height, predstring)}``. Strict: ``ValueError`` naming the first fault
+    :func:`read_submission_rows` finds (another header, a repeated ID, a bad row)."""
+    rows, faults = read_submission_rows(path)
+    if faults:
+        image_id, fault = next(iter(faults.items()))
+        more = f" (and {len(faults) - 1} more bad row(s))" if len(faults) > 1 else ""
+        raise ValueError(f"{path}: ID {image_id}: {fault}{more}")
     return rows
 
 
@@ -398,8 +471,11 @@ def merge_submissions(
     """Join the CSVs of ``--shard I/N`` runs into one submission in the sample's order.
 
     Every sample ID must appear in exactly one part (``ValueError`` naming the missing or
-    repeated IDs otherwise). Writes ``out`` atomically and returns its number of rows.
+    repeated IDs otherwise). ``out`` is checked first (:func:`prepare_output`: not a
+    folder, not the sample or a part, writable), then written atomically; returns its
+    number of rows.
     """
+    prepare_output(out, [sample_path, *parts])
     rows: dict[str, Row] = {}
     seen_in: dict[str, str] = {}
     for part in parts:

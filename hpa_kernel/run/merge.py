@@ -10,8 +10,12 @@ row is written with each output cell's mask string taken from the input that own
 (the reference's strings are reused byte for byte; an export's cells are encoded with
 :func:`hpa_kernel.formats.rle.encode_label_image`).
 
-An input's fault on one image (a missing ID, another size, a malformed row) is logged and
-that input counts as having no cells there; every sample ID gets its row.
+An input's fault on one image (a missing ID, another size, a malformed row: another number
+of fields, a size that is not an integer, an ID on several rows) is logged and that input
+counts as having no cells there; the summary counts each fault per input with the first
+IDs; every sample ID gets its row. ``--out`` is checked before any input is read
+(:func:`~hpa_kernel.formats.submission.prepare_output`: not a folder, not the sample or an
+input, writable), and so is the sample (its sizes bound every image's arrays).
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import numpy as np
 from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED, RankTable, merge_cells
 from hpa_kernel.formats.cells import read_cells, read_labels, scores as table_scores
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.formats.images import read_sample
+from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS, read_sample
 from hpa_kernel.formats.rle import encode_label_image
 from hpa_kernel.stages.labels import resize_labels
-from hpa_kernel.formats.submission import prediction_string, read_submission, validate_submission, write_submission
+from hpa_kernel.formats.submission import (prediction_string, prepare_output, read_submission_rows, sample_size_problems,
+                                           validate_submission, write_submission)
 from hpa_kernel.formats.submission_cells import row_cells, row_scores
 
 __all__ = ["MergeOptions", "ImageCells", "SubmissionInput", "CellsInput", "open_input", "merge_row", "merge_inputs", "MergeSummary"]
@@ -91,10 +96,10 @@ class SubmissionInput:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.rows = read_submission(self.path)
+        self.rows, self.bad_rows = read_submission_rows(self.path)  # a bad row costs only its image
 
     def ids(self) -> set[str]:
-        return set(self.rows)
+        return set(self.rows) | set(self.bad_rows)
 
     def all_scores(self):
         """Every row's ``(n, 19)`` scores (no mask decoding), for a rank mean."""
@@ -105,6 +110,8 @@ class SubmissionInput:
                 continue  # reported when the image is merged
 
     def cells(self, image_id: str, width: int, height: int) -> ImageCells:
+        if image_id in self.bad_rows:
+            raise ValueError(f"malformed row: {self.bad_rows[image_id]}")
         w, h, text = self.rows[image_id]
         if (w, h) != (width, height):
             raise ValueError(f"size {w}x{h} differs from the sample's {width}x{height}")
@@ -182,11 +189,22 @@ class MergeSummary:
     rows: int = 0
     cells: int = 0
     faults: Counter = field(default_factory=Counter)  # (input index, reason) -> images
+    examples: dict = field(default_factory=dict)  # (input index, reason) -> first IDs (with detail)
     problems: list[str] = field(default_factory=list)  # validator's findings on the output
+
+    def fault(self, j: int, image_id: str, message: str) -> None:
+        """Input ``j`` counts as no cells on ``image_id``: ``message`` is ``reason[: detail]``."""
+        reason = message.split(":")[0][:60]
+        self.faults[(j, reason)] += 1
+        seen = self.examples.setdefault((j, reason), [])
+        if len(seen) < 3:
+            seen.append(ascii(image_id) + (f" ({message[len(reason) + 1:].strip()})" if ":" in message else ""))
 
     def format(self) -> str:
         lines = [f"merged {self.rows} row(s), {self.cells} cell(s)"]
-        lines += [f"input {j}: {reason} on {k} image(s) (counted as no cells)" for (j, reason), k in sorted(self.faults.items())]
+        for (j, reason), k in sorted(self.faults.items()):
+            eg = self.examples.get((j, reason))
+            lines.append(f"input {j}: {reason} on {k} image(s) (counted as no cells)" + (f", e.g. {', '.join(eg)}" if eg else ""))
         lines += [f"output problem: {p}" for p in self.problems[:10]]
         return "\n".join(lines)
 
@@ -207,6 +225,11 @@ def merge_inputs(
     from tqdm.auto import tqdm
 
     opts.check(len(inputs))
+    prepare_output(out, [sample, *inputs])  # before the work: a folder, the sample, an input, read-only
+    smp = read_sample(sample)
+    bad = sample_size_problems(smp.sizes)
+    if bad:
+        raise ValueError(f"sample {sample}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     weights = list(opts.weights) if opts.weights is not None else [1.0] * len(inputs)
     logger.info("merging %d input(s): weights %s, reference %d, iou >= %g, unmatched %s, %s mean",
                 len(inputs), weights, opts.reference, opts.iou, opts.unmatched, opts.mean)
@@ -217,7 +240,6 @@ def merge_inputs(
         except ValueError as e:
             raise ValueError(f"input {p}: {e}") from None
         logger.info("input %d: %s (%s, %d image(s))", len(sources) - 1, p, sources[-1].kind, len(sources[-1].ids()))
-    smp = read_sample(sample)
     tables = [RankTable.fit(s.all_scores()) for s in sources] if opts.mean == "rank" else None
 
     summary = MergeSummary()
@@ -228,21 +250,22 @@ def merge_inputs(
             ref = sources[opts.reference]
             size = ref.rows.get(image_id, (0, 0, ""))[:2] if ref.kind == "submission" else ref.sizes.get(image_id, (0, 0))
             width, height = size
-        if not (width and height):
-            summary.faults[(opts.reference, "no image size")] += 1
+        if not (width > 0 and height > 0) or width * height > DEFAULT_MAX_PIXELS:  # never the row's claim past the cap
+            summary.fault(opts.reference, image_id, "no image size" if not (width > 0 and height > 0)
+                          else f"size over the {DEFAULT_MAX_PIXELS}-pixel cap: {width}x{height}")
             rows[image_id] = (width, height, "")
             continue
         cells = []
         for j, s in enumerate(sources):
             if image_id not in s.ids():
-                summary.faults[(j, "ID missing")] += 1
+                summary.fault(j, image_id, "ID missing")
                 cells.append(_empty(width, height))
                 continue
             try:
                 cells.append(s.cells(image_id, width, height))
             except ValueError as e:
-                logger.warning("input %d, image %s: %s; counted as no cells", j, image_id, e)
-                summary.faults[(j, str(e).split(":")[0][:60])] += 1
+                logger.warning("input %d, image %a: %s; counted as no cells", j, image_id, e)
+                summary.fault(j, image_id, str(e))
                 cells.append(_empty(width, height))
         text = merge_row(cells, weights, opts, tables)
         rows[image_id] = (width, height, text)

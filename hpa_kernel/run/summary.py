@@ -2,11 +2,19 @@
 
 The summary is written once, when the run ends, from what the loop and the set-up found;
 it is not the loop's state. ``format()`` is what the CLI prints.
+
+Its size does not grow with the number of failures: failures that share a reason (the same
+message but for the image's own ID) are one line with their count and the first IDs
+(:func:`failure_lines`, at most :data:`MAX_REASONS` reasons), and an ID or a reason never
+splits a line (:func:`one_line`). The log obeys the same rule (:class:`RepeatFilter`: the
+first :data:`REPEATS_LOGGED` records of each message form, then one line saying the rest
+are counted in the summary).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,7 +24,96 @@ from typing import Iterator
 from hpa_kernel import __version__
 from hpa_kernel.run.budget import LEVEL_NAMES
 
-__all__ = ["RunSummary", "StageTimer"]
+__all__ = ["RunSummary", "StageTimer", "one_line", "failure_lines", "RepeatFilter", "log_to_stderr", "MAX_REASONS",
+           "REPEATS_LOGGED"]
+
+#: Failure reasons the summary lists one by one; the others are counted on one line.
+MAX_REASONS = 20
+#: IDs named per failure reason in the summary.
+IDS_PER_REASON = 5
+#: Records of one message form (the same logger and format string) logged at WARNING or
+#: above before the rest are left to the summary.
+REPEATS_LOGGED = 10
+
+
+def one_line(text: object) -> str:
+    """``str(text)`` with its non-printable characters escaped (a newline becomes ``\\n``):
+    an ID or a reason never splits a line of the summary or the log."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def failure_lines(failures: dict[str, str], max_reasons: int = MAX_REASONS) -> list[str]:
+    """The summary's ``failed:`` lines: one per reason, the images whose reason is the same
+    but for their own ID counted together (``failed: 3 images with the same reason, e.g.
+    a, b, c: <a's reason>``), one image alone as ``failed: <ID>: <reason>``; past
+    ``max_reasons`` reasons one line counts the rest."""
+    groups: dict[str, list[str]] = {}
+    for image_id, reason in failures.items():
+        groups.setdefault(reason.replace(image_id, "\0") if image_id else reason, []).append(image_id)
+    lines = []
+    for ids in list(groups.values())[:max_reasons]:
+        reason = one_line(failures[ids[0]])
+        if len(ids) == 1:
+            lines.append(f"failed: {one_line(ids[0])}: {reason}")
+        else:
+            more = ", ..." if len(ids) > IDS_PER_REASON else ""
+            eg = ", ".join(one_line(i) for i in ids[:IDS_PER_REASON]) + more
+            lines.append(f"failed: {len(ids)} images with the same reason, e.g. {eg}: {reason}")
+    rest = list(groups.values())[max_reasons:]
+    if rest:
+        lines.append(f"failed: {sum(map(len, rest))} more image(s) with {len(rest)} other reason(s), "
+                     f"e.g. {one_line(rest[0][0])}: {one_line(failures[rest[0][0]])}")
+    return lines
+
+
+class RepeatFilter(logging.Filter):
+    """A handler filter that keeps the log's size from growing with repeated faults.
+
+    Every record's message is made one line (:func:`one_line`; a traceback still follows
+    it). Of the records at WARNING or above with the same logger and format string (``image
+    %s: %s (empty row written)`` for every failed image), the first ``limit`` pass; the next
+    one is replaced by a line saying that the rest are not logged (the summary counts them);
+    the others are dropped. DEBUG and INFO records always pass (``-v`` shows everything).
+    """
+
+    def __init__(self, limit: int = REPEATS_LOGGED) -> None:
+        super().__init__()
+        self.limit = limit
+        self.seen: dict[tuple[str, str], int] = defaultdict(int)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))  # the format string: the same for every image
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = one_line(message), None
+        if record.levelno < logging.WARNING:
+            return True
+        self.seen[key] += 1
+        n = self.seen[key]
+        if n == self.limit + 1:
+            record.msg, record.args = (f"... more like this are not logged (at most {self.limit} of a kind; "
+                                       "the summary counts every failure): " + one_line(record.getMessage())), None
+            record.exc_info = record.exc_text = None
+            return True
+        return n <= self.limit
+
+
+
+def log_to_stderr(level: int, fmt: str, datefmt: str | None = None) -> None:
+    """The command lines' logging: as ``logging.basicConfig(level=, format=, datefmt=)`` (so
+    nothing changes where the root logger already has handlers, e.g. under pytest), with a
+    :class:`RepeatFilter` on the stderr handler."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    handler.addFilter(RepeatFilter())
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 @dataclass
@@ -65,9 +162,8 @@ class RunSummary:
         for level, at in sorted(self.degraded_at.items()):
             lines.append(f"time budget: switched to '{LEVEL_NAMES[level]}' after {at} images")
         for w in self.warnings:
-            lines.append(f"warning: {w}")
-        for image_id, reason in self.failures.items():
-            lines.append(f"failed: {image_id}: {reason}")
+            lines.append(f"warning: {one_line(w)}")
+        lines += failure_lines(self.failures)
         lines.append(f"wrote {self.out}")
         return "\n".join(lines)
 
