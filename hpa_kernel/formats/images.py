@@ -30,7 +30,6 @@ Bounds, checked before anything is decoded:
 from __future__ import annotations
 
 import collections
-import csv
 import logging
 import os
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hpa_kernel.formats.csvfile import dict_reader
 from hpa_kernel.stages.inputs import resize_rgby  # the kernel's pixels: one owner, re-exported for readers
 
 __all__ = [
@@ -134,7 +134,7 @@ def _read_sample_rows(sample_path: Path) -> tuple[list[dict[str, str]], list[int
     repeated inside the file (skipped)."""
     try:
         with open(sample_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = dict_reader(f)
             if reader.fieldnames is None or "ID" not in reader.fieldnames:
                 raise ValueError(f"{sample_path}: no 'ID' column (header: {reader.fieldnames})")
             header = [h.strip() for h in reader.fieldnames]
