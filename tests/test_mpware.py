@@ -232,7 +232,8 @@ def test_the_predictor_feeds_each_model_its_own_pipeline(tmp_path, team, tiny_ch
 
 
 @pytest.mark.slow
-def test_a_dry_run_with_a_team_file_in_the_manifest(tmp_path, team, small_dataset):
+def test_a_dry_run_with_a_team_file_in_the_manifest(tmp_path):
+    """README command 1's dry run (bundled samples, local mAP) with a team fold group as the classifier."""
     folder = tmp_path / "weights"
     paths = [save_team_file(randomize(TeamSiamese(BACKBONE), seed=s), team_path(folder, k + 1), shape)
              for k, (s, shape) in enumerate(((21, "cuda"), (22, "dataparallel")))]
@@ -241,12 +242,12 @@ def test_a_dry_run_with_a_team_file_in_the_manifest(tmp_path, team, small_datase
         "segmentation": {"method": "classic"},
         "classifiers": [{"paths": [str(p.relative_to(folder)) for p in paths], "format": "mpware", "crop_size": 64}],
         "batch_size": 16}))
-    out = tmp_path / "submission.csv"
-    r = subprocess.run([sys.executable, "-m", "hpa_kernel.submit", "--data-dir", str(small_dataset), "--weights",
-                        str(manifest), "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "hpa_kernel.submit", "--weights", str(manifest), "--no-progress"],
+                       capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = out.read_text().splitlines()[1:]
-    assert len(rows) == 4 and all(row.split(",")[3] for row in rows)
+    assert "validation: OK" in r.stdout and "local mAP" in r.stdout
+    rows = (tmp_path / "submission.csv").read_text().splitlines()[1:]
+    assert len(rows) == 6 and all(row.split(",")[3] for row in rows)
     assert "input mpware" in r.stderr
 
 
