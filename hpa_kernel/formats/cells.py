@@ -187,18 +187,24 @@ def _read_fingerprint(folder: Path) -> str | None:
 def check_export(folder: str | os.PathLike, fingerprint: str) -> None:
     """Raise :class:`ExportMismatch` when ``folder`` holds an export that a run with
     ``fingerprint`` must not resume into: another fingerprint, or none while images are
-    listed (an export of unknown settings). A folder that is missing, not a folder, or
-    holds no export passes (the writer reports what is wrong with it)."""
+    listed (an export of unknown settings). A folder that is missing, not a folder, holds
+    no export or cannot be read as one passes (the writer refuses it, naming the fault)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    found = _read_fingerprint(folder)
+    try:
+        found = _read_fingerprint(folder)
+        listed = found is None and _detect_format(folder) is not None and len(_read_index(folder)) > 0
+    except (OSError, ValueError) as e:
+        if isinstance(e, ExportMismatch):
+            raise
+        return  # not readable as an export: the writer refuses it, naming the fault
     if found == fingerprint:
         return
     if found is not None:
         raise ExportMismatch(f"per-cell export {folder} was written with other settings (manifest, data or options); "
                              "use --overwrite-cells to replace it, or another --save-cells folder")
-    if _detect_format(folder) and len(_read_index(folder)):
+    if listed:
         raise ExportMismatch(f"per-cell export {folder} has no fingerprint of the settings it was written with; "
                              "use --overwrite-cells to replace it, or another --save-cells folder")
 

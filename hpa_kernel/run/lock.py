@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OutputBusy", "lock_path", "hold_output"]
 
-#: locks this process holds: lock path -> [fd, depth]
-_HELD: dict[str, list[int]] = {}
+#: locks this process holds: lock path -> [fd, depth, take-over warning]
+_HELD: dict[str, list] = {}
 
 
 class OutputBusy(RuntimeError):
@@ -98,19 +98,19 @@ def _acquire(path: Path, out: Path) -> tuple[int, str | None]:
 @contextlib.contextmanager
 def hold_output(out: str | os.PathLike) -> Iterator[str | None]:
     """Hold the lock of ``out`` for the ``with`` block; yields the take-over warning (a
-    stale lock of a dead run) or ``None``. Raises :class:`OutputBusy` when another run
+    stale lock of a dead run; a nested hold yields the outer one's) or ``None``. Raises :class:`OutputBusy` when another run
     holds it, ``OSError`` when the lock file cannot be made (e.g. a symbolic link there)."""
     path = lock_path(Path(out))
     key = str(path.resolve())
-    if key in _HELD:  # this process holds it already: nest
+    if key in _HELD:  # this process holds it already: nest (the same warning, for the report)
         _HELD[key][1] += 1
         try:
-            yield None
+            yield _HELD[key][2]
         finally:
             _HELD[key][1] -= 1
         return
     fd, warning = _acquire(path, Path(out))
-    _HELD[key] = [fd, 1]
+    _HELD[key] = [fd, 1, warning]
     try:
         yield warning
     finally:
