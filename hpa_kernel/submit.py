@@ -18,9 +18,11 @@ This module only parses arguments and calls the run machinery: the options are d
 
 Exit status: 0 all images done with every model and the file validates against the
 sample; 1 the file is complete but something failed: some images, a classifier file or the
-segmentation weights (listed in the summary), or the file does not validate; 2 nothing
-could be run (bad arguments or values, device, manifest, data folder, an ``--out`` that
-cannot be written), checked before any image is read.
+segmentation weights (listed in the summary), rows cut by the time budget, or the file does
+not validate; 2 nothing could be run (bad arguments or values, device, manifest, data
+folder, an ``--out`` that cannot be written or that another run holds, a
+``--save-overlays`` folder that cannot be written, a ``--save-cells`` export of other
+settings), checked before any image is read.
 """
 
 from __future__ import annotations
