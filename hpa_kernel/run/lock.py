@@ -66,7 +66,7 @@ def _acquire(path: Path, out: Path) -> tuple[int, str | None]:
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)
-            raise OutputBusy(f"--out {out} is in use by another run (pid {pid if pid else '?'} holds {path}); "
+            raise OutputBusy(f"{out} is in use by another run (pid {pid if pid else '?'} holds {path}); "
                              "wait for it to finish or choose another --out") from None
         except BaseException:
             os.close(fd)
@@ -101,7 +101,7 @@ def hold_output(out: str | os.PathLike) -> Iterator[str | None]:
     stale lock of a dead run; a nested hold yields the outer one's) or ``None``. Raises :class:`OutputBusy` when another run
     holds it, ``OSError`` when the lock file cannot be made (e.g. a symbolic link there)."""
     path = lock_path(Path(out))
-    key = str(path.resolve())
+    key = os.path.abspath(path)  # not resolve(): a link there is refused, never followed
     if key in _HELD:  # this process holds it already: nest (the same warning, for the report)
         _HELD[key][1] += 1
         try:
