@@ -18,14 +18,17 @@ This module only parses arguments and calls the run machinery: the options are d
 
 Exit status: 0 all images done with every model and the file validates against the
 sample; 1 the file is complete but something failed: some images, a classifier file or the
-segmentation weights (listed in the summary), or the file does not validate; 2 nothing
-could be run (bad arguments or values, device, manifest, data folder, an ``--out`` that
-cannot be written), checked before any image is read.
+segmentation weights (listed in the summary), rows cut by the time budget, or the file does
+not validate; 2 nothing could be run (bad arguments or values, device, manifest, data
+folder, an ``--out`` that cannot be written or that another run holds, a
+``--save-overlays`` folder that cannot be written, a ``--save-cells`` export of other
+settings), checked before any image is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -91,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent()  # a shard of a --parallel run ends with its parent
 
     from hpa_kernel.config import ConfigError, load_config
-    from hpa_kernel.run.options import RunOptions
-    from hpa_kernel.run.pipeline import run
 
     data_dir, out = args.data_dir, args.out
     time_budget = args.time_budget
@@ -114,29 +115,51 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.shard is not None and args.parallel not in ("auto", 1):
+        print("error: --parallel and --shard do not go together (--parallel makes its own shards)", file=sys.stderr)
+        return 2
+    from hpa_kernel.run.lock import OutputBusy, hold_output
+
+    lock = contextlib.ExitStack()
+    try:  # one run per --out, taken before anything beside it is touched
+        lock.enter_context(hold_output(out))
+    except (OutputBusy, OSError) as e:  # busy, or the lock file cannot be made
+        print(f"error: --out: {e}", file=sys.stderr)
+        return 2
+    with lock:
+        return _locked_main(args, config, Path(data_dir), out, time_budget)
+
+
+def _locked_main(args: argparse.Namespace, config, data_dir: Path, out: Path, time_budget: float | None) -> int:
+    """:func:`main` once the lock of ``out`` is held: start-up checks, then the run."""
     from hpa_kernel.formats.images import SAMPLE_NAME
     from hpa_kernel.formats.submission import prepare_output
+    from hpa_kernel.run.options import RunOptions
+    from hpa_kernel.run.pipeline import check_start, run
 
     try:  # before any work: a folder, the sample or an unwritable place fails now
         prepare_output(out, [Path(data_dir) / SAMPLE_NAME])
     except OSError as e:
         print(f"error: --out: {e}", file=sys.stderr)
         return 2
+    opts = RunOptions.from_args(args, data_dir, out, time_budget)
+    devices = [args.device]
     if args.shard is None:
         from hpa_kernel.run.parallel import plan_devices
 
         devices = plan_devices(args.device, args.parallel)
-        if len(devices) > 1:
-            from hpa_kernel.run.parallel import run_parallel
-
-            rc = run_parallel(args, devices, Path(data_dir), out, time_budget)
-            if rc != 2 and not report(args, Path(data_dir), out):
-                rc = max(rc, 1)
-            return rc
-    elif args.parallel not in ("auto", 1):
-        print("error: --parallel and --shard do not go together (--parallel makes its own shards)", file=sys.stderr)
+    try:
+        check_start(config, opts, shards=len(devices) if len(devices) > 1 else None)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = RunOptions.from_args(args, Path(data_dir), out, time_budget)
+    if len(devices) > 1:
+        from hpa_kernel.run.parallel import run_parallel
+
+        rc = run_parallel(args, devices, data_dir, out, time_budget)
+        if rc != 2 and not report(args, data_dir, out):
+            rc = max(rc, 1)
+        return rc
     try:
         summary = run(config, opts)
     except (OSError, ValueError, RuntimeError) as e:  # nothing could run: say why in one line
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.format())
-    valid = report(args, Path(data_dir), out)
+    valid = report(args, data_dir, out)
     return 0 if summary.ok and valid else 1
 
 

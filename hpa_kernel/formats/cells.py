@@ -32,12 +32,24 @@ Written incrementally: per image the label PNG (atomic), the table rows (appende
 then its ``images.csv`` line (fsynced) -- an image counts as present only once that line
 is complete. A rerun with ``resume=True`` skips present images and drops whatever a killed
 run left after the last complete line (CSV: the table is cut back to ``table_end`` bytes).
+
+A writer given a ``fingerprint`` (the run's settings, e.g.
+``hpa_kernel.run.pipeline.cells_fingerprint``) keeps it in ``DIR/fingerprint.json``; an
+export with another fingerprint, or one without any that already lists images, is never
+resumed into: :class:`ExportMismatch` (one line) unless ``overwrite=True``, which starts
+the table afresh. :func:`check_export` is the same check without opening anything.
+
+No file of the folder is opened through a symbolic link, and only regular files are
+(:func:`~hpa_kernel.formats.atomic.open_regular`): a link or FIFO in the folder is refused
+with a one-line ``OSError``, never followed and never waited on; ``labels/`` and
+``cells.parquet/`` must be real folders.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -50,7 +62,7 @@ import numpy as np
 import pandas as pd
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.formats.atomic import atomic_write
+from hpa_kernel.formats.atomic import atomic_write, check_real_folder, open_regular, read_regular
 from hpa_kernel.formats.images import is_safe_id
 from hpa_kernel.stages.labels import label_boxes, resize_labels
 
@@ -63,6 +75,8 @@ __all__ = [
     "scores",
     "CellsWriter",
     "CellsTable",
+    "ExportMismatch",
+    "check_export",
     "read_cells",
     "read_labels",
 ]
@@ -77,6 +91,7 @@ INDEX_NAME = "images.csv"
 LABELS_DIR = "labels"
 CSV_NAME = "cells.csv"
 PARQUET_DIR = "cells.parquet"
+FINGERPRINT_NAME = "fingerprint.json"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 _FLOAT_FORMAT = "%.9g"
 
@@ -135,9 +150,9 @@ def _empty_index() -> pd.DataFrame:
 def _read_index(folder: Path) -> pd.DataFrame:
     """The complete lines of ``images.csv`` (a line cut by a kill, and what follows, is dropped)."""
     path = folder / INDEX_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return _empty_index()
-    raw = path.read_bytes()
+    raw = read_regular(path)
     raw = raw[: raw.rfind(b"\n") + 1]
     df = pd.read_csv(io.BytesIO(raw), dtype={"ID": str}, keep_default_na=False)
     if list(df.columns) != list(INDEX_COLUMNS):
@@ -146,10 +161,60 @@ def _read_index(folder: Path) -> pd.DataFrame:
 
 
 def _detect_format(folder: Path) -> str | None:
-    has_csv, has_pq = (folder / CSV_NAME).exists(), (folder / PARQUET_DIR).exists()
+    has_csv, has_pq = os.path.lexists(folder / CSV_NAME), os.path.lexists(folder / PARQUET_DIR)
     if has_csv and has_pq:
         raise ValueError(f"{folder} holds both {CSV_NAME} and {PARQUET_DIR}/")
     return "csv" if has_csv else "parquet" if has_pq else None
+
+
+class ExportMismatch(ValueError):
+    """The export folder holds the export of other settings (one line, naming the folder)."""
+
+
+def _read_fingerprint(folder: Path) -> str | None:
+    path = folder / FINGERPRINT_NAME
+    if not os.path.lexists(path):
+        return None
+    try:
+        value = json.loads(read_regular(path).decode("utf-8")).get("fingerprint")
+    except (ValueError, AttributeError):
+        value = None
+    if not isinstance(value, str) or not value:
+        raise ExportMismatch(f"{path} is not a fingerprint file; use --overwrite-cells or another folder")
+    return value
+
+
+def check_export(folder: str | os.PathLike, fingerprint: str) -> None:
+    """Raise :class:`ExportMismatch` when ``folder`` holds an export that a run with
+    ``fingerprint`` must not resume into: another fingerprint, or none while images are
+    listed (an export of unknown settings). A folder that is missing, not a folder, holds
+    no export or cannot be read as one passes (the writer refuses it, naming the fault)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    try:
+        found = _read_fingerprint(folder)
+        listed = found is None and _detect_format(folder) is not None and len(_read_index(folder)) > 0
+    except (OSError, ValueError) as e:
+        if isinstance(e, ExportMismatch):
+            raise
+        return  # not readable as an export: the writer refuses it, naming the fault
+    if found == fingerprint:
+        return
+    if found is not None:
+        raise ExportMismatch(f"per-cell export {folder} was written with other settings (manifest, data or options); "
+                             "use --overwrite-cells to replace it, or another --save-cells folder")
+    if listed:
+        raise ExportMismatch(f"per-cell export {folder} has no fingerprint of the settings it was written with; "
+                             "use --overwrite-cells to replace it, or another --save-cells folder")
+
+
+def _open_append(path: Path, truncate: int | None = None):
+    """``path`` opened for appending (created; a regular file only), cut to ``truncate`` bytes."""
+    fh = os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
+    if truncate is not None:
+        fh.truncate(truncate)
+    return fh
 
 
 class CellsWriter:
@@ -167,11 +232,17 @@ class CellsWriter:
         Resuming keeps the format already on disk.
     resume:
         Keep the images already present (skip them); ``False`` starts the table afresh.
+    fingerprint:
+        The settings the scores come from (see the module docstring); ``None``: not kept,
+        not checked.
+    overwrite:
+        With ``fingerprint``: replace an export of other settings instead of refusing it.
 
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, folder: str | os.PathLike, models: Sequence[str] = (), fmt: str = "auto", resume: bool = True):
+    def __init__(self, folder: str | os.PathLike, models: Sequence[str] = (), fmt: str = "auto", resume: bool = True,
+                 fingerprint: str | None = None, overwrite: bool = False):
         self.folder = Path(folder)
         self.models = [str(m) for m in models]
         for m in self.models:
@@ -182,9 +253,13 @@ class CellsWriter:
         if fmt not in ("auto",) + FORMATS:
             raise ValueError(f"fmt must be auto, parquet or csv, got {fmt!r}")
         self.columns = _columns(self.models)
-        (self.folder / LABELS_DIR).mkdir(parents=True, exist_ok=True)
-        if not resume:
+        check_real_folder(self.folder / LABELS_DIR)
+        if fingerprint is not None and not overwrite:
+            check_export(self.folder, fingerprint)
+        if not resume or overwrite:
             self._clear()
+        if fingerprint is not None and _read_fingerprint(self.folder) != fingerprint:
+            atomic_write(self.folder / FINGERPRINT_NAME, (json.dumps({"fingerprint": fingerprint}) + "\n").encode())
         on_disk = _detect_format(self.folder)
         index = _read_index(self.folder) if on_disk else _empty_index()
         if on_disk and fmt != "auto" and fmt != on_disk:
@@ -202,10 +277,12 @@ class CellsWriter:
 
     # ------------------------------------------------------------------ set-up
     def _clear(self) -> None:
+        (self.folder / FINGERPRINT_NAME).unlink(missing_ok=True)
         (self.folder / INDEX_NAME).unlink(missing_ok=True)
         (self.folder / CSV_NAME).unlink(missing_ok=True)
         pq = self.folder / PARQUET_DIR
-        if pq.is_dir():
+        if os.path.lexists(pq):
+            check_real_folder(pq)
             for p in pq.glob("*.parquet"):
                 p.unlink()
             if not any(pq.iterdir()):
@@ -215,35 +292,35 @@ class CellsWriter:
         index_path = self.folder / INDEX_NAME
         # cut a line a kill left half-written, so the next line starts clean
         keep = 0
-        if index_path.is_file():
-            raw = index_path.read_bytes()
+        if os.path.lexists(index_path):
+            raw = read_regular(index_path)
             keep = raw.rfind(b"\n") + 1
-        with open(index_path, "ab") as f:
-            f.truncate(keep)
-            if keep == 0:
-                f.write((",".join(INDEX_COLUMNS) + "\n").encode())
-        self._index_fh = open(index_path, "ab")
+        self._index_fh = _open_append(index_path, truncate=keep)
+        if keep == 0:
+            self._index_fh.write((",".join(INDEX_COLUMNS) + "\n").encode())
+            self._index_fh.flush()
         if self.format == "csv":
             path = self.folder / CSV_NAME
             end = int(index["table_end"].iloc[-1]) if len(index) else 0
-            if fresh or not path.is_file():
-                path.write_text(",".join(self.columns) + "\n")
+            head = (",".join(self.columns) + "\n").encode()
+            if fresh or not os.path.lexists(path):
+                self._table_fh = _open_append(path, truncate=0)
+                self._table_fh.write(head)
+                self._table_fh.flush()
             else:
-                with open(path, newline="") as f:
-                    header = f.readline().rstrip("\n").split(",")
+                raw = read_regular(path)
+                header = raw[: raw.find(b"\n")].decode("utf-8", "replace").split(",")
                 if header != self.columns:
                     raise ValueError(f"{path}: its columns (models {_models_of(header)}) differ from this run's "
                                      f"(models {self.models}); use another folder or resume=False")
-                with open(path, "ab") as f:
-                    f.truncate(max(end, len(",".join(self.columns)) + 1))
-            self._table_fh = open(path, "ab")
+                self._table_fh = _open_append(path, truncate=max(end, len(head)))
         else:
-            (self.folder / PARQUET_DIR).mkdir(exist_ok=True)
+            check_real_folder(self.folder / PARQUET_DIR)
             if not fresh and self.done:
                 first = sorted(self.done)[0]
                 part = self.folder / PARQUET_DIR / f"{first}.parquet"
-                if part.is_file():
-                    header = list(pd.read_parquet(part).columns)
+                if os.path.lexists(part):
+                    header = list(pd.read_parquet(io.BytesIO(read_regular(part))).columns)
                     if header != self.columns:
                         raise ValueError(f"{part}: its models {_models_of(header)} differ from this run's "
                                          f"{self.models}; use another folder or resume=False")
@@ -396,7 +473,7 @@ def read_cells(folder: str | os.PathLike) -> CellsTable:
     if fmt == "csv":
         path = folder / CSV_NAME
         end = int(index["table_end"].iloc[-1]) if len(index) else None
-        raw = path.read_bytes()
+        raw = read_regular(path)
         header_end = raw.find(b"\n") + 1
         raw = raw[: max(end, header_end)] if end is not None else raw[:header_end]
         cells = pd.read_csv(io.BytesIO(raw), dtype={"ID": str}, keep_default_na=False, na_values=["nan"])
@@ -404,10 +481,10 @@ def read_cells(folder: str | os.PathLike) -> CellsTable:
         if not pyarrow_available():
             raise ValueError(f"{folder / PARQUET_DIR} is Parquet, which needs pyarrow (not installed)")
         parts = [folder / PARQUET_DIR / f"{i}.parquet" for i in index.loc[index["n_cells"] > 0, "ID"]]
-        missing = [p for p in parts if not p.is_file()]
+        missing = [p for p in parts if not os.path.lexists(p)]
         if missing:
             raise ValueError(f"{missing[0]}: listed in {INDEX_NAME} but missing")
-        cells = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else None
+        cells = pd.concat([pd.read_parquet(io.BytesIO(read_regular(p))) for p in parts], ignore_index=True) if parts else None
         if cells is None:
             first = next((folder / PARQUET_DIR).glob("*.parquet"), None)
             cells = pd.read_parquet(first).iloc[:0] if first else pd.DataFrame(columns=_columns([]))
@@ -423,7 +500,11 @@ def read_cells(folder: str | os.PathLike) -> CellsTable:
 def read_labels(folder: str | os.PathLike, image_id: str) -> np.ndarray:
     """``labels/<ID>.png`` of an export folder: the uint16 label image at the working size."""
     path = Path(folder) / LABELS_DIR / f"{_check_id(image_id)}.png"
-    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    try:
+        raw = np.frombuffer(read_regular(path), np.uint8)
+    except FileNotFoundError:
+        raw = np.zeros(0, np.uint8)
+    labels = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if labels is None or labels.ndim != 2:
         raise ValueError(f"{path}: missing or not a single-channel label image")
     return labels

@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES
+from hpa_kernel.formats.atomic import atomic_write
 
 
 def class_palette(n: int = NUM_CLASSES) -> np.ndarray:
@@ -70,10 +71,12 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, cell_ids: np.ndarray, 
 
 
 def save_overlay(path: Path, image: np.ndarray, labels: np.ndarray, cell_ids: np.ndarray, scores: np.ndarray) -> Path:
-    """Write :func:`render_overlay` as a PNG (folders created)."""
+    """Write :func:`render_overlay` as a PNG (folders created), atomically
+    (:func:`~hpa_kernel.formats.atomic.atomic_write`: a link or FIFO at ``path`` is replaced,
+    never followed or waited on)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rgb = render_overlay(image, labels, cell_ids, scores)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write overlay {path}")
-    return path
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode overlay {path}")
+    return atomic_write(path, png.tobytes())

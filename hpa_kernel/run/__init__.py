@@ -4,6 +4,7 @@
   one serialisation (used to build ``--parallel`` shard command lines).
 * :mod:`~hpa_kernel.run.pipeline`: the loop over images, top to bottom in pipeline order.
 * :mod:`~hpa_kernel.run.journal`: the resume journal (format, fingerprint).
+* :mod:`~hpa_kernel.run.lock`: one run per ``--out`` (``<out>.lock``).
 * :mod:`~hpa_kernel.run.budget`: the time-budget policy (degradation levels).
 * :mod:`~hpa_kernel.run.summary`: the run's report and stage timing.
 * :mod:`~hpa_kernel.run.parallel`: one shard process per device, and the join.

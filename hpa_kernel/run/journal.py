@@ -17,7 +17,9 @@ row) makes the journal unreadable: the run warns, naming ``--no-resume``, and st
 One run per journal: :class:`Journal` holds an exclusive ``fcntl.flock`` on the file from
 opening to closing, so a second run on the same ``--out`` refuses at once
 (:class:`JournalBusy`) instead of interleaving its rows (``--parallel`` shards write part
-files, each with its own journal).
+files, each with its own journal). The journal is opened without following a symbolic link
+and only if it is a regular file (:func:`~hpa_kernel.formats.atomic.open_regular`): a link
+or FIFO at ``<out>.journal`` stops the run at start-up, naming it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Sequence
 
 from hpa_kernel import __version__
 from hpa_kernel.config import KernelConfig
+from hpa_kernel.formats.atomic import open_regular, read_regular
 from hpa_kernel.formats.submission import COLUMNS, Row, check_row
 
 logger = logging.getLogger(__name__)
@@ -109,8 +112,7 @@ def read_journal(path: Path, fingerprint: str | None = None) -> dict[str, Journa
     included): empty when its header names another ``fingerprint`` (``None``: any). A last
     line cut by a kill ends the reading; everything before it is good. Raises ``ValueError``
     (or ``OSError``) for a file that is not a journal."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_regular(path)
     rows = _parse(data.decode("utf-8"), fingerprint, Path(path))
     if rows is None:
         logger.info("journal %s belongs to another run; starting afresh", path)
@@ -142,7 +144,7 @@ class Journal:
 
     def _open_locked(self):
         while True:
-            fh = open(self.path, "a+b")
+            fh = os.fdopen(open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND), "a+b")
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -155,7 +157,7 @@ class Journal:
                 fh.close()
                 raise
             try:  # the holder may have finished and removed the file meanwhile: lock the current one
-                same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
             except FileNotFoundError:
                 same = False
             if same:

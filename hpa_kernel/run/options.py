@@ -50,6 +50,7 @@ class RunOptions:
     save_overlays: Path | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS  # per channel, from the PNG header; larger images get empty rows
     save_cells: Path | None = None  # per-cell export folder (a shard: its shard-I-of-N/ subfolder)
+    overwrite_cells: bool = False  # replace a --save-cells export of other settings instead of refusing it
     verify_weights: bool = True
     resume: bool = True
     progress: bool = True
@@ -71,6 +72,7 @@ class RunOptions:
             save_overlays=args.save_overlays,
             max_pixels=args.max_pixels,
             save_cells=args.save_cells,
+            overwrite_cells=args.overwrite_cells,
             verify_weights=not args.no_verify,
             resume=not args.no_resume,
             progress=not args.no_progress and not args.quiet,
@@ -173,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-cells", type=Path, metavar="DIR",
                    help="write the per-cell export (label PNGs + per-model Step 1/Step 2/ensembled scores) to DIR, "
                         "resumable; a --shard/--parallel shard writes DIR/shard-I-of-N (docs/TEAM_ENSEMBLING.md)")
+    p.add_argument("--overwrite-cells", action="store_true",
+                   help="replace a --save-cells export written with other settings (default: refuse it, exit 2)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)")
     p.add_argument("--no-resume", action="store_true", help="ignore the journal of an interrupted run")
     p.add_argument("--allow-outside-paths", action="store_true", help="let the manifest name files outside its folder")
@@ -211,7 +215,8 @@ def to_argv(args: argparse.Namespace, parser: argparse.ArgumentParser | None = N
 
 
 #: What :func:`shard_argv` sets for a shard; every other option is passed on as given.
-SHARD_SET = ("data_dir", "out", "device", "shard", "time_budget", "parallel", "no_progress", "no_resume")
+SHARD_SET = ("data_dir", "out", "device", "shard", "time_budget", "parallel", "no_progress", "no_resume",
+             "overwrite_cells")
 
 
 def shard_argv(
@@ -225,13 +230,14 @@ def shard_argv(
 ) -> list[str]:
     """The options of one ``--parallel`` shard process: ours, with the shard's data folder
     (as resolved), part file, device, index and the budget left, one process each, no
-    progress bar (the parent draws one), and resuming its own journal when ``rerun``."""
+    progress bar (the parent draws one), and resuming its own journal and export when
+    ``rerun`` (``--overwrite-cells`` replaced the export on the first try only)."""
     child = copy.copy(args)
     child.data_dir, child.out, child.device, child.shard = Path(data_dir), Path(out), device, shard
     child.time_budget = None if seconds_left is None else float(round(max(seconds_left, 1.0)))
     child.parallel, child.no_progress = 1, True
     if rerun:
-        child.no_resume = False
+        child.no_resume, child.overwrite_cells = False, False
     return to_argv(child)
 
 

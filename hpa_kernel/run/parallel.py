@@ -16,6 +16,7 @@ Each shard's command line is ours through :func:`hpa_kernel.run.options.shard_ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -25,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from hpa_kernel.formats.atomic import open_regular, read_regular
 from hpa_kernel.formats.images import TEST_DIR, fallback_size, read_test_set
 from hpa_kernel.formats.submission import read_submission, write_submission
 from hpa_kernel.run.device import cuda_problem, resolve_device
 from hpa_kernel.run.journal import journal_path, read_journal
+from hpa_kernel.run.lock import OutputBusy, hold_output
 from hpa_kernel.run.options import select_ids, shard_argv
 
 logger = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ class Shard:
         if self.rc in (0, 1):
             return len(self.ids)
         try:
-            with open(self.journal, "rb") as f:
+            with os.fdopen(open_regular(self.journal, os.O_RDONLY), "rb") as f:
                 f.seek(self._journal_pos)
                 chunk = f.read()
         except OSError:
@@ -145,7 +148,7 @@ def part_path(out: Path, index: int, count: int) -> Path:
 def launch_process(cmd: Sequence[str], env: dict[str, str], stdout: Path) -> subprocess.Popen:
     """Start one shard process; its stdout (the summary) goes to a file, stderr (the log)
     to ours."""
-    with open(stdout, "w") as f:
+    with os.fdopen(open_regular(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
         return subprocess.Popen(list(cmd), env=env, stdout=f, stderr=None)
 
 
@@ -303,7 +306,21 @@ def join_parts(
 def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None) -> int:
     """One shard process per device, then the parts joined into ``out``: every ID gets its
     row. Prints the shards' summaries and ours. Exit status 0 when every shard finished
-    every image, 1 when something failed, 2 when nothing could run."""
+    every image, 1 when something failed, 2 when nothing could run (another run holds
+    ``out``'s lock: :func:`~hpa_kernel.run.lock.hold_output`, taken before anything)."""
+    lock = contextlib.ExitStack()
+    try:
+        lock.enter_context(hold_output(out))
+    except (OutputBusy, OSError) as e:
+        print(f"error: --out: {e}", file=sys.stderr)
+        return 2
+    with lock:
+        return _run_parallel(args, devices, data_dir, out, time_budget)
+
+
+def _run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path,
+                  time_budget: float | None) -> int:
+    """:func:`run_parallel` once ``out`` is locked."""
     try:
         for d in sorted(set(devices) - {"cpu"}):
             resolve_device(d)  # a device no shard could use stops the run here, once
@@ -326,8 +343,11 @@ def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, o
 
     result = run_shards(shards, command, time_budget, progress=not args.no_progress and not args.quiet)
     for s in shards:
-        if s.stdout.exists():
-            text = s.stdout.read_text().strip()
+        if os.path.lexists(s.stdout):
+            try:
+                text = read_regular(s.stdout).decode("utf-8", "replace").strip()
+            except OSError as e:
+                text = f"(its output {s.stdout} cannot be read: {e})"
             if text:
                 print(f"== shard {s.index}/{s.count} ({s.device})\n{text}")
             s.stdout.unlink()

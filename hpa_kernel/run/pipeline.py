@@ -16,8 +16,17 @@ With ``--save-cells DIR`` each image's cells also go to the per-cell export
 (:mod:`~hpa_kernel.formats.cells`) as the run goes: the label image and, per model, the
 Step 1, Step 2 and ensembled scores besides the final ones. A shard (``--shard I/N``, and
 so each ``--parallel`` process) writes ``DIR/shard-I-of-N`` (one writer per folder).
-Resumable like the submission (images already in the folder are skipped); an export
-failure is logged and listed in the report's warnings, never costs the image's row.
+The export carries the fingerprint of the settings (:func:`cells_fingerprint`): the same
+settings resume it (images already in the folder are skipped; images the journal has but
+the export lacks are predicted again, so the export is complete), other settings are
+refused at start-up (:class:`~hpa_kernel.formats.cells.ExportMismatch`) unless
+``--overwrite-cells``. An export or overlay failure is logged and listed in the report's
+warnings, never costs the image's row.
+
+Start-up (:func:`check_start`, before any weight is loaded or image read): the run holds
+the lock of ``--out`` (:func:`~hpa_kernel.run.lock.hold_output`) and then its journal to
+the end; ``--save-overlays`` must name a folder that can be written; the export must not
+be of other settings.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ import time
 from pathlib import Path
 
 from hpa_kernel.config import KernelConfig
-from hpa_kernel.formats.cells import CellsWriter
+from hpa_kernel.formats.atomic import check_folder
+from hpa_kernel.formats.cells import CellsWriter, check_export
 from hpa_kernel.formats.images import TEST_DIR, LoadedImage, fallback_size, id_file, load_image, read_test_set
 from hpa_kernel.formats.overlay import save_overlay
 from hpa_kernel.formats.rle import encode_label_image
@@ -36,6 +46,7 @@ from hpa_kernel.integrity import verify_files
 from hpa_kernel.run.budget import LEVEL_EMPTY, LEVEL_NAMES, LEVEL_SETTINGS, Budget
 from hpa_kernel.run.device import resolve_device
 from hpa_kernel.run.journal import Journal, fingerprint, journal_path
+from hpa_kernel.run.lock import hold_output
 from hpa_kernel.run.options import RunOptions, select_ids
 from hpa_kernel.run.prefetch import prefetch
 from hpa_kernel.run.summary import RunSummary, StageTimer
@@ -44,12 +55,51 @@ from hpa_kernel.stages.predictor import Predictor, ScoreDetail
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "predict_row", "CellsExport", "cells_folder"]
+__all__ = ["run", "predict_row", "CellsExport", "OverlayExport", "cells_folder", "cells_fingerprint", "check_start"]
 
 
 def cells_folder(save_cells: Path, shard: tuple[int, int] | None) -> Path:
     """Where a run writes its per-cell export: ``DIR``, or ``DIR/shard-I-of-N`` for a shard."""
     return Path(save_cells) / f"shard-{shard[0]}-of-{shard[1]}" if shard else Path(save_cells)
+
+
+def cells_fingerprint(config: KernelConfig, opts: RunOptions) -> str:
+    """The settings a per-cell export's scores come from: the journal's fingerprint
+    (:func:`~hpa_kernel.run.journal.fingerprint`) without the ID list (an export grows
+    image by image; another ``--max-images`` or shard only adds images)."""
+    return fingerprint(config, (), Path(opts.data_dir), opts.tta, fp16=opts.fp16, max_pixels=opts.max_pixels)
+
+
+def check_start(config: KernelConfig, opts: RunOptions, shards: int | None = None) -> None:
+    """The start-up checks of the run's side outputs (``OSError``/``ValueError``, one line):
+    ``--save-overlays`` names a folder that can be written (or created), and the
+    ``--save-cells`` export (of each of ``shards`` shards, for a ``--parallel`` parent) is
+    not of other settings unless ``--overwrite-cells``."""
+    if opts.save_overlays is not None:
+        try:
+            check_folder(opts.save_overlays)
+        except OSError as e:
+            raise OSError(f"--save-overlays: {e}") from None
+    if opts.save_cells is not None and not opts.overwrite_cells:
+        fp = cells_fingerprint(config, opts)
+        for shard in [(i, shards) for i in range(shards)] if shards else [opts.shard]:
+            check_export(cells_folder(opts.save_cells, shard), fp)
+
+
+class OverlayExport:
+    """The run's ``--save-overlays`` folder. :meth:`write` never raises: a failure is logged
+    and kept in :attr:`failures` (the image keeps its row)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.failures: dict[str, str] = {}
+
+    def write(self, image_id: str, image, labels, cell_ids, scores) -> None:
+        try:
+            save_overlay(id_file(self.folder, image_id, ".png"), image, labels, cell_ids, scores)
+        except Exception as e:  # the overlay never costs the row
+            self.failures[image_id] = f"{type(e).__name__}: {e}"
+            logger.error("image %s: overlay failed (%s); its row is still written", image_id, self.failures[image_id])
 
 
 class CellsExport:
@@ -59,9 +109,13 @@ class CellsExport:
     name a file --, a full disk) is logged and kept in :attr:`failures`.
     """
 
-    def __init__(self, folder: Path, models: list[str], resume: bool) -> None:
-        self.writer = CellsWriter(folder, models=models, resume=resume)
+    def __init__(self, folder: Path, models: list[str], resume: bool, fingerprint: str | None = None,
+                 overwrite: bool = False) -> None:
+        self.writer = CellsWriter(folder, models=models, resume=resume, fingerprint=fingerprint, overwrite=overwrite)
         self.failures: dict[str, str] = {}
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.writer
 
     def write(self, image_id: str, labels, size: tuple[int, int], cell_ids, scores, detail: ScoreDetail) -> None:
         try:
@@ -75,11 +129,11 @@ class CellsExport:
 
 
 def predict_row(
-    predictor: Predictor, item: LoadedImage, level: int, timer: StageTimer, overlays: Path | None,
+    predictor: Predictor, item: LoadedImage, level: int, timer: StageTimer, overlays: OverlayExport | None,
     cells: CellsExport | None = None, deadline: float | None = None,
 ) -> str:
     """One decoded image's PredictionString: predict, masks to the original size, RLE
-    (and its per-cell export when ``cells`` is given)."""
+    (and its overlay and per-cell export when given: their failures never raise)."""
     detail = ScoreDetail() if cells is not None else None
     image = ImageInput(item.rgby, image=item.image)  # each model's pixels from the raw image, made once
     labels, cell_ids, scores = predictor.predict(
@@ -91,7 +145,7 @@ def predict_row(
         pred = prediction_string(rles, cell_ids, scores)
     if overlays is not None:
         with timer("overlay"):
-            save_overlay(id_file(overlays, item.id, ".png"), item.image, labels, cell_ids, scores)
+            overlays.write(item.id, item.image, labels, cell_ids, scores)
     if cells is not None:  # last: a row that failed above is not exported either
         with timer("save_cells"):
             cells.write(item.id, labels, (item.width, item.height), cell_ids, scores, detail)
@@ -101,12 +155,19 @@ def predict_row(
 def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
     """Run the kernel over ``opts.data_dir`` and write ``opts.out``; returns the report.
 
-    The journal of ``opts.out`` is held (locked) from before the weights are loaded to the
-    end: a second run on the same ``--out`` raises :class:`~hpa_kernel.run.journal.JournalBusy`.
+    The lock of ``opts.out`` and its journal are held from before the weights are loaded to
+    the end: a second run on the same ``--out`` raises
+    :class:`~hpa_kernel.run.lock.OutputBusy`. :func:`check_start` runs first.
     """
     t_start = time.perf_counter()
+    with hold_output(opts.out) as lock_warning:
+        check_start(config, opts)
+        return _journaled(config, opts, t_start, [lock_warning] if lock_warning else [])
+
+
+def _journaled(config: KernelConfig, opts: RunOptions, t_start: float, warnings: list[str]) -> RunSummary:
+    """:func:`run` once ``--out`` is locked: the IDs, the journal, then :func:`_run`."""
     out, data_dir = Path(opts.out), Path(opts.data_dir)
-    warnings: list[str] = []
 
     # 0. the IDs, the weights (integrity, device), the predictor
     all_ids, sample = read_test_set(data_dir)
@@ -149,21 +210,12 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
     if not predictor.members:
         warnings.append("no usable classifier: every image gets an empty prediction")
 
-    todo = [i for i in ids if not journal.done(i)]  # failed rows are done again
+    cells = _open_cells(config, opts, [m.name for m in predictor.members], warnings)
+    todo = _todo(ids, journal, cells)
     n_resumed = len(ids) - len(todo)
-    n_retry = sum(1 for i in todo if i in journal.rows)
-    if n_resumed or n_retry:
-        logger.info("resuming: %d of %d images already done, %d failed one(s) to retry", n_resumed, len(ids), n_retry)
-    cells = None
-    if opts.save_cells is not None:
-        folder = cells_folder(opts.save_cells, opts.shard)
-        try:
-            cells = CellsExport(folder, [m.name for m in predictor.members], resume=opts.resume)
-        except Exception as e:  # a bad folder never costs the submission
-            logger.error("per-cell export to %s disabled: %s", folder, e)
-            warnings.append(f"per-cell export to {folder} disabled: {type(e).__name__}: {e}")
+    overlays = OverlayExport(opts.save_overlays) if opts.save_overlays is not None else None
     budget = Budget(opts.time_budget, t_start)
-    level, degraded_at, failures = 0, {}, {}
+    level, degraded_at, failures, n_cut = 0, {}, {}, 0
 
     def read(image_id: str) -> tuple[LoadedImage, float]:
         t0 = time.perf_counter()
@@ -182,6 +234,7 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
             if level >= LEVEL_EMPTY:
                 # out of time: rows without decoding, sizes from the sample or PNG headers
                 journal.add(image_id, *fallback_size(test_dir, image_id, sample_sizes), "", None)
+                n_cut += 1
                 bar.update(1)
                 continue
             t0 = time.perf_counter()
@@ -199,7 +252,7 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
             if error is None:
                 try:
                     # 2-8. segmentation, classifiers, Step 1/2, ensemble, class selection, RLE
-                    pred = predict_row(predictor, item, level, timer, opts.save_overlays, cells, budget.deadline)
+                    pred = predict_row(predictor, item, level, timer, overlays, cells, budget.deadline)
                 except Exception as e:  # an image never costs the rest of the run
                     logger.exception("image %s failed", image_id)
                     error, pred = f"{type(e).__name__}: {e}", ""
@@ -219,9 +272,11 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
         images.close()
         if cells is not None:
             cells.close()
-    if cells is not None and cells.failures:
-        bad = sorted(cells.failures)
-        warnings.append(f"per-cell export failed for {len(bad)} image(s) (rows written): " + ", ".join(bad[:5]))
+    for what, export in (("per-cell export", cells), ("overlay", overlays)):
+        if export is not None and export.failures:
+            bad = sorted(export.failures)
+            warnings.append(f"{what} failed for {len(bad)} image(s) (rows written): " + ", ".join(bad[:5])
+                            + f" ({export.failures[bad[0]]})")
 
     for image_id, (_, _, _, err) in journal.rows.items():
         if err and image_id not in failures:
@@ -244,4 +299,34 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
         n_models=len(predictor.members),
         segmenter=predictor.segmenter_name,
         component_failures=list(predictor.problems),
+        n_budget_cut=n_cut,
+        time_budget=opts.time_budget,
     )
+
+
+def _open_cells(config: KernelConfig, opts: RunOptions, models: list[str], warnings: list[str]) -> CellsExport | None:
+    """The run's per-cell export, or ``None`` (not asked for, or its folder unusable: the
+    reason goes to ``warnings``; the submission is still written)."""
+    if opts.save_cells is None:
+        return None
+    folder = cells_folder(opts.save_cells, opts.shard)
+    try:
+        return CellsExport(folder, models, resume=opts.resume, fingerprint=cells_fingerprint(config, opts),
+                           overwrite=opts.overwrite_cells)
+    except Exception as e:  # a bad folder never costs the submission
+        logger.error("per-cell export to %s disabled: %s", folder, e)
+        warnings.append(f"per-cell export to {folder} disabled: {type(e).__name__}: {e}")
+        return None
+
+
+def _todo(ids: list[str], journal: Journal, cells: CellsExport | None) -> list[str]:
+    """The IDs to predict: those without a good journal row (failed rows are done again)
+    and, with an export, those the journal has but the export lacks (predicted again so
+    that the export is complete, e.g. a resume with ``--save-cells`` added)."""
+    todo = [i for i in ids if not journal.done(i) or (cells is not None and i not in cells)]
+    n_retry = sum(1 for i in todo if i in journal.rows and not journal.done(i))
+    n_export = sum(1 for i in todo if journal.done(i))
+    if len(todo) < len(ids) or n_retry or n_export:
+        logger.info("resuming: %d of %d images already done, %d failed one(s) to retry, %d predicted again "
+                    "for the per-cell export, which lacks them", len(ids) - len(todo), len(ids), n_retry, n_export)
+    return todo

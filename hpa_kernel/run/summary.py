@@ -135,6 +135,10 @@ class RunSummary:
     #: parts of the manifest that could not be used (a classifier file, the segmentation
     #: weights): the file is complete, but not what was asked for
     component_failures: list[str] = field(default_factory=list)
+    #: rows the time budget cut: written empty without predicting (not failures, not done)
+    n_budget_cut: int = 0
+    #: the run's ``--time-budget`` in seconds (``None``: none)
+    time_budget: float | None = None
 
     @property
     def n_failed(self) -> int:
@@ -142,14 +146,17 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        """Every image went through with every model of the manifest."""
-        return not self.failures and not self.component_failures
+        """Every image went through with every model of the manifest (a row the time budget
+        cut did not go through)."""
+        return not self.failures and not self.component_failures and not self.n_budget_cut
 
     def format(self) -> str:
         """A readable multi-line summary (printed by the CLI)."""
         lines = [
             f"hpa_kernel {__version__}: {self.n_done}/{self.n_images} images"
-            f" ({self.n_resumed} resumed), {self.n_failed} failed, device {self.device},"
+            f" ({self.n_resumed} resumed), {self.n_failed} failed,"
+            + (f" {self.n_budget_cut} cut by the time budget (empty rows)," if self.n_budget_cut else "")
+            + f" device {self.device},"
             f" {self.n_models} model(s), segmentation {self.segmenter}",
             f"wall time {self.wall_seconds:.1f} s"
             + (f", {self.wall_seconds / max(self.n_done - self.n_resumed, 1):.2f} s/image" if self.n_done else ""),
@@ -161,6 +168,10 @@ class RunSummary:
                 lines.append(f"  {k:<14} {v:9.2f}  {v / n:7.3f}")
         for level, at in sorted(self.degraded_at.items()):
             lines.append(f"time budget: switched to '{LEVEL_NAMES[level]}' after {at} images")
+        if self.time_budget is not None:
+            lines.append(f"time budget {self.time_budget:g} s: used {self.wall_seconds:.1f} s "
+                         f"({100 * self.wall_seconds / self.time_budget:.0f} %)"
+                         + (f"; {self.n_budget_cut} image(s) not predicted, written empty" if self.n_budget_cut else ""))
         for w in self.warnings:
             lines.append(f"warning: {one_line(w)}")
         lines += failure_lines(self.failures)
