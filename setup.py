@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["hpa_kernel", "hpa_kernel.*"]),
     package_data={"hpa_kernel": ["data/*", "data/**/*"]},
     include_package_data=True,
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # torch is deliberately unpinned: Kaggle images bring their own build.
     install_requires=[
         "torch",

@@ -80,7 +80,7 @@ def test_shapes_and_forward_consistency(model, batch):
     torch.testing.assert_close(logits, maps.mean(dim=(2, 3)))
     torch.testing.assert_close(logits2, logits)
     torch.testing.assert_close(maps2, maps)
-    torch.testing.assert_close(model.forward_features_maps(batch), maps)
+    torch.testing.assert_close(model.class_maps(batch), maps)
     assert model.classifier.bias is None
 
 

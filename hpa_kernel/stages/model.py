@@ -232,8 +232,6 @@ class PuzzleCAM(ClassMapModel):
         """Class maps ``F (B, num_classes, h, w)`` for a normalised ``(B, in_chans, H, W)`` batch."""
         return self.classifier(self.features(x))
 
-    forward_features_maps = class_maps  # the name in docs/ARCHITECTURE.md
-
 
 class FoldGroup(ClassMapModel):
     """Several folds of one recipe as one classifier, averaged the team's way

@@ -106,12 +106,10 @@ class ScoreDetail:
 
     ``steps[name]`` is ``{"step1": (n, 19) | None, "step2": (n, 19) | None, "ens": (n, 19)}``
     for each model that ran on the image (in member order; a step that did not run is
-    ``None``, a model left out by ``max_models`` is absent); ``ensemble`` is the models'
-    weighted mean before the class-selection rule. Rows follow ``cell_ids``.
+    ``None``, a model left out by ``max_models`` is absent). Rows follow ``cell_ids``.
     """
 
     steps: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)
-    ensemble: np.ndarray | None = None
 
 
 class Predictor:
@@ -276,8 +274,6 @@ class Predictor:
                 detail.steps[m.name] = {"step1": s1, "step2": s2, "ens": per_model[-1]}
         with timer("ensemble"):
             scores = combine_models(per_model, [m.weight for m in members])
-            if detail is not None:
-                detail.ensemble = scores
             return select_top_classes(scores, top_n=config.top_classes, floor=config.min_confidence)
 
     def _step1(self, m: Member, image: ImageInput, labels: np.ndarray, cell_ids: np.ndarray, timer: Timer) -> np.ndarray:

@@ -3,8 +3,7 @@
 hpacellseg's nuclei and cell networks are ``pytorch_zoo.unet.DPNUnet`` instances: a
 DPN-92 encoder cut into five stages and a light U-Net decoder. This module rebuilds that
 network with the same module tree, so that :meth:`DPNUnet.state_dict` has exactly the
-595 keys, shapes and order of the public files (``data/hpacellseg_dpnunet_state_dict.tsv``
-lists them), and computes the same function.
+595 keys, shapes and order of the public files, and computes the same function.
 
 Encoder (DPN-92: ``k_r=96, groups=32, k_sec=(3, 4, 20, 3), inc_sec=(16, 32, 24, 128)``,
 batch-norm eps 0.001)::
