@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainConfigError as e:
         logging.getLogger("hpa_kernel.train").error("%s", e)
         return 2
-    from hpa_kernel.train.engine import train
+    from hpa_kernel.train.engine import run_summary, train
     from hpa_kernel.train.pretrained import PretrainedError
 
     try:
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, PretrainedError) as e:
         logging.getLogger("hpa_kernel.train").error("%s", e)
         return 2
-    if rank == 0 and history:
-        best = [h for h in history if h.best][-1:] or history[-1:]
-        print(f"done: {len(history)} epoch(s) in {cfg.out}; best: {best[0].line(cfg.epochs)}")
+    if rank == 0:
+        print(run_summary(cfg, history))
     return 0
 
 

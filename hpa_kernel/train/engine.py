@@ -14,8 +14,11 @@
 - ``OUT/best.pt``: the model with the best validation ComboLoss from epoch
   ``best_from_epoch`` on, written with :func:`hpa_kernel.stages.model.save_checkpoint` and the
   metadata the kernel's loader needs.
+- ``OUT/last_model.pt``: the latest epoch's model, written every epoch like ``best.pt``
+  (a kernel checkpoint), so even a run too short for a ``best.pt`` leaves one the kernel loads.
 - ``OUT/last.pt``: model + optimizer + scheduler + scaler + history, for ``resume``
-  (the same stage); ``init_from`` starts a new stage from any earlier checkpoint's weights.
+  (the same stage; the kernel refuses it); ``init_from`` starts a new stage from any
+  earlier checkpoint's weights.
 - ``OUT/metrics.csv``: one row per epoch (losses, lr, F1 macro at 0.5, mAP macro, skipped);
   ``OUT/config.json``: the resolved config.
 - DDP under ``torchrun`` (``WORLD_SIZE > 1``): ``batch_size`` is per rank (global batch =
@@ -71,10 +74,13 @@ from hpa_kernel.train.pretrained import build_model, load_stage_weights
 from hpa_kernel.train.puzzle import PuzzleSiamese
 from hpa_kernel.train.sampler import DistributedWeightedSampler, image_weights
 
-__all__ = ["EpochStats", "Trainer", "default_workers", "train"]
+__all__ = ["EpochStats", "Trainer", "default_workers", "run_summary", "train"]
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss", "bce", "bce_re", "l1")
+BEST_NAME = "best.pt"  # kernel checkpoint: the best validation ComboLoss from best_from_epoch on
+LAST_MODEL_NAME = "last_model.pt"  # kernel checkpoint: the latest epoch's weights
+LAST_STATE_NAME = "last.pt"  # training state for --resume (not a kernel checkpoint)
 
 
 @dataclass
@@ -406,15 +412,18 @@ class Trainer:
             logger.info("resumed from %s at epoch %d (best loss %.4f)", path, self.start_epoch + 1, self.best_loss)
 
     def save_last(self, epoch: int) -> None:
-        tmp = self.out / "last.pt.tmp"
+        tmp = self.out / (LAST_STATE_NAME + ".tmp")
         torch.save(self.state_dict(epoch), tmp)
-        tmp.replace(self.out / "last.pt")
+        tmp.replace(self.out / LAST_STATE_NAME)
 
     def save_best(self, stats: EpochStats) -> Path:
         """``best.pt`` through :func:`hpa_kernel.stages.model.save_checkpoint` (fp16 weights if ``save_fp16``)."""
+        return self.save_model(stats, self.out / BEST_NAME)
+
+    def save_model(self, stats: EpochStats, path: Path) -> Path:
+        """A kernel checkpoint of the current weights (:func:`hpa_kernel.stages.model.save_checkpoint`)."""
         from hpa_kernel.stages.model import save_checkpoint
 
-        path = self.out / "best.pt"
         extra = {
             "epoch": stats.epoch + 1,
             "val_loss": stats.val_loss,
@@ -426,8 +435,7 @@ class Trainer:
             "trained_from": self.source,
             "train_crop": self.cfg.train_crop,
         }
-        save_checkpoint(self.model, path, half=self.cfg.save_fp16, **self.meta, **extra)
-        return path
+        return save_checkpoint(self.model, path, half=self.cfg.save_fp16, **self.meta, **extra)  # atomic
 
     def _write_metrics(self) -> None:
         pd.DataFrame([asdict(h) for h in self.history]).to_csv(self.out / "metrics.csv", index=False)
@@ -464,6 +472,7 @@ class Trainer:
             if self.info.is_main:
                 if stats.best:
                     self.save_best(stats)
+                self.save_model(stats, self.out / LAST_MODEL_NAME)
                 self.save_last(epoch)
                 self._write_metrics()
                 logger.info("%s", stats.line(cfg.epochs))
@@ -506,6 +515,29 @@ def _seed_worker(worker_id: int) -> None:
     augment = getattr(ds, "augment", None)
     if augment is not None and hasattr(augment, "reseed"):
         augment.reseed(seed)
+
+
+def run_summary(cfg: TrainConfig, history: list[EpochStats]) -> str:
+    """The last line of a run: which files exist in ``cfg.out`` and which one goes in a manifest."""
+    out = Path(cfg.out)
+    best = [h for h in history if h.best][-1:]
+    parts = [f"done: {len(history)} epoch(s) in {out}"]
+    files = []
+    if best and (out / BEST_NAME).is_file():
+        files.append(f"{BEST_NAME} (best val loss, {best[0].line(cfg.epochs)})")
+    else:
+        files.append(f"no {BEST_NAME} (the best is kept from epoch {cfg.best_from_epoch} on)")
+    if (out / LAST_MODEL_NAME).is_file() and history:
+        files.append(f"{LAST_MODEL_NAME} (epoch {history[-1].epoch + 1} weights)")
+    if (out / LAST_STATE_NAME).is_file():
+        files.append(f"{LAST_STATE_NAME} (training state for --resume; the kernel cannot load it)")
+    parts.append("files: " + ", ".join(files))
+    pick = BEST_NAME if best and (out / BEST_NAME).is_file() else LAST_MODEL_NAME
+    if (out / pick).is_file():
+        parts.append(f"for a manifest: {out / pick}")
+    else:
+        parts.append("no kernel checkpoint was written")
+    return "; ".join(parts)
 
 
 def train(cfg: TrainConfig) -> list[EpochStats]:

@@ -1,0 +1,97 @@
+"""The competitor's loop through the command lines, on a tiny synthetic training set (issue 22).
+
+synthetic --split train -> train.prepare -> train (one epoch) -> the files it leaves,
+its config.json fed back to train and train.oof, and the user's mistakes in train.*
+commands answered in one line (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def run(args: list[str], cwd: Path, code: int = 0) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == code, f"{args}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A one-epoch run in ``root/run`` (too short for a best.pt: the best is kept from epoch 2)."""
+    root = tmp_path_factory.mktemp("loop")
+    run(["-m", "hpa_kernel.tools.synthetic", "--out", "data", "--images", "8", "--seed", "1003", "--sizes", "64",
+         "--split", "train"], root)
+    run(["-m", "hpa_kernel.train.prepare", "--csv", "data/train.csv", "--src", "data/train", "--out", "cache",
+         "--size", "64", "--workers", "1", "--folds", "2"], root)
+    cfg = {"index_csv": "cache/index.csv", "backbone": "test_resnet", "pretrained": False, "image_size": 64,
+           "train_crop": None, "crop_size": 64, "epochs": 1, "batch_size": 8, "workers": 0, "threads": 1,
+           "out": "run", "n_folds": 2}
+    (root / "cfg.json").write_text(json.dumps(cfg))
+    return root, run(["-m", "hpa_kernel.train", "--config", "cfg.json"], root)
+
+
+def test_a_one_epoch_run_leaves_a_kernel_checkpoint_and_says_which(one_epoch):
+    from hpa_kernel.stages.model import CheckpointError, load_checkpoint
+
+    root, p = one_epoch
+    assert not (root / "run" / "best.pt").exists()  # the reference's rule: best from epoch 2 on
+    model, meta = load_checkpoint(root / "run" / "last_model.pt")  # what the kernel loads
+    assert meta["backbone"] == "test_resnet" and meta["epoch"] == 1 and meta["image_size"] == 64
+    with pytest.raises(CheckpointError, match="not a Puzzle-CAM checkpoint"):
+        load_checkpoint(root / "run" / "last.pt")  # the resumable state is not one
+    last = p.stdout.strip().splitlines()[-1]
+    assert "best: epoch" not in last
+    assert "no best.pt" in last and "last.pt (training state for --resume; the kernel cannot load it)" in last
+    assert last.endswith(f"for a manifest: {Path('run') / 'last_model.pt'}")
+
+
+def test_a_run_with_a_best_names_it_for_the_manifest(one_epoch):
+    root, _ = one_epoch
+    p = run(["-m", "hpa_kernel.train", "--config", "cfg.json", "--out", "run_best", "--set", "best_from_epoch=1"], root)
+    last = p.stdout.strip().splitlines()[-1]
+    assert "best.pt (best val loss, epoch 1/1" in last and "last_model.pt (epoch 1 weights)" in last
+    assert last.endswith(f"for a manifest: {Path('run_best') / 'best.pt'}")
+
+
+def test_the_runs_config_json_loads_back_in_train_and_oof(one_epoch):
+    root, _ = one_epoch
+    p = run(["-m", "hpa_kernel.train", "--config", "run/config.json", "--out", "run2"], root)
+    assert "done: 1 epoch(s)" in p.stdout
+    first, again = (json.loads((root / d / "config.json").read_text()) for d in ("run", "run2"))
+    assert first.pop("out") == "run" and again.pop("out") == "run2"
+    assert again == first  # the same config, augmentation groups and all
+    # an override on top of the saved groups changes that group only
+    p = run(["-m", "hpa_kernel.train", "--config", "run/config.json", "--out", "run3", "--set", "augment.noise.p=0.25"],
+            root)
+    third = json.loads((root / "run3" / "config.json").read_text())
+    assert third["augment"]["groups"]["noise"]["p"] == 0.25
+    third["augment"]["groups"]["noise"]["p"] = first["augment"]["groups"]["noise"]["p"]
+    assert third["augment"] == first["augment"]
+    p = run(["-m", "hpa_kernel.train.oof", "--config", "run/config.json", "--checkpoint", "run/last_model.pt",
+             "--fold", "0", "--size", "64", "--limit", "1", "--out", "oof.csv", "--device", "cpu"], root)
+    assert (root / "oof.csv").is_file() and "cells of 1 images" in p.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--checkpoint", "run/last.pt", "--fold", "0"], "run/last.pt: not a Puzzle-CAM checkpoint"),
+    (["--checkpoint", "run/last_model.pt", "--fold", "1", "--config", "nope.json"], "nope.json not found"),
+    (["--checkpoint", "run/last_model.pt", "--fold", "7"], "fold 7 has no images"),
+    (["--checkpoint", "run/none.pt", "--fold", "0"], "checkpoint file not found"),
+])
+def test_oof_mistakes_are_one_line(one_epoch, args, needle):
+    root, _ = one_epoch
+    base = ["-m", "hpa_kernel.train.oof", "--config", "run/config.json", "--size", "64", "--out", "x.csv",
+            "--device", "cpu"]
+    p = run(base + args, root, code=2)
+    errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
+    assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
