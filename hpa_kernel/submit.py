@@ -20,7 +20,7 @@ Exit status: 0 all images done with every model and the file validates against t
 sample; 1 the file is complete but something failed: some images, a classifier file or the
 segmentation weights (listed in the summary), or the file does not validate; 2 nothing
 could be run (bad arguments or values, device, manifest, data folder, an ``--out`` that
-cannot be written), checked before any image is read.
+cannot be written, not one usable classifier), checked before any image is read.
 """
 
 from __future__ import annotations

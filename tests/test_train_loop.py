@@ -95,3 +95,56 @@ def test_oof_mistakes_are_one_line(one_epoch, args, needle):
     p = run(base + args, root, code=2)
     errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
     assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def last_pt_weights(one_epoch) -> Path:
+    """A weights folder whose manifest names the run's last.pt (a training state), as a
+    user who took the only .pt file a one-epoch run used to leave would make it."""
+    import shutil
+
+    from hpa_kernel.integrity import update_manifest
+
+    root, _ = one_epoch
+    weights = root / "weights_last"
+    weights.mkdir()
+    shutil.copy(root / "run" / "last.pt", weights / "last.pt")
+    (weights / "manifest.json").write_text(json.dumps({"segmentation": {"method": "classic"},
+                                                       "classifiers": [{"path": "last.pt"}]}))
+    update_manifest(weights / "manifest.json")
+    run(["-m", "hpa_kernel.tools.synthetic", "--out", "test_data", "--images", "2", "--seed", "9001",
+         "--sizes", "64"], root)
+    return weights
+
+
+def test_submit_stops_at_start_up_when_no_classifier_is_usable(one_epoch, last_pt_weights):
+    root, _ = one_epoch
+    base = ["-m", "hpa_kernel.submit", "--data-dir", "test_data", "--weights", str(last_pt_weights / "manifest.json"),
+            "--device", "cpu", "--no-progress"]
+    for extra in ([], ["--parallel", "2"]):
+        out = root / f"sub{len(extra)}.csv"
+        p = run(base + ["--out", str(out), *extra], root, code=2)
+        assert "no usable classifier" in p.stderr and "last.pt" in p.stderr, p.stderr[-2000:]
+        assert not out.exists()  # no file of empty rows
+
+
+def test_kernel_py_passes_the_failure_on(one_epoch, last_pt_weights):
+    root, _ = one_epoch
+    kernel = Path(__file__).resolve().parent.parent / "submission" / "kernel.py"
+    p = run([str(kernel), "--skip-install", "--dataset-dir", str(last_pt_weights), "--weights",
+             str(last_pt_weights / "manifest.json"), "--data-dir", "test_data", "--out", "kernel_sub.csv",
+             "--", "--device", "cpu", "--no-progress"], root, code=2)
+    assert "kernel exit status 2" in p.stderr and "the submission is complete" not in p.stderr
+    assert not (root / "kernel_sub.csv").exists()
+
+
+def test_build_wheel_refuses_the_training_state(one_epoch, last_pt_weights):
+    root, _ = one_epoch
+    script = Path(__file__).resolve().parent.parent / "build_wheel.sh"
+    env = {**ENV, "PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(script), "--no-wheelhouse", "--weights", str(last_pt_weights), "--out",
+                        str(root / "dist")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert "the kernel cannot load classifier" in p.stderr and "last.pt: not a Puzzle-CAM checkpoint" in p.stderr
+    assert "use its best.pt or last_model.pt" in p.stderr
+    assert not (root / "dist" / "kaggle_dataset").exists()

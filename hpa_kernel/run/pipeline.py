@@ -43,7 +43,12 @@ from hpa_kernel.stages.predictor import Predictor, ScoreDetail
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "predict_row", "CellsExport", "cells_folder"]
+__all__ = ["run", "predict_row", "CellsExport", "NoUsableClassifier", "cells_folder"]
+
+
+class NoUsableClassifier(RuntimeError):
+    """Not one classifier of the manifest could be loaded: the run stops before any image
+    (``submit`` exits 2) instead of writing a file of empty rows."""
 
 
 def cells_folder(save_cells: Path, shard: tuple[int, int] | None) -> Path:
@@ -144,8 +149,9 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
     with timer("load_weights"):
         predictor = Predictor.from_config(config, device, fp16, tta=opts.tta, batch_size=opts.batch_size)
     warnings += predictor.problems
-    if not predictor.members:
-        warnings.append("no usable classifier: every image gets an empty prediction")
+    if not predictor.members:  # every row would be empty: a failed run, not a zero score
+        raise NoUsableClassifier("no usable classifier, nothing was run: " + "; ".join(
+            predictor.problems or ["the manifest names none"]))
 
     todo = [i for i in ids if not journal.done(i)]  # failed rows are done again
     n_resumed = len(ids) - len(todo)
