@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,19 @@ def merge_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; Ctrl-C ends it with one line saying how to resume (exit 130)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        from hpa_kernel.run.parallel import PARENT_ENV
+
+        if not os.environ.get(PARENT_ENV):  # a --parallel shard leaves the word to its parent
+            print("interrupted: the rows finished so far are kept in the journal(s) beside --out "
+                  "(<out>.journal); run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])

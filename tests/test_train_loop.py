@@ -57,12 +57,76 @@ def test_a_one_epoch_run_leaves_a_kernel_checkpoint_and_says_which(one_epoch):
 
 def test_a_run_with_a_best_names_it_for_the_manifest(one_epoch):
     root, _ = one_epoch
-    p = run(["-m", "hpa_kernel.train", "--config", "cfg.json", "--out", "run_best", "--set", "best_from_epoch=1"], root)
+    p = run(["-m", "hpa_kernel.train", "--config", "cfg.json", "--out", "run_best", "--set", "best_from_epoch=1",
+             "--epochs", "2", "--set", "plateau_patience=0"], root)
     last = p.stdout.strip().splitlines()[-1]
-    assert "best.pt (best val loss, epoch 1/1" in last and "last_model.pt (epoch 1 weights)" in last
+    assert "best.pt (best val loss, epoch " in last and "last_model.pt (epoch 2 weights)" in last
     assert last.endswith(f"for a manifest: {Path('run_best') / 'best.pt'}")
 
 
+def test_what_a_competitor_expects_from_a_run(one_epoch):
+    """Issue 22 item 6: the run's ETA, the per-class AP of the validation fold, training.png."""
+    import pandas as pd
+
+    root, _ = one_epoch
+    p = run(["-m", "hpa_kernel.train", "--config", "cfg.json", "--out", "run_report", "--epochs", "2"], root)
+    assert "epoch 1/2" in p.stderr and "run ETA " in p.stderr and "for 1 more epoch(s) (ends about " in p.stderr
+    assert "run ETA: this was the last epoch" in p.stderr
+    table = pd.read_csv(root / "run_report" / "val_class_ap.csv")
+    assert len(table) == 19 and list(table.columns) == ["epoch", "class", "name", "positives", "images", "ap"]
+    assert table["epoch"].unique().tolist() == [2]  # best.pt's epoch (the best is kept from epoch 2 on)
+    assert "per-class AP of" in p.stderr and "mAP (classes with positives)" in p.stderr
+    assert pd.read_csv(root / "run_report" / "metrics.csv")["epoch"].tolist() == [1, 2]  # counted as in the log
+    assert (root / "run_report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _interrupt(args: list[str], cwd: Path, marker: str) -> subprocess.CompletedProcess:
+    """Start ``args``, send SIGINT once ``marker`` shows in its stderr, return what it printed."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    proc.wait(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, "", err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_train_says_how_to_resume(one_epoch):
+    root, _ = one_epoch
+    p = _interrupt(["-m", "hpa_kernel.train", "--config", "cfg.json", "--out", "run_int", "--epochs", "500"], root,
+                   "epoch 1/500")
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    hint = p.stderr.strip().splitlines()[-1]
+    want = f"--config {Path('run_int') / 'config.json'} --resume {Path('run_int') / 'last.pt'}"
+    assert hint.startswith("interrupted: resume from the last finished epoch with: python -m hpa_kernel.train ")
+    assert hint.endswith(want)
+    again = run(["-m", "hpa_kernel.train", *hint.split("hpa_kernel.train ", 1)[1].split(), "--epochs", "2"], root)
+    assert "resumed from" in again.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_submit_says_how_to_resume(one_epoch, tiny_manifest):
+    root, _ = one_epoch
+    run(["-m", "hpa_kernel.tools.synthetic", "--out", "many", "--images", "12", "--seed", "9002", "--sizes", "64"],
+        root)
+    args = ["-m", "hpa_kernel.submit", "--data-dir", "many", "--weights", str(tiny_manifest), "--out", "int.csv",
+            "--device", "cpu", "--no-progress", "--workers", "0"]
+    p = _interrupt(args, root, "Step 2 crops")
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == ("interrupted: the rows finished so far are kept in the journal(s) "
+                                                "beside --out (<out>.journal); run the same command again to resume")
+    run(args, root)
+    assert (root / "int.csv").is_file()
+
+
+@pytest.mark.slow
 def test_the_runs_config_json_loads_back_in_train_and_oof(one_epoch):
     root, _ = one_epoch
     p = run(["-m", "hpa_kernel.train", "--config", "run/config.json", "--out", "run2"], root)
@@ -117,6 +181,7 @@ def last_pt_weights(one_epoch) -> Path:
     return weights
 
 
+@pytest.mark.slow
 def test_submit_stops_at_start_up_when_no_classifier_is_usable(one_epoch, last_pt_weights):
     root, _ = one_epoch
     base = ["-m", "hpa_kernel.submit", "--data-dir", "test_data", "--weights", str(last_pt_weights / "manifest.json"),

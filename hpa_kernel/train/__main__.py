@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def resume_hint(cfg) -> str:
+    """The one line a Ctrl-C prints: how to go on from the last finished epoch."""
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    if not last.is_file():
+        return f"interrupted before the first epoch ended: nothing to resume in {out}; start the command again"
+    stage = " --set init_from=null" if cfg.init_from else ""  # the stage's weights are in last.pt now
+    return (f"interrupted: resume from the last finished epoch with: python -m hpa_kernel.train "
+            f"--config {out / 'config.json'} --resume {last}{stage}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -63,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, PretrainedError) as e:
         logging.getLogger("hpa_kernel.train").error("%s", e)
         return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(resume_hint(cfg), file=sys.stderr)
+        return 130
     if rank == 0:
         print(run_summary(cfg, history))
     return 0
