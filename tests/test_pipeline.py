@@ -59,11 +59,13 @@ def test_summary_reports_stage_times(full_run):
 def test_overlays_written(full_run, small_dataset):
     import cv2
 
+    from hpa_kernel.formats.overlay import LEGEND_WIDTH
+
     _, out = full_run
     pngs = sorted((out.parent / "ov").glob("*.png"))
     assert len(pngs) == len(pd.read_csv(small_dataset / "sample_submission.csv"))
     img = cv2.imread(str(pngs[0]))
-    assert img.shape == (512, 512, 3) and img.std() > 0
+    assert img.shape == (512, 512 + LEGEND_WIDTH, 3) and img.std() > 0  # the image, then the legend
 
 
 def test_metric_scores_the_output(full_run, small_dataset):
