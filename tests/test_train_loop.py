@@ -213,3 +213,30 @@ def test_build_wheel_refuses_the_training_state(one_epoch, last_pt_weights):
     assert "the kernel cannot load classifier" in p.stderr and "last.pt: not a Puzzle-CAM checkpoint" in p.stderr
     assert "use its best.pt or last_model.pt" in p.stderr
     assert not (root / "dist" / "kaggle_dataset").exists()
+
+
+def _not_a_csv(tmp: Path) -> Path:
+    bad = tmp / "bad.csv"
+    bad.write_bytes(b"\x00\x01\x02 not a table \xff")
+    return bad
+
+
+@pytest.mark.parametrize("module, args", [
+    ("hpa_kernel.train.folds", ["--csv", "{tmp}/none.csv"]),
+    ("hpa_kernel.train.sampler", ["--csv", "{bad}", "--out", "{tmp}/w.csv"]),
+    ("hpa_kernel.train.prepare", ["--csv", "{bad}", "--src", "{tmp}", "--out", "{tmp}/c"]),
+    ("hpa_kernel.train.cells", ["--index", "{bad}", "--truth", "{tmp}/nowhere"]),
+    ("hpa_kernel.train.fit_weights", ["--oof", "{tmp}/none.csv", "--manifest", "{bad}"]),
+    ("hpa_kernel.train.oof", ["--index-csv", "{bad}", "--checkpoint", "{tmp}/none.pt", "--fold", "0", "--out",
+                              "{tmp}/o.csv", "--device", "cpu"]),
+    ("hpa_kernel.train.__main__", ["--index-csv", "{bad}", "--set", "pretrained=false", "--out", "{tmp}/run"]),
+])
+def test_a_users_mistake_in_any_train_command_is_one_line(tmp_path, caplog, module, args):
+    """Issue 22 item 4: a missing or malformed input ends in exit 2 and one ERROR line, never a traceback."""
+    import importlib
+
+    bad = _not_a_csv(tmp_path)
+    argv = [a.format(tmp=tmp_path, bad=bad) for a in args]
+    assert importlib.import_module(module).main(argv) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, [r.getMessage() for r in errors]

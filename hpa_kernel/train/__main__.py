@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, PretrainedError) as e:
         logging.getLogger("hpa_kernel.train").error("%s", e)
         return 2
+    except (ValueError, OSError) as e:  # bad data (no training images, an unreadable index or last.pt ...)
+        logging.getLogger("hpa_kernel.train").debug("details", exc_info=True)
+        logging.getLogger("hpa_kernel.train").error("%s: %s (-v shows where)", type(e).__name__, e)
+        return 2
     except KeyboardInterrupt:
         if rank == 0:
             print(resume_hint(cfg), file=sys.stderr)
