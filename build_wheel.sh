@@ -59,6 +59,8 @@ Options:
   --weights DIR        weights folder copied into the dataset (default: <repo>/weights);
                        must hold manifest.json
   --no-weights-check   do not check the copied weights against the manifest's sizes/sha256
+                       nor test-load its classifiers with the kernel's loader (which needs
+                       torch and timm in the building Python)
   --dataset-id ID      Kaggle dataset id OWNER/SLUG (default USERNAME/hpa-kernel)
   --title TITLE        dataset title, 6-50 characters (default "hpa-kernel wheel and weights")
   --license NAME       dataset license name (default "other")
@@ -428,6 +430,40 @@ if [[ "$WEIGHTS_CHECK" == 1 ]]; then
             --allow-outside-paths --inside-only -q; then
         die "the weights in $WEIGHTS do not match manifest.json (run: python -m hpa_kernel.integrity --manifest $WEIGHTS/manifest.json --update; or --no-weights-check)"
     fi
+fi
+# Every classifier the dataset carries must load with the kernel's own loader: a file the
+# kernel would refuse (e.g. a training state last.pt) stops the build here, with its reason.
+if [[ "$WEIGHTS_CHECK" == 1 ]] && ! PYTHONPATH="$STAGE/src" "$PY" - "$DS/weights/manifest.json" <<'PYEOF'
+import sys
+from pathlib import Path
+
+try:
+    from hpa_kernel.config import ConfigError, load_config
+    from hpa_kernel.stages.model import CheckpointError, load_checkpoint
+except ImportError as e:
+    sys.exit(f"build_wheel.sh: error: cannot test-load the classifiers with {sys.executable} ({e}): "
+             "build with a Python that has torch and timm (PYTHON=...), or --no-weights-check")
+try:
+    config = load_config(sys.argv[1], allow_outside=True)
+except ConfigError as e:
+    sys.exit(f"build_wheel.sh: error: {e}")
+bad = 0
+for c in config.classifiers:
+    if not Path(c.path).is_file() and not Path(c.path).is_relative_to(Path(sys.argv[1]).parent):
+        print(f"build_wheel.sh: classifier {c.path}: not here (outside the dataset), not test-loaded", file=sys.stderr)
+        continue
+    try:
+        _, meta = load_checkpoint(c.path)
+    except CheckpointError as e:
+        print(f"build_wheel.sh: error: the kernel cannot load classifier {e}", file=sys.stderr)
+        bad += 1
+        continue
+    print(f"build_wheel.sh: classifier {Path(c.path).name}: loads ({meta['backbone']}, "
+          f"{meta['image_size']} px, crops {meta['crop_size']} px)", file=sys.stderr)
+sys.exit(1 if bad else 0)
+PYEOF
+then
+    die "a classifier of $WEIGHTS/manifest.json cannot be loaded by the kernel (reason above; a run's last.pt is a training state: use its best.pt or last_model.pt)"
 fi
 "$PY" - "$DS/dataset-metadata.json" "$TITLE" "$DATASET_ID" "$LICENSE" <<'PYEOF'
 import json, sys

@@ -30,7 +30,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["albumentations>=2.0", "iterative-stratification", "pyyaml"],
+        "train": ["albumentations>=2.0", "iterative-stratification", "pyyaml", "matplotlib"],
         "test": ["pytest", "pyarrow", "albumentations>=2.0", "iterative-stratification", "pyyaml"],
     },
     entry_points={

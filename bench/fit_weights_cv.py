@@ -17,14 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hpa_kernel.train.fit_weights import class_ap, fit_step_weights, match_oof
+from hpa_kernel.train.fit_weights import fit_step_weights, match_oof
 from hpa_kernel.train.oof import read_table
 
 
 def _map(m, w1: np.ndarray) -> float:
-    classes = np.flatnonzero(m.n_gt > 0)
-    return float(np.mean([class_ap(w1[c] * m.s1[:, c] + (1 - w1[c]) * m.s2[:, c], m.present[:, c], m.gt_key[:, c],
-                                   m.n_gt[c]) for c in classes]))
+    return float(m.class_aps(w1, m.classes()).mean())
 
 
 def main() -> None:

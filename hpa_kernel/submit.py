@@ -22,7 +22,7 @@ segmentation weights (listed in the summary), rows cut by the time budget, or th
 not validate; 2 nothing could be run (bad arguments or values, device, manifest, data
 folder, an ``--out`` that cannot be written or that another run holds, a
 ``--save-overlays`` folder that cannot be written, a ``--save-cells`` export of other
-settings), checked before any image is read.
+settings, not one usable classifier), checked before any image is read.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,19 @@ def merge_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; Ctrl-C ends it with one line saying how to resume (exit 130)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        from hpa_kernel.run.parallel import PARENT_ENV
+
+        if not os.environ.get(PARENT_ENV):  # a --parallel shard leaves the word to its parent
+            print("interrupted: the rows finished so far are kept in the journal(s) beside --out "
+                  "(<out>.journal); run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])

@@ -152,15 +152,125 @@ def test_missing_column_is_one_clear_error(tmp_path: Path, caplog: pytest.LogCap
     assert "lacks column(s) step2_3" in caplog.text and not (tmp_path / "o.json").exists()
 
 
-def test_without_truth_each_cell_is_scored_against_its_image_labels(tmp_path: Path) -> None:
-    """Real training data has image labels only: every cell counts as showing them."""
-    _, table = _known_case(tmp_path)
-    table["Label"] = "0|1"
-    m = match_oof(table)
-    assert m.present[:, :2].all() and not m.present[:, 2:].any()
-    assert m.n_gt[0] == m.n_gt[1] == len(table)
-    # every detection of a present class is a true positive: AP is the recall reached
-    assert class_ap(m.s1[:, 0], m.present[:, 0], m.gt_key[:, 0], m.n_gt[0]) == pytest.approx(1.0)
+def _image_label_case() -> pd.DataFrame:
+    """Four images with image labels only (0, 1, 0, 1), two cells each: Step 1 ranks the
+    images right for both classes, Step 2 wrong; true ensembled scores pass the false
+    ones only for w1 > 0.5."""
+    rows, labels = [], {"a": "0", "b": "1", "c": "0", "d": "1"}
+    h = SIDE // 2
+    for iid, label in labels.items():
+        for cid, box in ((1, (0, 0, h, h)), (2, (h, h, SIDE, SIDE))):
+            s1, s2 = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
+            for c in (0, 1):
+                right = str(c) == label
+                s1[c], s2[c] = (0.9, 0.2) if right else (0.3, 0.8)
+            rows.append({"ID": iid, "cell_id": cid, "box": box, "s1": s1 - 0.01 * cid, "s2": s2 - 0.01 * cid})
+    table = _oof(rows)
+    table["Label"] = table["ID"].map(labels)
+    return table
+
+
+@pytest.mark.parametrize("objective", ["images", "single-label-cells"])
+def test_image_labels_only_fit_what_ranks_the_images_right(objective: str) -> None:
+    """Real training data has image labels only: the fit must still tell a step that ranks
+    the images right from one that ranks them wrong (it used to score 1.0 at every weight)."""
+    m = match_oof(_image_label_case(), objective=objective)
+    fit = fit_step_weights(m, grid=21)
+    assert not fit["flat"] and fit["step1"] > 0.5
+    assert fit["mAP"] == pytest.approx(1.0) and fit["mAP"] > fit["mAP_default"]
+    assert list(m.classes()) == [0, 1]
+
+
+def test_the_image_objective_is_the_metrics_ap_of_each_images_best_cell() -> None:
+    from hpa_kernel.tools.metric import average_precision
+
+    table = _image_label_case()
+    m = match_oof(table, objective="images")
+    for w1 in (0.0, 0.3, 0.8):
+        ens = w1 * table[[f"step1_{c}" for c in range(NUM_CLASSES)]].to_numpy() + (1 - w1) * table[
+            [f"step2_{c}" for c in range(NUM_CLASSES)]].to_numpy()
+        best = pd.DataFrame(ens).groupby(table["ID"].to_numpy()).max().to_numpy()  # images in sorted ID order
+        truth = np.array([[lab == str(c) for c in range(NUM_CLASSES)] for lab in ["0", "1", "0", "1"]])
+        want = [average_precision(best[:, c], truth[:, c], int(truth[:, c].sum())) for c in (0, 1)]
+        assert m.class_aps(w1, np.array([0, 1])) == pytest.approx(want, abs=1e-12)
+
+
+def _manifest(tmp_path: Path) -> Path:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"classifiers": [{"path": "m.pt"}], "step_weights": {"step1": 0.5, "step2": 0.5}}))
+    return manifest
+
+
+def test_a_flat_objective_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    table = _image_label_case()
+    for c in range(NUM_CLASSES):
+        table[f"step2_{c}"] = table[f"step1_{c}"]  # both steps the same: every weight ranks alike
+    table.to_csv(tmp_path / "oof.csv", index=False)
+    manifest = _manifest(tmp_path)
+    before = manifest.read_bytes()
+    assert main(["--oof", str(tmp_path / "oof.csv"), "--manifest", str(manifest)]) == 0
+    assert manifest.read_bytes() == before and not (tmp_path / "manifest.fit.json").exists()
+    assert "nothing fitted: the objective is flat" in capsys.readouterr().out
+    assert "the objective is flat" in caplog.text
+
+
+def test_a_wrong_size_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    truth, table = _known_case(tmp_path)
+    table.to_csv(tmp_path / "oof.csv", index=False)
+    manifest = _manifest(tmp_path)
+    before = manifest.read_bytes()
+    for size, needle in ((SIDE // 2, f"reach {SIDE} px"), (SIDE * 4, f"reach only {SIDE} px")):
+        assert main(["--oof", str(tmp_path / "oof.csv"), "--truth", str(truth), "--manifest", str(manifest),
+                     "--size", str(size)]) == 2
+        assert f"--size {size}: the OOF table's boxes {needle}" in caplog.text
+    assert manifest.read_bytes() == before
+
+
+@pytest.mark.parametrize("spoil, needle", [
+    ("nan", "all NaN or infinite"),
+    ("some nan", "1 of 8 OOF cells have NaN"),
+    ("one class", "truth for class(es) 0 (Nucleoplasm) only"),
+    ("empty", "has no cells"),
+])
+def test_tables_that_cannot_be_fitted_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture, spoil: str,
+                                                  needle: str) -> None:
+    table = _image_label_case()
+    cols = [c for c in table.columns if c.startswith("step")]
+    if spoil == "nan":
+        table[cols] = np.nan
+    elif spoil == "some nan":
+        table.loc[3, "step2_4"] = np.nan
+    elif spoil == "one class":
+        table["Label"] = "0"
+    else:
+        table = table.iloc[:0]
+    table.to_csv(tmp_path / "oof.csv", index=False)
+    manifest = _manifest(tmp_path)
+    before = manifest.read_bytes()
+    assert main(["--oof", str(tmp_path / "oof.csv"), "--manifest", str(manifest)]) == 2
+    assert needle in caplog.text and "mAP 0.0000" not in caplog.text
+    assert manifest.read_bytes() == before
+
+
+def test_the_manifest_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that dies before its write is complete (here: the final rename fails) leaves
+    the old manifest whole, never a truncated one."""
+    import os
+
+    _image_label_case().to_csv(tmp_path / "oof.csv", index=False)
+    manifest = _manifest(tmp_path)
+    before = manifest.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", crash)
+    assert main(["--oof", str(tmp_path / "oof.csv"), "--manifest", str(manifest)]) == 2
+    assert manifest.read_bytes() == before
+    monkeypatch.undo()
+    assert main(["--oof", str(tmp_path / "oof.csv"), "--manifest", str(manifest)]) == 0
+    assert json.loads(manifest.read_text())["step_weights"]["step1"] > 0.5
 
 
 def test_the_written_manifest_loads_with_the_fitted_weights(tmp_path: Path) -> None:

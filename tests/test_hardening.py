@@ -491,11 +491,11 @@ def test_a_classifier_that_pickles_code_is_refused_naming_the_global(tmp_path, c
     import torch
 
     torch.save({"state_dict": {}, "meta": {"x": Evil()}}, tmp_path / "w" / "model.pt", pickle_module=pickle)
-    rc, stdout, _ = _run(capsys, "--data-dir", small_dataset, "--weights", manifest, "--out", tmp_path / "s.csv",
+    rc, _, stderr = _run(capsys, "--data-dir", small_dataset, "--weights", manifest, "--out", tmp_path / "s.csv",
                          "--no-progress", "-q", "--no-verify")
-    assert rc == 1
-    line = next(ln for ln in stdout.splitlines() if "model.pt" in ln and "refused" in ln)
-    assert "system" in line  # posix.system / os.system, whatever this torch calls it
+    assert rc == 2  # the only classifier: nothing can run (issue 22), and the error line says why
+    line = next(ln for ln in stderr.splitlines() if "model.pt" in ln and "refused" in ln)
+    assert line.startswith("error: no usable classifier") and "system" in line  # posix.system / os.system
     assert not (tmp_path / "pwned").exists()
 
 

@@ -100,12 +100,21 @@ def run_build(*args: str, env: dict[str, str] | None = None, script: Path = BUIL
     )
 
 
-def make_weights(folder: Path, data: bytes = b"not really a checkpoint") -> Path:
-    """A weights folder with a manifest naming one classifier, sizes and sha256 recorded."""
+def make_weights(folder: Path, data: bytes | None = None) -> Path:
+    """A weights folder with a manifest naming one classifier (default: a tiny real
+    checkpoint, the build test-loads it), sizes and sha256 recorded."""
     from hpa_kernel.integrity import update_manifest
 
     (folder / "demo").mkdir(parents=True)
-    (folder / "demo" / "model.pt").write_bytes(data)
+    if data is None:
+        import torch
+
+        from hpa_kernel.stages.model import PuzzleCAM, save_checkpoint
+
+        torch.manual_seed(0)
+        save_checkpoint(PuzzleCAM("test_resnet"), folder / "demo" / "model.pt", image_size=64, crop_size=32)
+    else:
+        (folder / "demo" / "model.pt").write_bytes(data)
     (folder / "manifest.json").write_text(
         json.dumps({"segmentation": {"method": "classic"}, "classifiers": [{"path": "demo/model.pt"}]})
     )
@@ -290,6 +299,16 @@ def test_build_refuses_weights_without_manifest_or_with_mismatch(tmp_path: Path)
     assert r.returncode != 0 and "model.pt" in r.stdout and "do not match" in r.stdout
     assert not (tmp_path / "dist" / "kaggle_dataset").exists()
     assert not [p for p in (tmp_path / "dist").iterdir()], "staging folder left behind"
+
+
+def test_build_refuses_a_classifier_the_kernel_cannot_load(tmp_path: Path) -> None:
+    """A file that passes the size/sha256 check but that the kernel's loader refuses (here
+    random bytes recorded by --update) stops the build with the loader's reason."""
+    weights = make_weights(tmp_path / "weights", data=b"not really a checkpoint")
+    r = run_build("--no-wheelhouse", "--weights", str(weights), "--out", str(tmp_path / "dist"))
+    assert r.returncode != 0 and "the kernel cannot load classifier" in r.stdout, r.stdout
+    assert "model.pt" in r.stdout and "cannot be loaded by the kernel" in r.stdout, r.stdout
+    assert not (tmp_path / "dist" / "kaggle_dataset").exists()
 
 
 def test_build_is_reproducible_and_removes_stale_files(tmp_path: Path) -> None:
@@ -629,7 +648,7 @@ def test_build_with_old_setuptools_builds_in_isolation(tmp_path: Path, old_setup
     pyv = f"{sys.version_info[0]}.{sys.version_info[1]}"
     dist = tmp_path / "dist"
     r = run_build("--python", pyv, "--out", str(dist), "--weights", str(make_weights(tmp_path / "w")),
-                  env=index_env(PYTHON=old_setuptools_python))  # fmt: skip
+                  "--no-weights-check", env=index_env(PYTHON=old_setuptools_python))  # no torch to test-load with
     assert r.returncode == 0, r.stdout[-4000:]
     assert "builds in an isolated environment" in r.stdout
     names = set(zipfile.ZipFile(dist / WHEEL).namelist())

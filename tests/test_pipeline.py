@@ -59,11 +59,13 @@ def test_summary_reports_stage_times(full_run):
 def test_overlays_written(full_run, small_dataset):
     import cv2
 
+    from hpa_kernel.formats.overlay import LEGEND_WIDTH
+
     _, out = full_run
     pngs = sorted((out.parent / "ov").glob("*.png"))
     assert len(pngs) == len(pd.read_csv(small_dataset / "sample_submission.csv"))
     img = cv2.imread(str(pngs[0]))
-    assert img.shape == (512, 512, 3) and img.std() > 0
+    assert img.shape == (512, 512 + LEGEND_WIDTH, 3) and img.std() > 0  # the image, then the legend
 
 
 def test_metric_scores_the_output(full_run, small_dataset):
@@ -114,19 +116,42 @@ def test_budget_degrades_in_order():
     assert b.level(0, remaining=3, now=99.0) == LEVEL_EMPTY  # past the margin
 
 
-def test_bad_classifier_file_still_writes_every_row(small_dataset, tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint at all")
-    manifest = write_manifest(tmp_path / "w", bad)
+def test_bad_classifier_file_still_writes_every_row(small_dataset, tiny_checkpoint, tmp_path):
+    """A bad classifier beside a good one: skipped, every row written, exit 1."""
+    import json
+
+    manifest = write_manifest(tmp_path / "w", tiny_checkpoint)
+    (tmp_path / "w" / "bad.pt").write_bytes(b"not a checkpoint at all")
+    raw = json.loads(manifest.read_text())
+    raw["classifiers"].append({"path": "bad.pt", "weight": 1.0})
+    manifest.write_text(json.dumps(raw))
     out = tmp_path / "sub.csv"
     summary = run(load_config(manifest), _opts(small_dataset, out))
-    assert any("skipped" in w for w in summary.warnings)
-    assert summary.n_failed == 0 and not summary.ok  # every image went through, without its model
+    assert any("bad.pt skipped" in w for w in summary.warnings)
+    assert summary.n_failed == 0 and not summary.ok  # every image went through, without that model
     assert validate_submission(out, small_dataset / "sample_submission.csv") == []
     assert len(pd.read_csv(out)) == len(pd.read_csv(small_dataset / "sample_submission.csv"))
     # the CLI says so in its exit status: the file is complete, not what was asked for
     assert main(["--data-dir", str(small_dataset), "--weights", str(manifest), "--out", str(out),
                  "--device", "cpu", "--no-resume", "-q"]) == 1
+
+
+def test_no_usable_classifier_stops_before_any_image(small_dataset, tmp_path, capsys):
+    """Only a bad classifier: every row would be empty, so nothing is run and no file is written (exit 2)."""
+    from hpa_kernel.run.pipeline import NoUsableClassifier
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    manifest = write_manifest(tmp_path / "w", bad)
+    out = tmp_path / "sub.csv"
+    with pytest.raises(NoUsableClassifier, match="model.pt"):
+        run(load_config(manifest), _opts(small_dataset, out))
+    assert not out.exists() and not list(tmp_path.glob("sub.csv*"))
+    assert main(["--data-dir", str(small_dataset), "--weights", str(manifest), "--out", str(out),
+                 "--device", "cpu", "--no-resume", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no usable classifier, nothing was run: classifier ") and "model.pt" in err[-1]
+    assert not out.exists()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

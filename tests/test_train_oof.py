@@ -72,8 +72,7 @@ def test_cli_csv_and_parquet(setup, tmp_path, capsys):
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="pyarrow"):
-            main(args + ["--out", str(tmp_path / "oof.parquet")])
+        assert main(args + ["--out", str(tmp_path / "oof.parquet")]) == 2  # one line naming pyarrow
     else:
         assert main(args + ["--out", str(tmp_path / "oof.parquet")]) == 0
         assert len(pd.read_parquet(tmp_path / "oof.parquet")) == len(t)

@@ -135,3 +135,73 @@ def test_folds_need_iterative_stratification_before_caching(two_sources, tmp_pat
     s = prepare_cache(root / "a" / "train.csv", [root / "a" / "train"], tmp_path / "c", size=32, workers=1,
                       n_folds=0, progress=False)  # no folds asked: no need for it
     assert s.written == 6
+
+
+# ------------------------------------------------------------------ issue 23 item 15
+
+
+def _cli(root, csv, out, *extra):
+    return main(["--csv", str(csv), "--src", str(root / "a" / "train"), "--src", str(root / "b"), "--out", str(out),
+                 "--size", "64", "--workers", "1", "--folds", "0", *extra])
+
+
+def test_an_unsafe_id_is_skipped_and_nothing_outside_the_cache_is_indexed(two_sources, tmp_path, caplog):
+    """``../../../x`` whose ``.npy`` exists outside the cache was indexed as a reused image."""
+    root, df = two_sources
+    out = tmp_path / "deep" / "er" / "cache"
+    outside = out / "images" / ".." / ".." / ".." / "x.npy"
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    np.save(outside, np.zeros((64, 64, 4), np.uint8))
+    csv = tmp_path / "train.csv"
+    pd.concat([df, pd.DataFrame({"ID": ["../../../x", "/abs/y"], "Label": ["0", "1"]})]).to_csv(csv, index=False)
+    assert _cli(root, csv, out) == 0
+    index = pd.read_csv(out / "index.csv")
+    assert sorted(index["ID"]) == sorted(df["ID"]) and index["path"].str.startswith("images/").all()
+    assert "ID '../../../x' is not a safe file name" in caplog.text and "ID '/abs/y'" in caplog.text
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.npy" for i in df["ID"])
+
+
+def test_duplicate_ids_with_different_labels_are_refused(two_sources, tmp_path, caplog):
+    root, df = two_sources
+    csv = tmp_path / "train.csv"
+    first = df["ID"][0]
+    pd.concat([df, pd.DataFrame({"ID": [first], "Label": ["18"]})]).to_csv(csv, index=False)
+    assert _cli(root, csv, tmp_path / "c") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"ID '{first}' is listed with different labels" in errors[0]
+    assert f"lines 2, {len(df) + 2}" in errors[0] and not (tmp_path / "c").exists()
+
+
+def test_duplicate_rows_of_one_image_land_in_one_fold(two_sources, tmp_path, caplog):
+    root, df = two_sources
+    csv = tmp_path / "train.csv"
+    pd.concat([df, df.iloc[:2]]).to_csv(csv, index=False)
+    s = prepare_cache(csv, [root / "a" / "train", root / "b"], tmp_path / "c", size=64, workers=1, n_folds=2,
+                      progress=False)
+    index = pd.read_csv(s.index_path)
+    assert len(index) == len(df) and not index["ID"].duplicated().any()
+    assert "2 duplicate row(s) of the same ID and label, first kept" in caplog.text
+
+
+def test_an_empty_label_names_its_own_row(two_sources, tmp_path, caplog):
+    """It used to blame the first row (``Label '0.0'``): pandas read the column as floats."""
+    root, df = two_sources
+    rows = pd.DataFrame({"ID": list(df["ID"][:4]), "Label": ["0", "1", "", "2"]})
+    csv = tmp_path / "train.csv"
+    rows.to_csv(csv, index=False)
+    assert _cli(root, csv, tmp_path / "c") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"row 2 (line 4, ID '{df['ID'][2]}'): empty Label" in errors[0]
+    assert "0.0" not in errors[0]
+
+
+def test_max_pixels_caps_what_prepare_decodes(two_sources, tmp_path, caplog):
+    """As submit's --max-pixels: over the cap, the header is read and the image skipped, never decoded."""
+    root, df = two_sources
+    csv = tmp_path / "train.csv"
+    df.to_csv(csv, index=False)
+    assert _cli(root, csv, tmp_path / "c", "--max-pixels", "8000") == 0  # 96x96 = 9216 > 8000 >= 80x80
+    index = pd.read_csv(tmp_path / "c" / "index.csv")
+    assert set(index["width"]) == {80} and 0 < len(index) < len(df)
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert len(skipped) == len(df) - len(index) and all("96x96" in m and "cap of 8,000" in m for m in skipped), skipped

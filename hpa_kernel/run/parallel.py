@@ -351,6 +351,10 @@ def _run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, 
             if text:
                 print(f"== shard {s.index}/{s.count} ({s.device})\n{text}")
             s.stdout.unlink()
+    if all(s.rc == 2 for s in shards):  # e.g. no usable classifier: an all-empty file would score zero
+        print("error: every shard process stopped before any image (exit 2, reasons above): nothing was run",
+              file=sys.stderr)
+        return 2
     wanted = set().union(*(s.ids for s in shards))
     sizes = sample.sizes if sample else {}
     join_parts(result, [i for i in ids if i in wanted], out, lambda i: fallback_size(data_dir / TEST_DIR, i, sizes))

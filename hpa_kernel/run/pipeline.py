@@ -55,7 +55,13 @@ from hpa_kernel.stages.predictor import Predictor, ScoreDetail
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "predict_row", "CellsExport", "OverlayExport", "cells_folder", "cells_fingerprint", "check_start"]
+__all__ = ["run", "predict_row", "CellsExport", "OverlayExport", "NoUsableClassifier", "cells_folder",
+           "cells_fingerprint", "check_start"]
+
+
+class NoUsableClassifier(RuntimeError):
+    """Not one classifier of the manifest could be loaded: the run stops before any image
+    (``submit`` exits 2) instead of writing a file of empty rows."""
 
 
 def cells_folder(save_cells: Path, shard: tuple[int, int] | None) -> Path:
@@ -207,8 +213,9 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
     with timer("load_weights"):
         predictor = Predictor.from_config(config, device, fp16, tta=opts.tta, batch_size=opts.batch_size)
     warnings += predictor.problems
-    if not predictor.members:
-        warnings.append("no usable classifier: every image gets an empty prediction")
+    if not predictor.members:  # every row would be empty: a failed run, not a zero score
+        raise NoUsableClassifier("no usable classifier, nothing was run: " + "; ".join(
+            predictor.problems or ["the manifest names none"]))
 
     cells = _open_cells(config, opts, [m.name for m in predictor.members], warnings)
     todo = _todo(ids, journal, cells)

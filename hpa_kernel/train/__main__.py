@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def resume_hint(cfg) -> str:
+    """The one line a Ctrl-C prints: how to go on from the last finished epoch."""
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    if not last.is_file():
+        return f"interrupted before the first epoch ended: nothing to resume in {out}; start the command again"
+    stage = " --set init_from=null" if cfg.init_from else ""  # the stage's weights are in last.pt now
+    return (f"interrupted: resume from the last finished epoch with: python -m hpa_kernel.train "
+            f"--config {out / 'config.json'} --resume {last}{stage}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -55,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainConfigError as e:
         logging.getLogger("hpa_kernel.train").error("%s", e)
         return 2
-    from hpa_kernel.train.engine import train
+    from hpa_kernel.train.engine import run_summary, train
     from hpa_kernel.train.pretrained import PretrainedError
 
     try:
@@ -63,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, PretrainedError) as e:
         logging.getLogger("hpa_kernel.train").error("%s", e)
         return 2
-    if rank == 0 and history:
-        best = [h for h in history if h.best][-1:] or history[-1:]
-        print(f"done: {len(history)} epoch(s) in {cfg.out}; best: {best[0].line(cfg.epochs)}")
+    except (ValueError, OSError) as e:  # bad data (no training images, an unreadable index or last.pt ...)
+        logging.getLogger("hpa_kernel.train").debug("details", exc_info=True)
+        logging.getLogger("hpa_kernel.train").error("%s: %s (-v shows where)", type(e).__name__, e)
+        return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(resume_hint(cfg), file=sys.stderr)
+        return 130
+    if rank == 0:
+        print(run_summary(cfg, history))
     return 0
 
 

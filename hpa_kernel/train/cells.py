@@ -222,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         opts = SegmentOptions(args.nuclei, args.cell, device, max(1, args.workers), max(1, args.batch_size),
                               args.fp16)
-    table = build_cell_table(args.index, args.truth, opts, args.max_per_image, args.min_area)
+    try:
+        table = build_cell_table(args.index, args.truth, opts, args.max_per_image, args.min_area)
+    except (ValueError, OSError) as e:  # a bad truth folder, an unreadable index: one line, no traceback
+        logger.error("%s", e)
+        return 2
     print(f"{len(table)} cells -> {args.index.parent / 'cells.csv'}")
     return 0
 

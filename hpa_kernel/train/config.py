@@ -16,7 +16,8 @@ relative to the current directory, the way the command line would take them.
 ``augment`` is the string ``"none"`` (no augmentation) or a mapping of group name ->
 ``{"p": ..., "transforms": {...}}``; a group given replaces the recipe group's ``p``
 and/or its whole ``transforms`` mapping, groups not given keep the recipe's, a new name
-adds a group (after the recipe's) and ``null`` removes one. Each transform entry is
+adds a group (after the recipe's) and ``null`` removes one. ``{"groups": {...}}`` (what a
+run's ``config.json`` holds) is the complete list instead: exactly those groups, in order. Each transform entry is
 ``LABEL: {"weight": w, "transform": ALBUMENTATIONS_CLASS (default LABEL), **kwargs}``;
 see :mod:`hpa_kernel.train.augment` for how a group is applied and for the
 albumentations 1.x -> 2.x mapping of the reference's transforms.
@@ -102,7 +103,10 @@ class AugmentConfig:
 
     @classmethod
     def from_raw(cls, raw: Any) -> "AugmentConfig":
-        """``"none"``, ``None`` / ``{}`` (the recipe) or a mapping of group overrides."""
+        """``"none"``, ``None`` / ``{}`` (the recipe), a mapping of group overrides, or
+        ``{"groups": {...}}``: the complete list of groups, in order, as :meth:`TrainConfig.to_dict`
+        writes it (the run's ``config.json`` loads back as it was written); other keys beside
+        ``groups`` (``--set augment.noise.p=0.3``) then override those groups, not the recipe's."""
         if raw == "none":
             return cls(groups={})
         if raw is None:
@@ -111,7 +115,8 @@ class AugmentConfig:
             return raw
         if not isinstance(raw, dict):
             raise TrainConfigError(f"augment: expected a mapping of groups or 'none', got {raw!r}")
-        groups = _recipe_groups()
+        raw = dict(raw)
+        groups = cls._complete(raw.pop("groups")).groups if "groups" in raw else _recipe_groups()
         for name, spec in raw.items():
             where = f"augment.{name}"
             if spec is None:
@@ -131,6 +136,19 @@ class AugmentConfig:
             p = spec.get("p", base.p if base else None)
             transforms = spec.get("transforms", base.transforms if base else None)
             groups[name] = AugmentGroup(p, copy.deepcopy(transforms))
+        return cls(groups=groups)
+
+    @classmethod
+    def _complete(cls, raw: Any) -> "AugmentConfig":
+        """``augment.groups``: every group spelt out (nothing taken from the recipe)."""
+        if not isinstance(raw, dict):
+            raise TrainConfigError(f"augment.groups: expected a mapping of group name -> {{p, transforms}}, got {raw!r}")
+        groups = {}
+        for name, spec in raw.items():
+            where = f"augment.groups.{name}"
+            if not isinstance(spec, dict) or set(spec) != {"p", "transforms"}:
+                raise TrainConfigError(f"{where}: expected exactly {{'p': ..., 'transforms': {{...}}}}, got {spec!r}")
+            groups[name] = AugmentGroup(spec["p"], copy.deepcopy(spec["transforms"]))
         return cls(groups=groups)
 
     def validate(self) -> "AugmentConfig":

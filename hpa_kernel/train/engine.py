@@ -14,10 +14,17 @@
 - ``OUT/best.pt``: the model with the best validation ComboLoss from epoch
   ``best_from_epoch`` on, written with :func:`hpa_kernel.stages.model.save_checkpoint` and the
   metadata the kernel's loader needs.
+- ``OUT/last_model.pt``: the latest epoch's model, written every epoch like ``best.pt``
+  (a kernel checkpoint), so even a run too short for a ``best.pt`` leaves one the kernel loads.
 - ``OUT/last.pt``: model + optimizer + scheduler + scaler + history, for ``resume``
-  (the same stage); ``init_from`` starts a new stage from any earlier checkpoint's weights.
-- ``OUT/metrics.csv``: one row per epoch (losses, lr, F1 macro at 0.5, mAP macro, skipped);
-  ``OUT/config.json``: the resolved config.
+  (the same stage; the kernel refuses it); ``init_from`` starts a new stage from any
+  earlier checkpoint's weights.
+- ``OUT/metrics.csv``: one row per epoch, counted from 1 as in the log (losses, lr, F1 macro
+  at 0.5, mAP macro, skipped), and ``OUT/training.png`` beside it (loss, F1, mAP per epoch;
+  needs matplotlib); ``OUT/config.json``: the resolved config, which ``--config`` loads back.
+- Each epoch's log line ends with the ETA of the whole run; at the end the per-class AP
+  of the validation fold (image level) of the model for a manifest (``best.pt``'s epoch,
+  else the last) is logged and written to ``OUT/val_class_ap.csv``.
 - DDP under ``torchrun`` (``WORLD_SIZE > 1``): ``batch_size`` is per rank (global batch =
   ``batch_size x world size``), weighted sampling split between ranks, validation sharded
   and gathered, only rank 0 writes. The lr is not scaled for you: the recipe's 3e-4 is for
@@ -69,12 +76,16 @@ from hpa_kernel.train.losses import ComboLoss
 from hpa_kernel.train.metrics import macro_f1, macro_map
 from hpa_kernel.train.pretrained import build_model, load_stage_weights
 from hpa_kernel.train.puzzle import PuzzleSiamese
+from hpa_kernel.train.report import CLASS_AP_NAME, PLOT_NAME, class_ap_table, eta_text, format_class_ap, plot_history
 from hpa_kernel.train.sampler import DistributedWeightedSampler, image_weights
 
-__all__ = ["EpochStats", "Trainer", "default_workers", "train"]
+__all__ = ["EpochStats", "Trainer", "default_workers", "run_summary", "train"]
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss", "bce", "bce_re", "l1")
+BEST_NAME = "best.pt"  # kernel checkpoint: the best validation ComboLoss from best_from_epoch on
+LAST_MODEL_NAME = "last_model.pt"  # kernel checkpoint: the latest epoch's weights
+LAST_STATE_NAME = "last.pt"  # training state for --resume (not a kernel checkpoint)
 
 
 @dataclass
@@ -180,6 +191,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.history: list[EpochStats] = []
+        self._val_best = self._val_last = self._val_preds = None  # (epoch, probs, targets) of the val fold
         self.best_loss = math.inf
         self.start_epoch = 0
         self.workers = cfg.workers if cfg.workers is not None else default_workers(self.info.world_size)
@@ -351,6 +363,7 @@ class Trainer:
         out = {k: totals[i] / max(totals[-1], 1) for i, k in enumerate(LOSS_PARTS)}
         out["f1"] = macro_f1(p, t, 0.5)
         out["map"] = macro_map(p, t)
+        self._val_preds = (p, t)
         if self.val_cell_loader is not None:
             p, t = self._predict(self.val_cell_loader, "val cells")
             out["cell_f1"] = macro_f1(p, t, 0.5)
@@ -406,15 +419,18 @@ class Trainer:
             logger.info("resumed from %s at epoch %d (best loss %.4f)", path, self.start_epoch + 1, self.best_loss)
 
     def save_last(self, epoch: int) -> None:
-        tmp = self.out / "last.pt.tmp"
+        tmp = self.out / (LAST_STATE_NAME + ".tmp")
         torch.save(self.state_dict(epoch), tmp)
-        tmp.replace(self.out / "last.pt")
+        tmp.replace(self.out / LAST_STATE_NAME)
 
     def save_best(self, stats: EpochStats) -> Path:
         """``best.pt`` through :func:`hpa_kernel.stages.model.save_checkpoint` (fp16 weights if ``save_fp16``)."""
+        return self.save_model(stats, self.out / BEST_NAME)
+
+    def save_model(self, stats: EpochStats, path: Path) -> Path:
+        """A kernel checkpoint of the current weights (:func:`hpa_kernel.stages.model.save_checkpoint`)."""
         from hpa_kernel.stages.model import save_checkpoint
 
-        path = self.out / "best.pt"
         extra = {
             "epoch": stats.epoch + 1,
             "val_loss": stats.val_loss,
@@ -426,11 +442,27 @@ class Trainer:
             "trained_from": self.source,
             "train_crop": self.cfg.train_crop,
         }
-        save_checkpoint(self.model, path, half=self.cfg.save_fp16, **self.meta, **extra)
-        return path
+        return save_checkpoint(self.model, path, half=self.cfg.save_fp16, **self.meta, **extra)  # atomic
 
     def _write_metrics(self) -> None:
-        pd.DataFrame([asdict(h) for h in self.history]).to_csv(self.out / "metrics.csv", index=False)
+        """``metrics.csv`` (epochs counted from 1, as the log) and ``training.png`` beside it."""
+        table = pd.DataFrame([asdict(h) for h in self.history])
+        table["epoch"] += 1
+        table.to_csv(self.out / "metrics.csv", index=False)
+        plot_history(table, self.out / PLOT_NAME)
+
+    def _report_class_ap(self) -> None:
+        """Per-class image-level AP of the validation fold, for the model a manifest should
+        name (best.pt's epoch, else the last), in the log and in ``val_class_ap.csv``."""
+        val = self._val_best or self._val_last
+        if val is None:
+            return
+        epoch, probs, targets = val
+        table = class_ap_table(probs, targets, epoch + 1)
+        table.to_csv(self.out / CLASS_AP_NAME, index=False, float_format="%.6g")
+        which = "best.pt" if val is self._val_best else "the last epoch"
+        logger.info("validation fold, image level, per-class AP of %s (epoch %d) -> %s\n%s", which, epoch + 1,
+                    self.out / CLASS_AP_NAME, format_class_ap(table))
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[EpochStats]:
@@ -440,6 +472,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         t_start = time.perf_counter()
+        self._val_best = self._val_last = self._val_preds = None
         for epoch in range(self.start_epoch, cfg.epochs):
             if self._out_of_time(t_start, epoch):
                 break
@@ -461,12 +494,19 @@ class Trainer:
                 self.best_loss = monitor
             stats.seconds = float(time.perf_counter() - t0)
             self.history.append(stats)
+            if self._val_preds is not None:
+                self._val_last = (epoch, *self._val_preds)
+                self._val_best = self._val_last if stats.best else self._val_best
             if self.info.is_main:
                 if stats.best:
                     self.save_best(stats)
+                self.save_model(stats, self.out / LAST_MODEL_NAME)
                 self.save_last(epoch)
                 self._write_metrics()
-                logger.info("%s", stats.line(cfg.epochs))
+                session = [h.seconds for h in self.history[-(epoch + 1 - self.start_epoch):]]
+                logger.info("%s | %s", stats.line(cfg.epochs), eta_text(session, cfg.epochs - epoch - 1))
+        if self.info.is_main:
+            self._report_class_ap()
         if self.info.is_main and not any(h.best for h in self.history):
             logger.warning("no best.pt written: best is kept from epoch %d on and the run stopped before it",
                            cfg.best_from_epoch)
@@ -506,6 +546,29 @@ def _seed_worker(worker_id: int) -> None:
     augment = getattr(ds, "augment", None)
     if augment is not None and hasattr(augment, "reseed"):
         augment.reseed(seed)
+
+
+def run_summary(cfg: TrainConfig, history: list[EpochStats]) -> str:
+    """The last line of a run: which files exist in ``cfg.out`` and which one goes in a manifest."""
+    out = Path(cfg.out)
+    best = [h for h in history if h.best][-1:]
+    parts = [f"done: {len(history)} epoch(s) in {out}"]
+    files = []
+    if best and (out / BEST_NAME).is_file():
+        files.append(f"{BEST_NAME} (best val loss, {best[0].line(cfg.epochs)})")
+    else:
+        files.append(f"no {BEST_NAME} (the best is kept from epoch {cfg.best_from_epoch} on)")
+    if (out / LAST_MODEL_NAME).is_file() and history:
+        files.append(f"{LAST_MODEL_NAME} (epoch {history[-1].epoch + 1} weights)")
+    if (out / LAST_STATE_NAME).is_file():
+        files.append(f"{LAST_STATE_NAME} (training state for --resume; the kernel cannot load it)")
+    parts.append("files: " + ", ".join(files))
+    pick = BEST_NAME if best and (out / BEST_NAME).is_file() else LAST_MODEL_NAME
+    if (out / pick).is_file():
+        parts.append(f"for a manifest: {out / pick}")
+    else:
+        parts.append("no kernel checkpoint was written")
+    return "; ".join(parts)
 
 
 def train(cfg: TrainConfig) -> list[EpochStats]:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         df = assign_folds(pd.read_csv(args.csv), args.n_folds, args.seed)
-    except FoldError as e:
+    except (FoldError, ValueError, OSError) as e:  # a missing or malformed CSV too: one line
         logger.error("%s", e)
         return 2
     df.to_csv(args.out or args.csv, index=False)

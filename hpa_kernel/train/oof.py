@@ -241,22 +241,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cell", type=Path, help="hpacellseg cell U-Net")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    index_csv = args.index_csv or (load_train_config(args.config).index_csv if args.config else None)
-    if index_csv is None:
+    if args.index_csv is None and args.config is None:
         ap.error("give --config or --index-csv")
-    from hpa_kernel.config import SegmentationConfig
-    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
-
     if (args.nuclei is None) != (args.cell is None):
         ap.error("--nuclei and --cell go together")
-    seg_cfg = SegmentationConfig(method="hpa", nuclei=args.nuclei, cell=args.cell) if args.cell else SegmentationConfig()
-    from hpa_kernel.run.device import DeviceError, resolve_device
+    from hpa_kernel.run.device import DeviceError
+    from hpa_kernel.train.config import TrainConfigError
 
     try:
-        device, _ = resolve_device(args.device)
-    except DeviceError as e:
-        logger.error("%s", e)
+        return _export(args)
+    except (TrainConfigError, DeviceError, ValueError, OSError, RuntimeError) as e:  # one line, no traceback
+        logger.error("%s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    """The CLI's work once the arguments parse; the user's mistakes raise (``main`` reports them)."""
+    from hpa_kernel.config import SegmentationConfig
+    from hpa_kernel.run.device import resolve_device
+    from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
+
+    index_csv = args.index_csv or load_train_config(args.config).index_csv
+    if not Path(index_csv).is_file():
+        raise FileNotFoundError(f"index {index_csv}: file not found")
+    seg_cfg = SegmentationConfig(method="hpa", nuclei=args.nuclei, cell=args.cell) if args.cell else SegmentationConfig()
+    device, _ = resolve_device(args.device)
     opts = OOFOptions(size=args.size, batch_size=args.batch_size, device=device, fp16=args.fp16, limit=args.limit,
                       cam_norm=args.cam)
     table, images = export_oof_tables(index_csv, args.checkpoint, args.fold, Segmenter(seg_cfg, device=device),

@@ -1,15 +1,20 @@
 """Merge each image's four PNGs into an RGBY cache at ``size`` px, in parallel.
 
     python -m hpa_kernel.train.prepare --csv train.csv --src train/ [--src extra/ ...] \\
-        --out cache/ [--size 512] [--workers 2] [--folds 4]
+        --out cache/ [--size 512] [--workers 2] [--folds 4] [--max-pixels 50M]
 
 Writes ``OUT/images/<ID>.npy`` (uint8 ``(size, size, 4)``, R G B Y) and
 ``OUT/index.csv`` (``ID,Label,path,width,height[,fold]``, ``path`` relative to ``OUT``,
 ``width/height`` the original size, 0 when unknown). An image is
 looked up in each ``--src`` folder in turn; a row whose PNGs are missing or unreadable is
-skipped with a warning and counted in the summary. Labels are checked before any image
-is read (a class outside 0..18 stops the run, naming the row). Cached files that already
-exist are kept unless ``--overwrite``.
+skipped with a warning and counted in the summary, and so is an ID that is not a safe
+file name (:func:`hpa_kernel.formats.images.is_safe_id`: nothing is read or written for
+it) and an image whose PNG header declares more than ``--max-pixels`` pixels per channel
+(the cap ``submit`` applies; never decoded). Labels are checked before any image is read
+(a class outside 0..18 or an empty label stops the run, naming the row and its CSV line);
+so are duplicate IDs: with different labels they stop the run (naming the ID and its
+lines), with the same label the first row is kept (a warning), so that one image never
+lands in two folds. Cached files that already exist are kept unless ``--overwrite``.
 
 Checked before any image is read (:class:`PrepareError`, one line, exit status 2): every
 ``--src`` is a folder and at least one CSV row has its PNGs there; ``OUT`` holds no cache of
@@ -33,10 +38,12 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+from hpa_kernel.classes import parse_labels
+from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS, is_safe_id
 from hpa_kernel.train.folds import FoldError, assign_folds, format_fold_table, label_matrix
 
 __all__ = ["PrepareError", "PrepareSummary", "check_sources", "check_cache_size", "find_source", "cache_one",
-           "prepare_cache", "main"]
+           "prepare_cache", "read_label_csv", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +120,14 @@ def check_cache_size(out: Path, size: int, overwrite: bool) -> None:
 
 
 def cache_one(
-    image_id: str, sources: Sequence[Path], dest: Path, size: int, overwrite: bool
+    image_id: str, sources: Sequence[Path], dest: Path, size: int, overwrite: bool,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[str, str, tuple[int, int]]:
     """Read, resize and save one image. Returns ``(status, detail, (width, height))`` with
-    status ``written``/``reused``/``skipped``; never raises for a bad image."""
+    status ``written``/``reused``/``skipped``; never raises for a bad image. An unsafe ID is
+    skipped before any path is made of it; a channel over ``max_pixels`` is not decoded."""
+    if not is_safe_id(image_id):
+        return "skipped", f"ID {image_id!r} is not a safe file name", (0, 0)
     if dest.exists() and not overwrite:
         return "reused", "", (0, 0)
     src = find_source(image_id, sources)
@@ -125,7 +136,7 @@ def cache_one(
     from hpa_kernel.formats.images import read_rgby, resize_rgby
 
     try:
-        rgby = read_rgby(src, image_id)
+        rgby = read_rgby(src, image_id, max_pixels=max_pixels)
         small = resize_rgby(rgby, size)
     except Exception as e:  # ImageReadError, or a decoder failure
         return "skipped", f"{type(e).__name__}: {e}", (0, 0)
@@ -146,6 +157,34 @@ def _known_sizes(index_path: Path) -> dict[str, tuple[int, int]]:
     return {str(i): (int(w), int(h)) for i, w, h in zip(old["ID"], old["width"], old["height"])}
 
 
+def read_label_csv(csv: str | Path) -> pd.DataFrame:
+    """``ID,Label`` rows as text (an empty label stays empty, never NaN), checked: every
+    label parses and is not empty, and an ID listed twice has one label (its first row is
+    kept). Raises :class:`PrepareError` / :class:`FoldError` naming the row and CSV line."""
+    df = pd.read_csv(csv, dtype={"ID": str, "Label": str}, keep_default_na=False)
+    if not {"ID", "Label"} <= set(df.columns):
+        raise PrepareError(f"{csv}: needs columns ID,Label (has {list(df.columns)})")
+    empty = np.flatnonzero(df["Label"].str.strip() == "")
+    if len(empty):
+        i = int(empty[0])
+        raise PrepareError(f"{csv}: row {i} (line {i + 2}, ID {df['ID'].iloc[i]!r}): empty Label "
+                           f"({len(empty)} row(s); every image has a class, 18 = Negative)")
+    label_matrix(df)
+    dup = df["ID"].duplicated(keep=False)
+    if dup.any():
+        for image_id, rows in df[dup].groupby("ID", sort=False):
+            labels = {"|".join(map(str, sorted(set(parse_labels(t))))) for t in rows["Label"]}
+            if len(labels) > 1:
+                lines = ", ".join(str(int(i) + 2) for i in rows.index)
+                raise PrepareError(f"{csv}: ID {image_id!r} is listed with different labels "
+                                   f"({', '.join(map(repr, rows['Label']))}, lines {lines}): fix the CSV")
+        n = int(df["ID"].duplicated().sum())
+        logger.warning("%s: %d duplicate row(s) of the same ID and label, first kept (e.g. %s)", csv, n,
+                       df.loc[df["ID"].duplicated(), "ID"].iloc[0])
+        df = df.drop_duplicates("ID").reset_index(drop=True)
+    return df
+
+
 def prepare_cache(
     csv: str | Path,
     sources: Sequence[str | Path],
@@ -156,16 +195,14 @@ def prepare_cache(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> PrepareSummary:
     """Build the cache and ``index.csv``; see the module docstring.
 
     With ``n_folds >= 2`` a ``fold`` column is added (multilabel-stratified) and the
     per-fold class table is logged.
     """
-    df = pd.read_csv(csv)
-    if not {"ID", "Label"} <= set(df.columns):
-        raise ValueError(f"{csv}: needs columns ID,Label (has {list(df.columns)})")
-    label_matrix(df)  # fail before any work on a bad label, naming the row
+    df = read_label_csv(csv)  # fails before any work on a bad label or a conflicting duplicate, naming the row
     if n_folds and n_folds >= 2 and importlib.util.find_spec("iterstrat") is None:
         raise PrepareError("folds need the iterative-stratification package: pip install iterative-stratification "
                            "(or pip install -e \".[train]\"), or use --folds 0")
@@ -179,8 +216,8 @@ def prepare_cache(
     check_cache_size(out, size, overwrite)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "cache.json").write_text(json.dumps({"size": int(size), "dtype": "uint8", "channels": "RGBY"}))
-    dests = [out / "images" / f"{i}.npy" for i in ids]
-    jobs = (delayed(cache_one)(i, sources, d, size, overwrite) for i, d in zip(ids, dests))
+    dests = [out / "images" / f"{i}.npy" if is_safe_id(i) else None for i in ids]  # no path from an unsafe ID
+    jobs = (delayed(cache_one)(i, sources, d, size, overwrite, max_pixels) for i, d in zip(ids, dests))
     runner = Parallel(n_jobs=max(1, workers), return_as="generator")
     results = list(tqdm(runner(jobs), total=len(ids), desc="prepare", unit="img", disable=not progress))
 
@@ -211,6 +248,8 @@ def prepare_cache(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpa_kernel.run.options import parse_pixels
+
     ap = argparse.ArgumentParser(prog="python -m hpa_kernel.train.prepare", description=__doc__.splitlines()[0])
     ap.add_argument("--csv", required=True, type=Path, help="CSV with ID,Label")
     ap.add_argument("--src", required=True, action="append", type=Path, help="folder of <ID>_<channel>.png (repeat)")
@@ -220,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=4, help="folds to assign (0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="fold seed")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                    help="skip an image whose PNG header declares more than N pixels per channel, never decoding it "
+                         f"(as submit's --max-pixels; default {DEFAULT_MAX_PIXELS}; 50M works too)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.csv.is_file():
@@ -227,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = prepare_cache(
-            args.csv, args.src, args.out, args.size, args.workers, args.folds, args.seed, args.overwrite
+            args.csv, args.src, args.out, args.size, args.workers, args.folds, args.seed, args.overwrite,
+            max_pixels=args.max_pixels,
         )
     except (PrepareError, FoldError, ValueError, FileNotFoundError) as e:
         logger.error("%s", e)

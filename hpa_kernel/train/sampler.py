@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.csv.is_file():
         logger.error("%s: file not found", args.csv)
         return 2
-    df = pd.read_csv(args.csv)
+    try:
+        df = pd.read_csv(args.csv)
+    except (ValueError, OSError) as e:  # not a CSV: one line
+        logger.error("%s: %s", args.csv, e)
+        return 2
     if args.fold is not None:
         if "fold" not in df.columns:
             logger.error("%s has no fold column (--fold needs one)", args.csv)
