@@ -439,7 +439,8 @@ from pathlib import Path
 
 try:
     from hpa_kernel.config import ConfigError, load_config
-    from hpa_kernel.stages.model import CheckpointError, load_checkpoint
+    from hpa_kernel.stages.model import CheckpointError
+    from hpa_kernel.stages.predictor import load_classifier
 except ImportError as e:
     sys.exit(f"build_wheel.sh: error: cannot test-load the classifiers with {sys.executable} ({e}): "
              "build with a Python that has torch and timm (PYTHON=...), or --no-weights-check")
@@ -449,17 +450,18 @@ except ConfigError as e:
     sys.exit(f"build_wheel.sh: error: {e}")
 bad = 0
 for c in config.classifiers:
-    if not Path(c.path).is_file() and not Path(c.path).is_relative_to(Path(sys.argv[1]).parent):
-        print(f"build_wheel.sh: classifier {c.path}: not here (outside the dataset), not test-loaded", file=sys.stderr)
+    root = Path(sys.argv[1]).parent
+    if any(not Path(p).is_file() and not Path(p).is_relative_to(root) for p in c.paths):
+        print(f"build_wheel.sh: classifier {c.name}: not here (outside the dataset), not test-loaded", file=sys.stderr)
         continue
     try:
-        _, meta = load_checkpoint(c.path)
+        meta = load_classifier(c).meta  # the kernel's own loader, in the entry's format
     except CheckpointError as e:
         print(f"build_wheel.sh: error: the kernel cannot load classifier {e}", file=sys.stderr)
         bad += 1
         continue
-    print(f"build_wheel.sh: classifier {Path(c.path).name}: loads ({meta['backbone']}, "
-          f"{meta['image_size']} px, crops {meta['crop_size']} px)", file=sys.stderr)
+    print(f"build_wheel.sh: classifier {c.name}: loads ({meta['backbone']}, "
+          f"{meta['image_size']} px, crops {meta['crop_size']} px, input {meta.get('input', 'hpa_kernel')})", file=sys.stderr)
 sys.exit(1 if bad else 0)
 PYEOF
 then

@@ -122,6 +122,22 @@ def _integrity_check(ws: Path) -> None:
     assert "/kaggle/input/SLUG/dpn_unet_nuclei_v1.pth" in files and "seresnext50_fold1.pt" in files
 
 
+def _team_file_setup(ws: Path, env: dict) -> None:
+    """A team-format file where the README's import example expects one (a resnet10t run, for speed)."""
+    from team_reference import TeamSiamese, randomize, save_team_file
+
+    run = "siamese_resnet10t_512_384_RGBY_fp16_CV4_v2.0"
+    save_team_file(randomize(TeamSiamese("resnet10t"), seed=5),
+                   ws / "hpa-models" / run / "fold1" / "stage1" / "snapshots" / "model_best.pt", "cuda")
+
+
+def _team_file_check(ws: Path) -> None:
+    from hpa_kernel.stages.model import load_checkpoint
+
+    _, meta = load_checkpoint(ws / "my_weights" / "seresnext50_fold1.pt")
+    assert meta["input"] == "mpware" and meta["backbone"] == "resnet10t" and meta["crop_size"] == 384
+
+
 TINY_TRAIN = {"index_csv": "cache/index.csv", "backbone": "test_resnet", "pretrained": False, "image_size": 64,
               "train_crop": None, "crop_size": 64, "epochs": 2, "batch_size": 8, "workers": 0, "threads": 1,
               "max_batches": 2, "out": "runs/seresnext50_512_fold0"}
@@ -166,6 +182,9 @@ RUN: dict[str, Plan] = {
         dropped_lines={"torchrun --nproc_per_node 4": "four DDP processes (tests/test_train_ddp.py runs two)"},
         setup=_training_setup, check=_training_check, slow=True),
     "export OMP_NUM_THREADS=1": Plan(slow=True),
+    "python -m hpa_kernel.tools.import_checkpoint": Plan(
+        replace=[("siamese_seresnext50_32x4d_512", "siamese_resnet10t_512")],
+        setup=_team_file_setup, check=_team_file_check),
 }
 
 
