@@ -197,6 +197,7 @@ def verify_files(config: KernelConfig, check_hash: bool = True, inside_only: boo
         for p in skipped:
             logger.info("%s is outside %s: not checked here", p, root)
         names = [p for p in names if p not in skipped]
+    checked = 0
     for path in names:
         if not path.is_file():
             raise IntegrityError(path, "missing" if not path.exists() else "not a regular file")
@@ -216,12 +217,15 @@ def verify_files(config: KernelConfig, check_hash: bool = True, inside_only: boo
             digest = file_digest(path)
             if digest.lower() != str(entry["sha256"]).lower():
                 raise IntegrityError(path, f"sha256 mismatch: {digest}, manifest says {entry['sha256']}")
+        checked += 1
         logger.debug("verified %s (%s)", path, "size + sha256" if check_hash else "size")
     unused = set(recorded) - {p.resolve() for p in names}
     for path in sorted(unused):
         logger.info("manifest records %s but the configuration does not use it; not checked", path)
     logger.info(
-        "weights integrity: %d file(s) checked (%s)", len(names), "size + sha256" if check_hash else "size only"
+        "weights integrity: %d of %d file(s) checked (%s)%s", checked, len(names),
+        "size + sha256" if check_hash else "size only",
+        f"; {len(names) - checked} not recorded, not verified" if checked < len(names) else "",
     )
 
 

@@ -250,3 +250,15 @@ def test_local_copies_of_team_folds_sharing_a_name(tmp_path: Path, weights: Path
     update_manifest(m, allow_outside=True, local_copies=[mirror])
     files = json.loads(m.read_text())["files"]
     assert [files[p.as_posix()]["size"] for p in folds] == [10, 11]
+
+
+def test_the_integrity_line_counts_only_what_was_verified(tmp_path: Path, weights: Path, caplog) -> None:
+    """Issue 22 item 5: a file without an entry is 'not verified', and the count says so."""
+    m = weights / "manifest.json"
+    raw = json.loads(m.read_text())
+    raw["files"].pop("demo/b.pt")
+    m.write_text(json.dumps(raw))
+    with caplog.at_level(logging.INFO, logger="hpa_kernel.integrity"):
+        verify_files(load_config(m))
+    line = next(r.getMessage() for r in caplog.records if "weights integrity" in r.getMessage())
+    assert "3 of 4 file(s) checked" in line and "1 not recorded, not verified" in line
