@@ -197,6 +197,15 @@ def load_config(path: str | Path | None = None, allow_outside: bool = False) -> 
         raise ConfigError(f"manifest {path}: {e}") from None
 
 
+def write_manifest(path: str | Path, raw: dict[str, Any]) -> Path:
+    """Write a manifest (the one writer: ``integrity --update``, ``train.fit_weights``):
+    JSON, indented, replaced atomically through :func:`hpa_kernel.formats.atomic.atomic_write`
+    (a kill leaves the old file), keeping the mode of the file it replaces."""
+    from hpa_kernel.formats.atomic import atomic_write
+
+    return atomic_write(path, (json.dumps(raw, indent=2) + "\n").encode(), keep_mode=True)
+
+
 def _integer(value: Any, what: str, low: int = 1, high: int | None = None) -> int:
     """``value`` as an int in ``[low, high]``, else :class:`ConfigError` naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int):

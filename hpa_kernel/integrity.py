@@ -33,17 +33,15 @@ Files named by absolute paths that exist only on Kaggle (``/kaggle/input/...``, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hpa_kernel.config import ConfigError, KernelConfig, load_config
+from hpa_kernel.config import ConfigError, KernelConfig, load_config, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -246,17 +244,7 @@ def update_manifest(
     files = record_files(manifest_path, named_files(config), local_copies=local_copies)
     raw = json.loads(manifest_path.read_text())
     raw["files"] = files
-    text = json.dumps(raw, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=manifest_path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, manifest_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_manifest(manifest_path, raw)
     logger.info("wrote %d file entr%s to %s", len(files), "y" if len(files) == 1 else "ies", manifest_path)
     return files
 

@@ -169,3 +169,22 @@ def test_manifests_and_weights_that_are_not_regular_files(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hpa_kernel.integrity", "--manifest", str(m), "--update"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "cannot be resolved" in r.stderr + r.stdout
+
+
+def test_integrity_update_keeps_the_manifest_mode(tmp_path, tiny_checkpoint):
+    """Item 13: `integrity --update` (and every manifest write: config.write_manifest) keeps the file's mode."""
+    import json
+    import os
+    import shutil
+    import stat as st
+
+    from hpa_kernel.integrity import update_manifest
+
+    shutil.copy(tiny_checkpoint, tmp_path / "m.pt")
+    m = tmp_path / "manifest.json"
+    m.write_text(json.dumps({"classifiers": [{"path": "m.pt"}]}))
+    for mode in (0o600, 0o664):
+        os.chmod(m, mode)
+        update_manifest(m)
+        assert st.S_IMODE(m.stat().st_mode) == mode
+        assert "m.pt" in json.loads(m.read_text())["files"]

@@ -42,14 +42,21 @@ def umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` atomically (see the module docstring); returns ``path``."""
+def atomic_write(path: str | os.PathLike, data: bytes, keep_mode: bool = False) -> Path:
+    """Replace ``path`` with ``data`` atomically (see the module docstring); returns ``path``.
+    ``keep_mode``: the new file gets the mode of the one it replaces (when there is one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~umask()
+    if keep_mode:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            pass
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~umask())
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(out: Path, manifest: dict, fit: dict, args: argparse.Namespace, table: pd.DataFrame, what: str) -> None:
     """The manifest and its ``.fit.json`` record, each replaced atomically (a kill leaves the old file)."""
+    from hpa_kernel.config import write_manifest
     from hpa_kernel.formats.atomic import atomic_write
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +380,7 @@ def _write(out: Path, manifest: dict, fit: dict, args: argparse.Namespace, table
                   objective="per-cell truth, box IoU" if args.truth else args.objective,
                   manifest=str(args.manifest), iou="box", size=args.size,
                   images=int(table["ID"].nunique()), cells=len(table))
-    atomic_write(out, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(out, manifest)
     atomic_write(out.with_name(f"{out.stem}.fit.json"), (json.dumps(record, indent=1) + "\n").encode())
 
 
