@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "train": ["albumentations>=2.0", "iterative-stratification", "pyyaml", "matplotlib"],
-        "test": ["pytest", "pyarrow", "albumentations>=2.0", "iterative-stratification", "pyyaml"],
+        "test": ["pytest", "pyarrow", "albumentations>=2.0", "iterative-stratification", "pyyaml", "matplotlib"],
     },
     entry_points={
         "console_scripts": [
