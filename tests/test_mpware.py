@@ -259,3 +259,15 @@ def test_seresnext50_team_file(tmp_path, raw_images):
     rgby, planes = raw_images["u16_1024"]
     with torch.no_grad():
         close(model.class_maps(model.prepare(rgby)), team50(team_input(planes))["single_features"])
+
+
+def test_the_example_manifest_names_the_team_s_four_folds():
+    """configs/mpware_seresnext50_4folds.json (README): one fold group whose run folder says it all."""
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "mpware_seresnext50_4folds.json",
+                         allow_outside=True)
+    (entry,) = config.classifiers
+    assert entry.format == "mpware" and len(entry.paths) == 4 and entry.backbone is None
+    runs = {parse_run_name(p) for p in entry.paths}
+    (run,) = runs
+    assert (run.backbone, run.image_size, run.crop_size, run.channels) == ("seresnext50_32x4d", 512, 384, "RGBY")
+    assert [p.parts[-4] for p in entry.paths] == ["fold1", "fold2", "fold3", "fold4"]
