@@ -81,18 +81,22 @@ def _bomb(inflated: int) -> str:
     return base64.b64encode(zlib.compress(b"1" * inflated, 9)).decode()
 
 
+def _validate_with_peak(sub, sample):
+    """``validate_submission``'s problems and its peak of traced (numpy/Python) memory."""
+    tracemalloc.start()
+    try:
+        return validate_submission(sub, sample), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_the_validator_bounds_inflation_by_the_samples_size_not_the_rows(tmp_path):
     """Item 3: a row claiming 100000x100000 (the sample says 64) must not inflate its mask
     to what a 100000x100000 image could hold; it is checked at the sample's size or not at all."""
     sample = _sample(tmp_path / "sample.csv")
     sub = _csv(tmp_path / "sub.csv", [("img0", 100000, 100000, f"0 0.5 {_bomb(64_000_000)}"),
                                       ("img1", SIZE, SIZE, _pred(1)), ("img2", SIZE, SIZE, _pred(2))])
-    tracemalloc.start()
-    try:
-        problems = validate_submission(sub, sample)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    problems, peak = _validate_with_peak(sub, sample)
     assert peak < 20_000_000, f"validator peaked at {peak / 1e6:.0f} MB"
     assert any("ImageWidth 100000 differs from the sample's 64" in p for p in problems)
     assert all(p.startswith("ID img0") for p in problems), problems  # the good rows stay good
@@ -103,12 +107,7 @@ def test_a_sample_claiming_absurd_sizes_is_refused(tmp_path, capsys):
     and the merge refuse it, naming the ID and the cap."""
     sample = _csv(tmp_path / "sample.csv", [("img0", 100000, 100000, "")])
     sub = _csv(tmp_path / "sub.csv", [("img0", 100000, 100000, f"0 0.5 {_bomb(64_000_000)}")])
-    tracemalloc.start()
-    try:
-        problems = validate_submission(sub, sample)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    problems, peak = _validate_with_peak(sub, sample)
     assert peak < 20_000_000, f"validator peaked at {peak / 1e6:.0f} MB"
     assert len(problems) == 1 and "refused" in problems[0] and "'img0'" in problems[0] and "pixel cap" in problems[0]
     rc, _, err = _merge(capsys, sub, "--sample", sample, "--out", tmp_path / "m.csv")

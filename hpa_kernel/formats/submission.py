@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.formats.atomic import atomic_write, stale_temps
+from hpa_kernel.formats.atomic import atomic_write, check_folder, stale_temps
 from hpa_kernel.formats.csvfile import read_rows
 from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS, read_sample
 from hpa_kernel.formats.rle import check_masks
@@ -189,13 +189,7 @@ def prepare_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] 
         raise IsADirectoryError(f"{path} is a folder; name the file to write")
     if path.exists() and not path.is_file():
         raise OSError(f"{path} exists and is not a regular file")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
-        folder = folder.parent
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{path}: cannot write in {folder}")
+    check_folder(path.parent)
     for stale in stale_temps(path):
         try:
             stale.unlink()
