@@ -38,10 +38,10 @@ import torch
 from hpa_kernel.formats.images import resize_rgby
 from hpa_kernel.stages.segmentation.classic import segment_classic
 from hpa_kernel.stages.segmentation.network import build_dpn_unet
-from hpa_kernel.stages.segmentation.postprocess import label_cell, label_nuclei
+from hpa_kernel.stages.segmentation.postprocess import label_cell
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from oracles import best_match_iou, label_cell_stock, predictions_from_labels  # noqa: E402 (the tests own them)
+from oracles import best_match_iou, label_cell_stock, label_nuclei, predictions_from_labels  # noqa: E402 (the tests own them)
 
 S = 512
 

@@ -1,4 +1,4 @@
-"""hpacellseg post-processing (label_cell / label_nuclei) at scaled thresholds."""
+"""hpacellseg post-processing (label_cell; label_nuclei: the oracle in tests/oracles.py) at scaled thresholds."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from hpa_kernel.stages.labels import remove_small_labels
 from hpa_kernel.stages.segmentation.postprocess import (
     closing_radius,
     label_cell,
-    label_nuclei,
     remove_small_holes,
     scale_factors,
 )
-from oracles import best_match_iou, label_cell_stock, predictions_from_labels
+from oracles import best_match_iou, label_cell_stock, label_nuclei, predictions_from_labels
 
 
 def grid_labels(n: int, pitch: int, nucleus_radius: int, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
