@@ -178,14 +178,14 @@ def best_match_iou(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarr
     return best[area_t[1:] > 0]
 
 
-def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> np.ndarray:
     """hpacellseg's ``label_cell`` written out step by step with scikit-image /
     scipy calls as stock makes them (ported to scikit-image 0.26), full
     resolution only, **including** the ``uint8`` cast of the cell labels.
 
     A reference for tests and benchmarks, not for the pipeline: use
     :func:`label_cell` (same masks below 256 cells, any scale, faster, no wrap).
-    Returns ``(nuclei, cells)``.
+    Returns the cells (stock also returns the nuclei kept; the kernel does not use them).
     """
     from skimage.morphology import closing, remove_small_holes as sk_holes
     from skimage.morphology import remove_small_objects as sk_small
@@ -240,12 +240,7 @@ def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np
     cell_label = measure.label(cell_label)
     cell_label = small(cell_label, 5500)
     cell_label = measure.label(cell_label)
-    cell_label = np.asarray(cell_label, dtype=np.uint16)
-    nuclei_label = np.multiply(cell_label > 0, nuclei_label) > 0
-    nuclei_label = measure.label(nuclei_label)
-    nuclei_label = small(nuclei_label, 2500)
-    nuclei_label = np.multiply(cell_label, nuclei_label > 0)
-    return nuclei_label, cell_label
+    return np.asarray(cell_label, dtype=np.uint16)  # stock then labels the nuclei kept: not needed here
 
 
 def label_nuclei(nuclei_pred: np.ndarray, scale: float = 1.0) -> np.ndarray:

@@ -185,8 +185,8 @@ def _seeded_nuclei(
 
 def label_cell(
     nuclei_pred: np.ndarray, cell_pred: np.ndarray, scale: Scale = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Label cells and their nuclei (stock hpacellseg ``label_cell``).
+) -> np.ndarray:
+    """Label cells (stock hpacellseg ``label_cell``; its nuclei are only the cells' seeds here).
 
     Parameters
     ----------
@@ -200,10 +200,6 @@ def label_cell(
 
     Returns
     -------
-    nuclei : (H, W) int32
-        Each cell's nucleus carries its cell's label (as in stock); a cell
-        whose nucleus was filtered out has none, so these labels need not be
-        consecutive.
     cells : (H, W) int32
         0 = background, cells 1..n (consecutive, never wrapped).
     """
@@ -223,7 +219,7 @@ def label_cell(
     nuclei = remove_small_labels(nuclei, NUCLEUS_MIN_AREA * area)
     nuclei = measure.label(nuclei)
     if nuclei.max() == 0:
-        return empty, empty.copy()
+        return empty
 
     cell_interior = cell[..., 2] / 255.0
     threshold = max(0.22, float(filters.threshold_otsu(cell_interior)) * 0.5)
@@ -247,9 +243,5 @@ def label_cell(
     cells = measure.label(cells > 0)
     cells = remove_small_labels(cells, CELL_MIN_AREA * area)
     cells = relabel(cells)
-
-    kept = measure.label((cells > 0) & (nuclei > 0))
-    kept = remove_small_labels(kept, NUCLEUS_MIN_AREA * area)
-    nuclei = np.where(kept > 0, cells, 0).astype(np.int32)
     logger.debug("label_cell: %d cells at %s (area factor %.4f)", cells.max(), cells.shape, area)
-    return nuclei, cells
+    return cells
