@@ -215,11 +215,16 @@ def test_die_with_parent_only_in_a_shard_process(monkeypatch):
 
 
 def test_usable_cuda_devices_skips_the_ones_torch_cannot_run(monkeypatch, caplog):
+    """Three cards faked at torch's CUDA API: cuda:1 is a P100 this (cu128) torch has no kernels for."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(parallel, "cuda_problem", lambda d: "no kernels" if d == "cuda:1" else None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P100" if i == 1 else "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 0) if i == 1 else (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80", "sm_90"])
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *a, device=None, **kw: real_ones(*a, **kw))  # the test convolution
     assert parallel.usable_cuda_devices() == ["cuda:0", "cuda:2"]
-    assert "not using cuda:1: no kernels" in caplog.text
+    assert "not using cuda:1: Tesla P100 (compute capability 6.0) is not supported" in caplog.text
     assert plan_devices("auto", "auto") == ["cuda:0", "cuda:2"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert parallel.usable_cuda_devices() == []
