@@ -38,10 +38,10 @@ import torch
 from hpa_kernel.formats.images import resize_rgby
 from hpa_kernel.stages.segmentation.classic import segment_classic
 from hpa_kernel.stages.segmentation.network import build_dpn_unet
-from hpa_kernel.stages.segmentation.postprocess import label_cell, label_nuclei
+from hpa_kernel.stages.segmentation.postprocess import label_cell
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from oracles import best_match_iou, label_cell_stock, predictions_from_labels  # noqa: E402 (the tests own them)
+from oracles import best_match_iou, label_cell_stock, label_nuclei, predictions_from_labels  # noqa: E402 (the tests own them)
 
 S = 512
 
@@ -72,14 +72,14 @@ def nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def fast_flow(nuc: np.ndarray, cell: np.ndarray, width: int, height: int) -> np.ndarray:
-    _, cells = label_cell(nuc, cell, scale=(S / height, S / width))
+    cells = label_cell(nuc, cell, scale=(S / height, S / width))
     return nearest(cells, (width, height))
 
 
 def full_flow(nuc: np.ndarray, cell: np.ndarray, width: int, height: int, fn=label_cell) -> np.ndarray:
     nuc_full = cv2.resize(nuc, (width, height), interpolation=cv2.INTER_AREA)
     cell_full = cv2.resize(cell, (width, height), interpolation=cv2.INTER_AREA)
-    return fn(nuc_full, cell_full)[1]
+    return fn(nuc_full, cell_full)
 
 
 def network_forward(device: str) -> str:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         nuc_full = cv2.resize(nuc, (size, size), interpolation=cv2.INTER_AREA)
         t_nfull, _ = best_time(lambda: label_nuclei(nuc_full), 1)
         image512 = to_512(im.rgby)
-        t_c, (classic, _) = best_time(lambda: segment_classic(image512), a.repeats)
+        t_c, classic = best_time(lambda: segment_classic(image512), a.repeats)
         r = dict(
             true=int(truth.max()), a=t_a, b=t_b, s=t_s, na=int(fast.max()), nb=int(full.max()),
             iou_ab=float(best_match_iou(full, fast).mean()) if full.max() else float("nan"),

@@ -6,6 +6,7 @@ them from here too (one owner).
 * :func:`step1_scores_reference` -- Step 1 written the obvious way (loops, full masks,
   ``np.quantile``); also :func:`voronoi_labels` / :func:`make_inputs`, its random inputs.
 * :func:`label_cell_stock` -- hpacellseg's ``label_cell`` call by call.
+* :func:`label_nuclei` -- hpacellseg's ``label_nuclei`` (the nuclei map alone) at any scale.
 * :func:`predictions_from_labels` -- plausible U-Net outputs for a label image.
 * :func:`best_match_iou` -- per true cell, its best IoU over predicted cells.
 """
@@ -177,14 +178,14 @@ def best_match_iou(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarr
     return best[area_t[1:] > 0]
 
 
-def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> np.ndarray:
     """hpacellseg's ``label_cell`` written out step by step with scikit-image /
     scipy calls as stock makes them (ported to scikit-image 0.26), full
     resolution only, **including** the ``uint8`` cast of the cell labels.
 
     A reference for tests and benchmarks, not for the pipeline: use
     :func:`label_cell` (same masks below 256 cells, any scale, faster, no wrap).
-    Returns ``(nuclei, cells)``.
+    Returns the cells (stock also returns the nuclei kept; the kernel does not use them).
     """
     from skimage.morphology import closing, remove_small_holes as sk_holes
     from skimage.morphology import remove_small_objects as sk_small
@@ -239,9 +240,29 @@ def label_cell_stock(nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np
     cell_label = measure.label(cell_label)
     cell_label = small(cell_label, 5500)
     cell_label = measure.label(cell_label)
-    cell_label = np.asarray(cell_label, dtype=np.uint16)
-    nuclei_label = np.multiply(cell_label > 0, nuclei_label) > 0
-    nuclei_label = measure.label(nuclei_label)
-    nuclei_label = small(nuclei_label, 2500)
-    nuclei_label = np.multiply(cell_label, nuclei_label > 0)
-    return nuclei_label, cell_label
+    return np.asarray(cell_label, dtype=np.uint16)  # stock then labels the nuclei kept: not needed here
+
+
+def label_nuclei(nuclei_pred: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Label nuclei from the nuclei network's ``(H, W, 3)`` uint8 map alone (stock
+    ``label_nuclei``), area thresholds times ``scale ** 2``; int32, nuclei 1..n. Stock compares
+    the uint8 map with fractional thresholds (any non-zero value passes); here they are read
+    as fractions of 255, as :func:`hpa_kernel.stages.segmentation.postprocess.label_cell` does.
+    The kernel does not use it (its nuclei seed label_cell); the bench times it."""
+    from hpa_kernel.stages.labels import remove_small_labels
+    from hpa_kernel.stages.segmentation.postprocess import (
+        BORDER_THRESHOLD, HIGH_THRESHOLD, HOLE_AREA, NUCLEUS_MIN_AREA, remove_small_holes)
+
+    pred = np.asarray(nuclei_pred)
+    area = float(scale) ** 2
+    interior = pred[..., 2] / 255.0
+    borders = pred[..., 1] / 255.0 > BORDER_THRESHOLD
+    seeds = (interior * ~borders) > HIGH_THRESHOLD - 0.25
+    seeds = ndi.binary_erosion(seeds, ndi.generate_binary_structure(2, 1), border_value=1)
+    markers = measure.label(seeds)
+    mask = remove_small_holes(interior > HIGH_THRESHOLD, HOLE_AREA * area)
+    if markers.max() == 0:
+        return np.zeros(interior.shape, np.int32)
+    labels = segmentation.watershed(mask.astype(np.uint8), markers, mask=mask, watershed_line=True)
+    labels = remove_small_labels(labels, NUCLEUS_MIN_AREA * area)
+    return measure.label(labels).astype(np.int32)

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-import hpa_kernel.run.device as device_mod
 from hpa_kernel.config import load_config
 from hpa_kernel.run.device import DeviceError, arch_supported, cuda_problem, resolve_device
 from hpa_kernel.run.options import RunOptions
@@ -42,7 +41,8 @@ def test_arch_supported(cap, arch, ok):
 
 
 def fake_cuda(monkeypatch, *, available=True, count=1, cap=(6, 0), arch=CU128, probe_error=None):
-    """Pretend a CUDA card is there; ``probe_error`` is raised by the test convolution."""
+    """Pretend a CUDA card is there; ``probe_error`` is raised by the first tensor put on it
+    (``calls``: the CUDA devices tensors were put on)."""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
@@ -50,12 +50,17 @@ def fake_cuda(monkeypatch, *, available=True, count=1, cap=(6, 0), arch=CU128, p
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: cap)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arch))
 
-    def probe(dev):
-        calls.append(str(dev))
+    real_ones = torch.ones
+
+    def ones(*a, device=None, **kw):  # the card: a tensor put on it runs on the CPU, or fails
+        if device is None or torch.device(device).type != "cuda":
+            return real_ones(*a, device=device, **kw)
+        calls.append(str(device))
         if probe_error is not None:
             raise probe_error
+        return real_ones(*a, **kw)
 
-    monkeypatch.setattr(device_mod, "_probe", probe)
+    monkeypatch.setattr(torch, "ones", ones)
     return calls
 
 
@@ -82,13 +87,14 @@ def test_a_failing_test_convolution_is_caught(monkeypatch):
     calls = fake_cuda(monkeypatch, cap=(7, 5), arch=[], probe_error=err)
     problem = cuda_problem("cuda")
     assert problem.endswith("no kernel image is available for execution on the device")
-    assert calls == ["cuda:0"]
+    assert calls == ["cuda:0"]  # the test convolution ran on the card, and failed there
     assert resolve_device("auto")[0] == "cpu"
 
 
 def test_usable_gpu_and_missing_index(monkeypatch):
-    fake_cuda(monkeypatch, cap=(7, 5), arch=CU128)
+    calls = fake_cuda(monkeypatch, cap=(7, 5), arch=CU128)
     assert resolve_device("auto") == ("cuda", None)
+    assert calls and set(calls) == {"cuda:0"}  # usable only once the test convolution ran there
     assert resolve_device("cuda:0") == ("cuda:0", None)
     with pytest.raises(DeviceError, match="does not exist: 1 CUDA device"):
         resolve_device("cuda:3")

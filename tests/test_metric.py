@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa_kernel.tools import metric
 from hpa_kernel.tools.metric import (
     MetricResult,
     SubmissionError,
@@ -425,18 +424,17 @@ def test_evaluate_files_and_rows(truth_dir, tmp_path):
     assert evaluate(str(path), truth_dir, iou="box").mAP == approx(13 / 18)
 
 
-def test_evaluate_decodes_each_mask_once(truth_dir, monkeypatch):
-    calls = []
-    real = metric.decode_mask
-
-    def counting(s, h, w):
-        calls.append(s)
-        return real(s, h, w)
-
-    monkeypatch.setattr(metric, "decode_mask", counting)
-    evaluate(make_submission(), truth_dir)
-    # img1 has 3 distinct masks (cell 2's class-7 triple is dropped before decoding)
-    assert len(calls) == 3 and len(set(calls)) == 3
+def test_evaluate_decodes_only_the_triples_it_scores(truth_dir):
+    """A triple of a class not among the image's labels is dropped before its mask is
+    decoded: an undecodable mask there costs nothing, while on a scored class it is an error."""
+    rows = make_submission()
+    width, height, text = rows["img1"]
+    rows["img1"] = (width, height, text + " 7 0.5 not-base64!")  # class 7: not among img1's labels
+    r = evaluate(rows, truth_dir)
+    assert r.mAP == approx(13 / 18) and r.n_dropped == 2
+    rows["img1"] = (width, height, text + " 18 0.5 not-base64!")  # class 18: scored, so decoded
+    with pytest.raises(SubmissionError, match="img1"):
+        evaluate(rows, truth_dir)
 
 
 def test_evaluate_rejects_size_mismatch(truth_dir):

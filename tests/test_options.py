@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpa_kernel.run.options import SHARD_SET, build_parser, shard_argv, to_argv
+from hpa_kernel.run.options import SHARD_SET, add_options, build_parser, shard_argv, to_argv
 
 #: a non-default value for every option that takes one; a new option needs one here
 SAMPLES = {
@@ -28,16 +28,16 @@ SAMPLES = {
 }
 
 
-def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [a for a in parser._actions
-            if a.option_strings and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))]
+def _options() -> list[argparse.Action]:
+    """Every option of submit but --help / --version (the module's own list)."""
+    return add_options(argparse.ArgumentParser(add_help=False))
 
 
 def everything_set() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """Parsed options with every option at a value that is not its default."""
     parser = build_parser()
     argv, seen = [], set()
-    for action in _options(parser):
+    for action in _options():
         if action.dest in seen:  # the other flag of a mutually exclusive pair (--fp16/--no-fp16)
             continue
         seen.add(action.dest)
@@ -54,6 +54,7 @@ def everything_set() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 
 def test_every_option_survives_the_round_trip():
     parser, args = everything_set()
+    assert set(vars(args)) == {a.dest for a in _options()}  # no option of the parser outside the list
     assert parser.parse_args(to_argv(args)) == args
     assert parser.parse_args(to_argv(parser.parse_args([]))) == parser.parse_args([])
     for fp16 in (True, False, None):
@@ -66,7 +67,7 @@ def test_every_option_reaches_a_shard(rerun):
     parser, args = everything_set()
     argv = shard_argv(args, Path("resolved/data"), (1, 4), "cuda:3", Path("out.part1of4.csv"), 123.4, rerun=rerun)
     child = parser.parse_args(argv)
-    for action in _options(parser):
+    for action in _options():
         if action.dest not in SHARD_SET:
             assert getattr(child, action.dest) == getattr(args, action.dest), f"{action.option_strings[-1]} lost"
     assert (child.data_dir, child.out, child.device, child.shard) == (

@@ -13,6 +13,8 @@ import torch
 
 import hpa_kernel.run.parallel as parallel
 from hpa_kernel.run.parallel import ParallelResult, Shard, join_parts, part_path, plan_devices
+from hpa_kernel.run.parallel import launch_process, run_parallel
+from hpa_kernel.run.options import build_parser
 from hpa_kernel.formats.submission import read_submission, validate_submission
 from hpa_kernel.run.journal import Journal
 from hpa_kernel.submit import main
@@ -103,6 +105,14 @@ def _parallel(small_dataset, tiny_manifest, out, *extra):
                  "--device", "cpu", "--parallel", "2", "--no-progress", "-q", *extra])
 
 
+def _parallel_with(launch, small_dataset, tiny_manifest, out, *extra):
+    """The same run as :func:`_parallel`, its shard processes started by ``launch``."""
+    args = build_parser().parse_args(["--data-dir", str(small_dataset), "--weights", str(tiny_manifest),
+                                      "--out", str(out), "--device", "cpu", "--parallel", "2",
+                                      "--no-progress", "-q", *extra])
+    return run_parallel(args, ["cpu", "cpu"], small_dataset, out, None, launch=launch)
+
+
 def test_two_processes_write_the_same_file_as_one(monkeypatch, small_dataset, tiny_manifest, single_run, tmp_path, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "new" / "submission.csv"  # a folder that does not exist yet
@@ -115,17 +125,16 @@ def test_two_processes_write_the_same_file_as_one(monkeypatch, small_dataset, ti
 
 def test_a_shard_that_dies_is_run_again(monkeypatch, small_dataset, tiny_manifest, single_run, tmp_path, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    real, calls = parallel.launch_process, []
+    calls = []
 
     def flaky(cmd, env, stdout):
         calls.append(list(cmd))
         if "1/2" in cmd and sum("1/2" in c for c in calls) == 1:  # shard 1's first attempt dies
             return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
-        return real(cmd, env, stdout)
+        return launch_process(cmd, env, stdout)
 
-    monkeypatch.setattr(parallel, "launch_process", flaky)
     out = tmp_path / "submission.csv"
-    assert _parallel(small_dataset, tiny_manifest, out, "--no-resume") == 0
+    assert _parallel_with(flaky, small_dataset, tiny_manifest, out, "--no-resume") == 0
     assert out.read_bytes() == single_run.read_bytes()
     assert len(calls) == 3
     assert "--no-resume" in calls[0] and "--no-resume" not in calls[2]  # the rerun resumes
@@ -134,17 +143,14 @@ def test_a_shard_that_dies_is_run_again(monkeypatch, small_dataset, tiny_manifes
 
 def test_a_shard_that_dies_twice_still_leaves_every_row(monkeypatch, small_dataset, tiny_manifest, single_run, tmp_path, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    real = parallel.launch_process
-
     def broken(cmd, env, stdout):
         if "1/2" in cmd:  # shard 1 finishes one image, then dies, every time
             one = [*cmd, "--max-images", "1"]
             return subprocess.Popen(["sh", "-c", '"$@"; exit 3', "sh", *one], env=env)
-        return real(cmd, env, stdout)
+        return launch_process(cmd, env, stdout)
 
-    monkeypatch.setattr(parallel, "launch_process", broken)
     out = tmp_path / "submission.csv"
-    assert _parallel(small_dataset, tiny_manifest, out) == 1
+    assert _parallel_with(broken, small_dataset, tiny_manifest, out) == 1
     sample = small_dataset / "sample_submission.csv"
     assert validate_submission(out, sample) == []
     got, want = read_submission(out), read_submission(single_run)
@@ -209,11 +215,16 @@ def test_die_with_parent_only_in_a_shard_process(monkeypatch):
 
 
 def test_usable_cuda_devices_skips_the_ones_torch_cannot_run(monkeypatch, caplog):
+    """Three cards faked at torch's CUDA API: cuda:1 is a P100 this (cu128) torch has no kernels for."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(parallel, "cuda_problem", lambda d: "no kernels" if d == "cuda:1" else None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P100" if i == 1 else "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 0) if i == 1 else (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80", "sm_90"])
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *a, device=None, **kw: real_ones(*a, **kw))  # the test convolution
     assert parallel.usable_cuda_devices() == ["cuda:0", "cuda:2"]
-    assert "not using cuda:1: no kernels" in caplog.text
+    assert "not using cuda:1: Tesla P100 (compute capability 6.0) is not supported" in caplog.text
     assert plan_devices("auto", "auto") == ["cuda:0", "cuda:2"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert parallel.usable_cuda_devices() == []

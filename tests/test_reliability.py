@@ -212,36 +212,28 @@ def test_time_budget_exhausted_writes_every_row_without_decoding(small_dataset, 
     assert (sub["PredictionString"] == "").all() and (sub["ImageWidth"] > 0).all()
 
 
-def test_time_budget_switches_to_step1_only_mid_run(small_dataset, tiny_manifest, tmp_path, monkeypatch):
-    """When the budget says so after the first image, the rest run Step 1 only (no crops)."""
-    from hpa_kernel.run.budget import LEVEL_STEP1_ONLY, Budget
+def test_each_image_runs_at_the_level_the_budget_took(small_dataset, tiny_manifest):
+    """What a budget level means for one image, through the pipeline's per-image step: Step 1
+    only cuts no crops and still writes the image's cells; the full level runs Step 2. (When
+    the budget takes a level: tests/test_pipeline.py::test_budget_degrades_in_order.)"""
+    from hpa_kernel.formats.images import load_image
+    from hpa_kernel.run.budget import LEVEL_FULL, LEVEL_STEP1_ONLY
+    from hpa_kernel.run.pipeline import predict_row
+    from hpa_kernel.run.summary import StageTimer
     from hpa_kernel.stages.predictor import Predictor
 
-    calls = []
-
-    def scripted(self, current, remaining, now):
-        calls.append(remaining)
-        return LEVEL_STEP1_ONLY if len(calls) > 1 else current
-
-    monkeypatch.setattr(Budget, "level", scripted)
-    out = tmp_path / "sub.csv"
-    n = len(pd.read_csv(small_dataset / "sample_submission.csv"))
-    step2 = []
-    real = Predictor.predict
-
-    def spy(self, image, size, step2_=True, **kw):
-        step2.append(kw.get("step2", step2_))  # what each image ran with
-        return real(self, image, size, **kw)
-
-    monkeypatch.setattr(Predictor, "predict", spy)
-    summary = run(load_config(tiny_manifest),
-                  RunOptions(data_dir=small_dataset, out=out, device="cpu", progress=False, time_budget=3600))
-    assert summary.degraded_at == {LEVEL_STEP1_ONLY: 1}
-    assert step2 == [True] + [False] * (n - 1)
-    assert "crops" in summary.stage_seconds
-    sub = pd.read_csv(out, keep_default_na=False)
-    assert len(sub) == n and all(sub["PredictionString"])
-    assert validate_submission(out, small_dataset / "sample_submission.csv") == []
+    config = load_config(tiny_manifest)
+    predictor = Predictor.from_config(config, "cpu", False)
+    image_id = pd.read_csv(small_dataset / "sample_submission.csv")["ID"][0]
+    item = load_image(small_dataset / "test", image_id, size=config.image_size)
+    rows, stages = {}, {}
+    for level in (LEVEL_FULL, LEVEL_STEP1_ONLY):
+        timer = StageTimer()
+        rows[level] = predict_row(predictor, item, level, timer, None)
+        stages[level] = set(timer.totals)
+    assert "crops" in stages[LEVEL_FULL] and "crops" not in stages[LEVEL_STEP1_ONLY]
+    assert "step1" in stages[LEVEL_STEP1_ONLY]
+    assert rows[LEVEL_STEP1_ONLY] and rows[LEVEL_STEP1_ONLY] != rows[LEVEL_FULL]
 
 
 def test_manifest_paths_cannot_escape(tmp_path, tiny_checkpoint):

@@ -26,7 +26,6 @@ from hpa_kernel.stages.segmentation.network import (
     DPNUnet,
     DualPathBlock,
     build_dpn_unet,
-    count_parameters,
     expected_state_dict_shapes,
 )
 
@@ -139,7 +138,7 @@ def test_batch_norm_eps_and_param_count(model: DPNUnet) -> None:
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 1 + 3 * 30 + 4 + 1  # stem, 3 per block, 4 projections, CatBnAct
     assert all(bn.eps == pytest.approx(1e-3) for bn in bns)
-    assert count_parameters(model) == model.num_params == NUM_PARAMS
+    assert sum(p.numel() for p in model.parameters()) == NUM_PARAMS  # buffers excluded
 
 
 def test_dual_path_block_rejects_unknown_type() -> None:

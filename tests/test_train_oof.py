@@ -24,6 +24,13 @@ def setup(tmp_path_factory):
     return root, s.index_path, ckpt
 
 
+def cached_image(row, size):
+    """The fold image as the export reads it: the prepared cache (uint8 RGBY), resized."""
+    from hpa_kernel.formats.images import resize_rgby
+
+    return resize_rgby(np.load(row.path), size)
+
+
 def test_export_rows_per_cell(setup):
     root, index, ckpt = setup
     t = export_oof_tables(index, ckpt, fold=1, opts=OOFOptions(size=192), progress=False)[0]
@@ -43,13 +50,12 @@ def test_step2_matches_the_kernel_functions(setup):
     from hpa_kernel.stages.model import load_checkpoint
     from hpa_kernel.stages.segmentation import create_segmenter as Segmenter
     from hpa_kernel.stages.step2 import crop_cells, predict_crops
-    from hpa_kernel.train.oof import _load_512
 
     root, index, ckpt = setup
     t = export_oof_tables(index, ckpt, fold=0, opts=OOFOptions(size=192, limit=1), progress=False)[0]
     row = next(pd.read_csv(index).query("fold == 0").assign(path=lambda d: str(root / "cache") + "/" + d["path"])
                .itertuples(index=False))
-    image = _load_512(row, [], 192)
+    image = cached_image(row, 192)
     labels = Segmenter().segment(image[None], [(192, 192)])[0].cells
     model, meta = load_checkpoint(ckpt)
     ids = t["cell_id"].to_numpy()
@@ -86,14 +92,13 @@ def test_empty_fold_is_an_error(setup):
 
 def test_image_probabilities_are_the_full_image_forward(setup):
     from hpa_kernel.stages.model import classify_image, load_checkpoint
-    from hpa_kernel.train.oof import _load_512
 
     root, index, ckpt = setup
     cells, images = export_oof_tables(index, ckpt, fold=0, opts=OOFOptions(size=192, limit=1), progress=False)
     row = next(pd.read_csv(index).query("fold == 0").assign(path=lambda d: str(root / "cache") + "/" + d["path"])
                .itertuples(index=False))
     model, _ = load_checkpoint(ckpt)
-    probs, _ = classify_image(model, _load_512(row, [], 192))
+    probs, _ = classify_image(model, cached_image(row, 192))
     assert images["ID"].tolist() == [row.ID]
     assert np.allclose(images[IMAGE_COLS].to_numpy()[0], probs, atol=1e-6)
 

@@ -458,10 +458,6 @@ class CellsTable:
     cells: pd.DataFrame
     models: list[str]
 
-    def image_cells(self, image_id: str) -> pd.DataFrame:
-        """The rows of one image (empty when it has no cells)."""
-        return self.cells[self.cells["ID"] == image_id]
-
 
 def read_cells(folder: str | os.PathLike) -> CellsTable:
     """Read a per-cell export folder (either format). ``ValueError`` (one line) if it is not one."""

@@ -1,8 +1,8 @@
 """How to run: :class:`RunOptions`, the command-line options, and their one serialisation.
 
-:func:`build_parser` defines every option of ``python -m hpa_kernel.submit``;
-:func:`to_argv` writes parsed options back as a command line (every option not at its
-default, whatever it is), and :func:`shard_argv` is that command line for one
+:func:`build_parser` defines every option of ``python -m hpa_kernel.submit`` (through
+:func:`add_options`, which returns them); :func:`to_argv` writes parsed options back as a
+command line (every option not at its default, whatever it is), and :func:`shard_argv` is that command line for one
 ``--parallel`` shard with :data:`SHARD_SET` replaced: a new option reaches the shards
 without anyone remembering to pass it (``tests/test_options.py`` checks every one).
 """
@@ -22,6 +22,7 @@ from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS
 __all__ = [
     "RunOptions",
     "build_parser",
+    "add_options",
     "to_argv",
     "shard_argv",
     "SHARD_SET",
@@ -152,39 +153,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="HPA single-cell classification: images -> submission.csv",
         epilog="Run 'python -m hpa_kernel.submit merge -h' to join shard outputs.",
     )
-    p.add_argument("--data-dir", type=Path, help="Kaggle-layout folder (test/ + sample_submission.csv)")
-    p.add_argument("--weights", type=Path, help="weights manifest (default: the bundled demo manifest)")
-    p.add_argument("--out", type=Path, help="output CSV (default ./submission.csv, on Kaggle /kaggle/working/...)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto: the GPU if this torch can run on it, else the CPU with a warning)")
-    fp = p.add_mutually_exclusive_group()
-    fp.add_argument("--fp16", dest="fp16", action="store_true", default=None, help="fp16 autocast (default on CUDA)")
-    fp.add_argument("--no-fp16", dest="fp16", action="store_false", help="full precision on CUDA")
-    p.add_argument("--batch-size", type=_count(1, "--batch-size"), help="Step 2 crop batch size (default from the manifest)")
-    p.add_argument("--workers", type=_count(0, "--workers"), default=2,
-                   help="image decoding threads (default 2; 0 = decode in the main thread)")
-    p.add_argument("--max-images", type=_count(1, "--max-images"), help="only the first N images (of each shard with --shard or --parallel)")
-    p.add_argument("--shard", type=parse_shard, help="I/N: run every N-th image starting at I (merge afterwards)")
-    p.add_argument("--parallel", type=parse_parallel, default="auto",
-                   help="processes, each on its own shard and device (default auto: one per usable GPU when there are several)")
-    p.add_argument("--time-budget", type=parse_duration, help="seconds (or 90m, 8.5h) the whole run may take (default: none; 8.5h on Kaggle)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"refuse (empty row) an image whose PNG header declares more than N pixels per channel "
-                        f"(default {DEFAULT_MAX_PIXELS:,}, 50 MP; HPA images are at most 3072x3072 = 9.4 MP)")
-    p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines")
-    p.add_argument("--save-cells", type=Path, metavar="DIR",
-                   help="write the per-cell export (label PNGs + per-model Step 1/Step 2/ensembled scores) to DIR, "
-                        "resumable; a --shard/--parallel shard writes DIR/shard-I-of-N (docs/TEAM_ENSEMBLING.md)")
-    p.add_argument("--overwrite-cells", action="store_true",
-                   help="replace a --save-cells export written with other settings (default: refuse it, exit 2)")
-    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)")
-    p.add_argument("--no-resume", action="store_true", help="ignore the journal of an interrupted run")
-    p.add_argument("--allow-outside-paths", action="store_true", help="let the manifest name files outside its folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_options(p)
     p.add_argument("--version", action="version", version=f"hpa_kernel {__version__}")
     return p
+
+
+def add_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Add every option of ``submit`` but ``--help`` / ``--version`` to ``p``; returns them
+    in order (what :func:`to_argv` writes back)."""
+    fp = p.add_mutually_exclusive_group()
+    return [
+        p.add_argument("--data-dir", type=Path, help="Kaggle-layout folder (test/ + sample_submission.csv)"),
+        p.add_argument("--weights", type=Path, help="weights manifest (default: the bundled demo manifest)"),
+        p.add_argument("--out", type=Path, help="output CSV (default ./submission.csv, on Kaggle /kaggle/working/...)"),
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto: the GPU if this torch can run on it, else the CPU with a warning)"),
+        fp.add_argument("--fp16", dest="fp16", action="store_true", default=None, help="fp16 autocast (default on CUDA)"),
+        fp.add_argument("--no-fp16", dest="fp16", action="store_false", help="full precision on CUDA"),
+        p.add_argument("--batch-size", type=_count(1, "--batch-size"), help="Step 2 crop batch size (default from the manifest)"),
+        p.add_argument("--workers", type=_count(0, "--workers"), default=2,
+                       help="image decoding threads (default 2; 0 = decode in the main thread)"),
+        p.add_argument("--max-images", type=_count(1, "--max-images"), help="only the first N images (of each shard with --shard or --parallel)"),
+        p.add_argument("--shard", type=parse_shard, help="I/N: run every N-th image starting at I (merge afterwards)"),
+        p.add_argument("--parallel", type=parse_parallel, default="auto",
+                       help="processes, each on its own shard and device (default auto: one per usable GPU when there are several)"),
+        p.add_argument("--time-budget", type=parse_duration, help="seconds (or 90m, 8.5h) the whole run may take (default: none; 8.5h on Kaggle)"),
+        p.add_argument("--tta", action="store_true", help="flip test-time augmentation"),
+        p.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help=f"refuse (empty row) an image whose PNG header declares more than N pixels per channel "
+                            f"(default {DEFAULT_MAX_PIXELS:,}, 50 MP; HPA images are at most 3072x3072 = 9.4 MP)"),
+        p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write a PNG per image with cell outlines"),
+        p.add_argument("--save-cells", type=Path, metavar="DIR",
+                       help="write the per-cell export (label PNGs + per-model Step 1/Step 2/ensembled scores) to DIR, "
+                            "resumable; a --shard/--parallel shard writes DIR/shard-I-of-N (docs/TEAM_ENSEMBLING.md)"),
+        p.add_argument("--overwrite-cells", action="store_true",
+                       help="replace a --save-cells export written with other settings (default: refuse it, exit 2)"),
+        p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of weight files (sizes still checked)"),
+        p.add_argument("--no-resume", action="store_true", help="ignore the journal of an interrupted run"),
+        p.add_argument("--allow-outside-paths", action="store_true", help="let the manifest name files outside its folder"),
+        p.add_argument("--no-progress", action="store_true", help="no progress bar"),
+        p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only"),
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging"),
+    ]
 
 
 def _text(value: Any) -> str:
@@ -194,14 +203,13 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def to_argv(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> list[str]:
+def to_argv(args: argparse.Namespace) -> list[str]:
     """The command line that parses back to ``args``: every option not at its default."""
-    parser = parser or build_parser()
+    parser = argparse.ArgumentParser(add_help=False)
+    actions = add_options(parser)
     defaults = vars(parser.parse_args([]))  # not get_default(): it skips None (--fp16's)
     argv: list[str] = []
-    for action in parser._actions:
-        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
-            continue
+    for action in actions:
         value = getattr(args, action.dest)
         if value == defaults[action.dest]:
             continue

@@ -303,11 +303,13 @@ def join_parts(
     return path
 
 
-def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None) -> int:
+def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None,
+                 launch: Callable[[Sequence[str], dict[str, str], Path], subprocess.Popen] | None = None) -> int:
     """One shard process per device, then the parts joined into ``out``: every ID gets its
     row. Prints the shards' summaries and ours. Exit status 0 when every shard finished
     every image, 1 when something failed, 2 when nothing could run (another run holds
-    ``out``'s lock: :func:`~hpa_kernel.run.lock.hold_output`, taken before anything)."""
+    ``out``'s lock: :func:`~hpa_kernel.run.lock.hold_output`, taken before anything).
+    ``launch`` starts a shard's process (as in :func:`run_shards`)."""
     lock = contextlib.ExitStack()
     try:
         lock.enter_context(hold_output(out))
@@ -315,11 +317,11 @@ def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, o
         print(f"error: --out: {e}", file=sys.stderr)
         return 2
     with lock:
-        return _run_parallel(args, devices, data_dir, out, time_budget)
+        return _run_parallel(args, devices, data_dir, out, time_budget, launch)
 
 
 def _run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path,
-                  time_budget: float | None) -> int:
+                  time_budget: float | None, launch=None) -> int:
     """:func:`run_parallel` once ``out`` is locked."""
     try:
         for d in sorted(set(devices) - {"cpu"}):
@@ -341,7 +343,7 @@ def _run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, 
         argv = shard_argv(args, data_dir, (s.index, s.count), s.device, s.out, seconds_left, rerun=s.attempts > 1)
         return [sys.executable, "-m", "hpa_kernel.submit", *argv]
 
-    result = run_shards(shards, command, time_budget, progress=not args.no_progress and not args.quiet)
+    result = run_shards(shards, command, time_budget, progress=not args.no_progress and not args.quiet, launch=launch)
     for s in shards:
         if os.path.lexists(s.stdout):
             try:

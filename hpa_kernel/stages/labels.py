@@ -165,19 +165,10 @@ def remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
     return out
 
 
-def relabel(labels: np.ndarray, *others: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
-    """Labels renumbered ``1..n`` in ascending order of the old ones, as int32.
-
-    ``skimage.segmentation.relabel_sequential``. Each of ``others`` (e.g. the nuclei of the
-    cells) is mapped through the same table; a label of theirs that ``labels`` lacks becomes
-    0. Returns the relabelled ``labels``, or the tuple ``(labels, *others)`` when others are given.
-    """
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered ``1..n`` in ascending order of the old ones, as int32
+    (``skimage.segmentation.relabel_sequential``)."""
     labels = np.asarray(labels)
     if labels.size == 0:
-        out = labels.astype(np.int32)
-        return (out, *(np.zeros(np.shape(o), np.int32) for o in others)) if others else out
-    new, forward, _ = relabel_sequential(labels)
-    new = new.astype(np.int32, copy=False)
-    if not others:
-        return new
-    return (new, *(np.asarray(forward[np.asarray(o)], dtype=np.int32) for o in others))
+        return labels.astype(np.int32)
+    return relabel_sequential(labels)[0].astype(np.int32, copy=False)

@@ -24,11 +24,9 @@ __all__ = ["SegResult", "Segmenter", "register_segmenter", "segmenter_names", "c
 
 @dataclass
 class SegResult:
-    """Segmentation of one S x S image: ``cells`` and ``nuclei``, (S, S) int32,
-    0 = background. Nuclei carry the label of their cell."""
+    """Segmentation of one S x S image: ``cells``, (S, S) int32, 0 = background."""
 
     cells: np.ndarray
-    nuclei: np.ndarray
 
     @property
     def n_cells(self) -> int:

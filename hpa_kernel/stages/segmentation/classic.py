@@ -133,8 +133,8 @@ def segment_classic(
     foreground_factor: float = 0.5,
     compactness: float = 0.0,
     min_cell_fraction: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Segment cells and nuclei of one RGBY image without network weights.
+) -> np.ndarray:
+    """Segment the cells of one RGBY image without network weights.
 
     Nuclei: :func:`segment_nuclei` on the blue channel. Cells: the red +
     yellow signal (plus blue, so every nucleus is inside its cell) is
@@ -163,8 +163,6 @@ def segment_classic(
     -------
     cells : (S, S) int32
         0 = background, cells 1..n consecutive.
-    nuclei : (S, S) int32
-        Each nucleus carries its cell's label.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or image.shape[-1] != 4:
@@ -175,7 +173,7 @@ def segment_classic(
     n = int(nuclei.max())
     if n == 0:
         logger.debug("segment_classic: no nuclei")
-        return empty, empty.copy()
+        return empty
     areas = np.bincount(nuclei.ravel())[1:]
     typical = float(np.median(areas))
     radius = max(2.0, np.sqrt(typical / np.pi))
@@ -190,9 +188,8 @@ def segment_classic(
     # one connected piece per cell (the watershed may leave detached islands)
     cells = _keep_seeded_pieces(cells, nuclei)
     cells = relabel(remove_small_labels(cells, min_cell_fraction * typical))
-    nuclei = cells * (nuclei > 0)
     logger.debug("segment_classic: %d cells (nucleus radius %.1f px)", cells.max(), radius)
-    return cells, nuclei  # int32: relabel's dtype
+    return cells  # int32: relabel's dtype
 
 
 def _keep_seeded_pieces(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
@@ -218,4 +215,4 @@ class ClassicSegmenter(Segmenter):
 
     def segment(self, images: np.ndarray, orig_sizes: Sequence[tuple[int, int]]) -> list[SegResult]:
         images, _ = self.check_batch(images, orig_sizes)
-        return [SegResult(*segment_classic(image)) for image in images]
+        return [SegResult(segment_classic(image)) for image in images]

@@ -86,15 +86,13 @@ class HpaSegmenter(Segmenter):
     def _label(self, nuc: np.ndarray, cell: np.ndarray, orig_size: tuple[int, int]) -> SegResult:
         shape = nuc.shape[:2]
         if self.config.scale == "512":
-            nuclei, cells = label_cell(nuc, cell, scale=scale_factors(shape, orig_size))
-            return SegResult(cells=cells, nuclei=nuclei)
+            return SegResult(label_cell(nuc, cell, scale=scale_factors(shape, orig_size)))
         # Stock flow: maps resized to the original size (cv2 INTER_AREA, as hpacellseg
         # does), label_cell at full resolution, labels back to S and renumbered (some
-        # cells may vanish when downsized), the nuclei through the same table.
+        # cells may vanish when downsized).
         width, height = orig_size
         nuc_full = cv2.resize(nuc, (width, height), interpolation=cv2.INTER_AREA)
         cell_full = cv2.resize(cell, (width, height), interpolation=cv2.INTER_AREA)
-        nuclei, cells = label_cell(nuc_full, cell_full, scale=1.0)
+        cells = label_cell(nuc_full, cell_full, scale=1.0)
         h, w = shape
-        cells, nuclei = relabel(resize_labels(cells, w, h), resize_labels(nuclei, w, h))
-        return SegResult(cells=cells, nuclei=nuclei)
+        return SegResult(relabel(resize_labels(cells, w, h)))

@@ -50,7 +50,6 @@ __all__ = [
     "ConvBottleneck",
     "DPNUnet",
     "build_dpn_unet",
-    "count_parameters",
     "expected_state_dict_shapes",
 ]
 
@@ -242,11 +241,6 @@ class DPNUnet(nn.Module):
         self.final = nn.Sequential(nn.Conv2d(widths[0], num_classes, 3, padding=1))
         self.encoder_stages = nn.ModuleList(_dpn92_stages(in_chans))
 
-    @property
-    def num_params(self) -> int:
-        """Parameter elements (139,108,867 for the hpacellseg network)."""
-        return count_parameters(self)
-
     def forward_encoder(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Outputs of encoder stages 0..4 (widths :data:`ENCODER_WIDTHS`)."""
         features = []
@@ -276,11 +270,6 @@ def build_dpn_unet(num_classes: int = 3, in_chans: int = 3) -> DPNUnet:
     Call it under ``with torch.device("meta"):`` for a parameter-free skeleton.
     """
     return DPNUnet(num_classes=num_classes, in_chans=in_chans)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements (139,108,867 for :class:`DPNUnet`; buffers excluded)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def expected_state_dict_shapes(model: Optional[nn.Module] = None) -> Dict[str, Tuple[int, ...]]:

@@ -1,4 +1,4 @@
-"""hpacellseg post-processing (``label_nuclei`` / ``label_cell``) at any scale.
+"""hpacellseg post-processing (``label_cell``) at any scale.
 
 The stock hpacellseg package turns the two U-Nets' 3-channel softmax maps
 (background, border/touching, interior; ``uint8`` = probability x 255) into
@@ -60,7 +60,6 @@ CLOSING_RADIUS = 6  # disk(6) closing of the cell labels
 
 #: Stock probability thresholds (fractions of 255).
 HIGH_THRESHOLD = 0.4
-LOW_THRESHOLD = HIGH_THRESHOLD - 0.25
 SEED_ADJUSTMENT = -0.25  # label_cell's nuclei seeds: interior > 0.4 - 0.25
 BORDER_THRESHOLD = 0.05
 
@@ -184,48 +183,10 @@ def _seeded_nuclei(
     return segmentation.watershed(mask_u8, markers, mask=mask, watershed_line=True)
 
 
-def label_nuclei(nuclei_pred: np.ndarray, scale: Scale = 1.0) -> np.ndarray:
-    """Label nuclei from the nuclei network's map alone (stock ``label_nuclei``).
-
-    Parameters
-    ----------
-    nuclei_pred : (H, W, 3) uint8
-        Softmax x 255 of the nuclei U-Net: background, border, interior.
-    scale : float or (sy, sx)
-        Linear scale of the map relative to the original image (1 = full
-        resolution); area thresholds are multiplied by ``sy * sx``.
-
-    Returns
-    -------
-    (H, W) int32
-        0 = background, nuclei 1..n (consecutive).
-
-    Notes
-    -----
-    Stock compares the ``uint8`` map with fractional thresholds (0.05, 0.15,
-    0.4), so in effect any non-zero value passes; here the thresholds are read
-    as fractions of 255, as ``label_cell`` does. The pipeline uses the nuclei
-    from :func:`label_cell`, not this function.
-    """
-    pred = _check_pred(nuclei_pred, "nuclei_pred")
-    area = _area_factor(scale)
-    interior = pred[..., 2] / 255.0
-    borders = pred[..., 1] / 255.0 > BORDER_THRESHOLD
-    seeds = (interior * ~borders) > LOW_THRESHOLD
-    seeds = ndi.binary_erosion(seeds, ndi.generate_binary_structure(2, 1), border_value=1)
-    markers = measure.label(seeds)
-    mask = remove_small_holes(interior > HIGH_THRESHOLD, HOLE_AREA * area)
-    if markers.max() == 0:
-        return np.zeros(interior.shape, np.int32)
-    labels = segmentation.watershed(mask.astype(np.uint8), markers, mask=mask, watershed_line=True)
-    labels = remove_small_labels(labels, NUCLEUS_MIN_AREA * area)
-    return measure.label(labels).astype(np.int32)
-
-
 def label_cell(
     nuclei_pred: np.ndarray, cell_pred: np.ndarray, scale: Scale = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Label cells and their nuclei (stock hpacellseg ``label_cell``).
+) -> np.ndarray:
+    """Label cells (stock hpacellseg ``label_cell``; its nuclei are only the cells' seeds here).
 
     Parameters
     ----------
@@ -239,10 +200,6 @@ def label_cell(
 
     Returns
     -------
-    nuclei : (H, W) int32
-        Each cell's nucleus carries its cell's label (as in stock); a cell
-        whose nucleus was filtered out has none, so these labels need not be
-        consecutive.
     cells : (H, W) int32
         0 = background, cells 1..n (consecutive, never wrapped).
     """
@@ -262,7 +219,7 @@ def label_cell(
     nuclei = remove_small_labels(nuclei, NUCLEUS_MIN_AREA * area)
     nuclei = measure.label(nuclei)
     if nuclei.max() == 0:
-        return empty, empty.copy()
+        return empty
 
     cell_interior = cell[..., 2] / 255.0
     threshold = max(0.22, float(filters.threshold_otsu(cell_interior)) * 0.5)
@@ -286,9 +243,5 @@ def label_cell(
     cells = measure.label(cells > 0)
     cells = remove_small_labels(cells, CELL_MIN_AREA * area)
     cells = relabel(cells)
-
-    kept = measure.label((cells > 0) & (nuclei > 0))
-    kept = remove_small_labels(kept, NUCLEUS_MIN_AREA * area)
-    nuclei = np.where(kept > 0, cells, 0).astype(np.int32)
     logger.debug("label_cell: %d cells at %s (area factor %.4f)", cells.max(), cells.shape, area)
-    return nuclei, cells
+    return cells
