@@ -224,7 +224,8 @@ def _check_classes(m: "MatchTable | WeakTable") -> None:
 
 def _match_truth(table: pd.DataFrame, truth_dir: str | Path, size: int, iou_threshold: float) -> "MatchTable":
     from hpa_kernel.stages.labels import label_boxes
-    from hpa_kernel.tools.metric import box_iou, read_label_image, read_truth_index
+    from hpa_kernel.formats.truth import read_label_image, read_truth_index
+    from hpa_kernel.tools.metric import box_iou
 
     truth = read_truth_index(truth_dir)
     table = table[table["ID"].astype(str).isin(set(truth))]
