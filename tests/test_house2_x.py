@@ -28,3 +28,20 @@ def test_metric_reads_truth_through_formats_truth():
     assert metric.read_truth_index is truth_fmt.read_truth_index
     assert metric.read_label_image is truth_fmt.read_label_image
     assert metric.TruthError is truth_fmt.TruthError
+
+
+def test_the_codec_decodes_many_masks_into_one_label_image_first_listed_wins():
+    from hpa_kernel.formats.rle import decode_label_image, decode_mask, encode_mask
+
+    rng = np.random.default_rng(21)
+    h, w = 23, 31
+    masks = [rng.random((h, w)) < p for p in (0.3, 0.5, 0.0, 0.2)]  # overlapping, one empty
+    texts = [encode_mask(m) for m in masks]
+    want = np.zeros((h, w), np.int32)
+    for i in range(len(masks) - 1, -1, -1):
+        want[decode_mask(texts[i], h, w)] = i + 1
+    labels, areas = decode_label_image(texts, h, w)
+    assert np.array_equal(labels, want)
+    assert areas.tolist() == [int(m.sum()) for m in masks]
+    with pytest.raises(ValueError, match="mask 1:"):
+        decode_label_image([texts[0], texts[1][:-4]], h, w)
