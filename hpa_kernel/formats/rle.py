@@ -27,7 +27,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
-from hpa_kernel.stages.labels import label_runs, resize_labels
+from hpa_kernel.stages.labels import check_size, label_runs, resize_labels
 
 __all__ = [
     "encode_mask",
@@ -81,13 +81,6 @@ def _unpack(text: str, height: int, width: int) -> bytes:
     return counts
 
 
-def _check_size(height: int, width: int) -> tuple[int, int]:
-    h, w = int(height), int(width)
-    if h != height or w != width or h <= 0 or w <= 0:
-        raise ValueError(f"mask size must be positive integers, got {height}x{width}")
-    return h, w
-
-
 def encode_mask(mask: np.ndarray) -> str:
     """Encode one binary mask ``(H, W)`` (nonzero = inside) as a competition mask string."""
     mask = np.asarray(mask)
@@ -106,7 +99,7 @@ def decode_mask(text: str, height: int, width: int) -> np.ndarray:
     well-formed COCO counts string, or its runs do not cover exactly ``height * width``
     pixels.
     """
-    h, w = _check_size(height, width)
+    h, w = check_size(height, width)
     counts = _unpack(text, h, w)
     _, errors = _check_counts([counts], np.array([h]), np.array([w]))
     if errors[0] is not None:
@@ -146,7 +139,7 @@ def encode_label_image(
     ``encode_mask(resize_labels(labels, width, height) == cell_id)`` byte for byte
     (:func:`hpa_kernel.stages.labels.resize_labels`).
     """
-    h, w = _check_size(height, width)
+    h, w = check_size(height, width)
     resized = resize_labels(labels, w, h)
     total = h * w
     starts, lengths, values = label_runs(resized)
