@@ -45,3 +45,31 @@ def test_the_codec_decodes_many_masks_into_one_label_image_first_listed_wins():
     assert areas.tolist() == [int(m.sum()) for m in masks]
     with pytest.raises(ValueError, match="mask 1:"):
         decode_label_image([texts[0], texts[1][:-4]], h, w)
+
+
+def test_training_and_fitting_score_with_the_competitions_ap():
+    """Issue 21 item 5: one AP. The training log's image-level AP is the metric's
+    (interpolated: here 0.7333, where the step-wise AP of sklearn says 0.7)."""
+    from hpa_kernel.train.metrics import image_ap, macro_map
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    target = np.array([1, 0, 0, 1, 1])
+    assert image_ap(scores, target) == pytest.approx((1 + 0.6 + 0.6) / 3)
+    assert image_ap(scores, target) == metric.average_precision(scores, target.astype(bool), 3)
+    probs, targets = np.stack([scores, scores], 1), np.stack([target, np.zeros(5, int)], 1)
+    assert macro_map(probs, targets) == image_ap(scores, target)  # class 1 has no positive: left out
+
+
+def test_fit_weights_matches_cells_by_the_metrics_rule():
+    from hpa_kernel.train.fit_weights import class_ap
+
+    # pooled detections, best truth cell per detection (-1: none at the IoU threshold)
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.0])
+    key = np.array([3, 3, -1, 5, 5])
+    present = np.array([True, True, True, True, True])
+    tp = metric.take_cells(key)  # the second detection of cell 3 comes too late
+    assert tp.tolist() == [True, False, False, True, False]
+    want = metric.average_precision(conf[:4], tp[:4], 2)  # a zero confidence is no detection
+    assert class_ap(conf, present, key, 2) == want
+    ious = np.array([[0.9, 0.1], [0.7, 0.2], [0.3, 0.5], [0.1, 0.6]])
+    assert metric.match_class(ious).tolist() == metric.take_cells([0, -1, -1, 1]).tolist()

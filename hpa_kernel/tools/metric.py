@@ -250,13 +250,22 @@ def match_class(ious: np.ndarray, iou_threshold: float = IOU_THRESHOLD) -> np.nd
         first); it is a TP if that IoU >= threshold and no earlier TP took the cell.
     """
     k, m = ious.shape
-    tp = np.zeros(k, dtype=bool)
     if k == 0 or m == 0:
-        return tp
+        return np.zeros(k, dtype=bool)
     best = ious.argmax(axis=1)
-    eligible = np.flatnonzero(ious[np.arange(k), best] >= iou_threshold)
-    # Only a TP takes a cell, and every eligible detection would be a TP were its cell
-    # free: so the TPs are the first eligible detection of each cell.
+    return take_cells(np.where(ious[np.arange(k), best] >= iou_threshold, best, -1))
+
+
+def take_cells(best: np.ndarray) -> np.ndarray:
+    """The matching rule behind :func:`match_class`: ``best[i]`` is detection i's best cell
+    (any integer key, -1: none at the IoU threshold), detections in matching order.
+
+    Only a TP takes a cell, and every eligible detection would be a TP were its cell free:
+    so the TPs (returned, (k,) bool) are the first eligible detection of each cell.
+    """
+    best = np.asarray(best, dtype=np.int64)
+    tp = np.zeros(best.size, dtype=bool)
+    eligible = np.flatnonzero(best >= 0)
     _, first = np.unique(best[eligible], return_index=True)
     tp[eligible[first]] = True
     return tp
