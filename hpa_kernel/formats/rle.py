@@ -22,7 +22,7 @@ import base64
 import binascii
 import logging
 import zlib
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_util
@@ -35,7 +35,6 @@ __all__ = [
     "encode_label_image",
     "check_masks",
     "max_counts_length",
-    "mask_runs",
     "decode_label_image",
 ]
 
@@ -205,25 +204,15 @@ def _flag(errors: list[str | None], bad: np.ndarray, where: np.ndarray, message:
     bad |= where
 
 
-class _Counts(NamedTuple):
-    """COCO counts of many strings, parsed: ``runs`` (every string's run lengths, concatenated;
-    background, foreground, ... alternating), ``first``/``nvals`` (each string's first run and
-    number of runs), ``errors``/``bad`` (syntax faults so far)."""
-
-    runs: np.ndarray
-    first: np.ndarray
-    nvals: np.ndarray
-    errors: list
-    bad: np.ndarray
-
-
-def _parse_counts(counts_list: Sequence[bytes]) -> _Counts:
+def _parse_counts(counts_list: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, np.ndarray]:
     """The one COCO counts parser, vectorised over many strings.
 
     The inverse of pycocotools' ``rleToString``: characters ``48 + 6-bit chunk``, bit 0x20 =
     more chunks follow, bit 0x10 of the last chunk = sign, and from the fourth value on each
     value is a delta to the value two places earlier. Flags empty strings, bad characters,
-    truncated and over-long values; the run lengths of a flagged string are meaningless.
+    truncated and over-long values. Returns ``(runs, first, nvals, errors, bad)``: every
+    string's run lengths concatenated (background, foreground, ... alternating; meaningless
+    for a flagged string), each string's first run and number of runs, the faults so far.
     """
     n = len(counts_list)
     errors: list[str | None] = [None] * n
@@ -233,7 +222,7 @@ def _parse_counts(counts_list: Sequence[bytes]) -> _Counts:
     string_start = np.cumsum(lens) - lens  # byte offset of each string
     _flag(errors, bad, lens == 0, "empty RLE counts")
     if raw.size == 0:
-        return _Counts(np.zeros(0, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), errors, bad)
+        return np.zeros(0, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), errors, bad
 
     def strings_of(byte_pos: np.ndarray) -> np.ndarray:
         hit = np.zeros(n, dtype=bool)
@@ -284,7 +273,7 @@ def _parse_counts(counts_list: Sequence[bytes]) -> _Counts:
         csum = np.cumsum(v)
         start_idx = np.maximum.accumulate(np.where(j[p::2] <= 2, np.arange(v.size), 0))
         runs[p::2] = csum - (csum[start_idx] - v[start_idx])
-    return _Counts(runs, first, nvals, errors, bad)
+    return runs, first, nvals, errors, bad
 
 
 def _check_counts(
@@ -366,22 +355,6 @@ def check_masks(
 # ----------------------------------------------------------------------------------------
 
 
-def mask_runs(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Foreground runs ``(starts, lengths, owner)`` (int64) of **valid** mask strings.
-
-    Positions index the Fortran-order (column-major) flattening of the mask; ``owner[k]`` is
-    the index of the string run ``k`` belongs to (ascending). The strings must have passed
-    :func:`check_masks`; nothing is re-checked here.
-    """
-    runs, first, nvals, _, _ = _parse_counts([zlib.decompress(base64.b64decode(t)) for t in texts])
-    owner = np.repeat(np.arange(len(texts), dtype=np.int64), nvals)
-    j = np.arange(runs.size) - first[owner]
-    csum = np.cumsum(runs)
-    run_end = csum - (csum[first] - runs[first])[owner]  # cumulative within each string
-    fg = (j % 2 == 1) & (runs > 0)  # runs alternate background, foreground, ...
-    return (run_end - runs)[fg], runs[fg], owner[fg]
-
-
 def decode_label_image(
     texts: Sequence[str], height: int, width: int, checked: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -393,7 +366,8 @@ def decode_label_image(
     included). Raises ``ValueError`` naming the first string that does not decode at
     ``height x width`` (use :func:`check_masks` to filter beforehand; ``checked=True`` skips
     the check for strings that passed it, and then ``areas`` is ``None``). No full-size mask
-    per cell is made: the runs are painted with one cumulative sum.
+    per cell is made: the strings' runs (:func:`_parse_counts`, positions in the Fortran-order
+    flattening) are painted with one cumulative sum.
     """
     h, w = int(height), int(width)
     areas = None
@@ -405,7 +379,12 @@ def decode_label_image(
     n = len(texts)
     flat = np.zeros(h * w, dtype=np.int32)  # Fortran order: flat[x * h + y]
     if n:
-        starts, lengths, owner = mask_runs(texts)
+        runs, first, nvals, _, _ = _parse_counts([zlib.decompress(base64.b64decode(t)) for t in texts])
+        owner = np.repeat(np.arange(n, dtype=np.int64), nvals)
+        csum = np.cumsum(runs)
+        run_end = csum - (csum[first] - runs[first])[owner]  # cumulative within each string
+        fg = ((np.arange(runs.size) - first[owner]) % 2 == 1) & (runs > 0)  # background, foreground, ...
+        starts, lengths, owner = (run_end - runs)[fg], runs[fg], owner[fg]
         order = np.argsort(starts, kind="stable")
         s, e = starts[order], (starts + lengths)[order]
         if s.size < 2 or not (s[1:] < np.maximum.accumulate(e)[:-1]).any():

@@ -21,9 +21,6 @@ import pandas as pd
 
 from hpa_kernel.classes import format_labels, parse_labels
 
-__all__ = ["TRUTH_COLUMNS", "TruthError", "label_path", "read_truth_index", "read_label_image",
-           "write_label_image", "write_truth_index"]
-
 TRUTH_COLUMNS: tuple[str, ...] = ("ID", "cell_id", "Label")
 
 
@@ -88,9 +85,9 @@ def read_label_image(truth_dir: str | Path, image_id: str) -> np.ndarray:
 def write_label_image(truth_dir: str | Path, image_id: str, labels: np.ndarray) -> Path:
     """Write ``DIR/labels/<ID>.png`` (uint16, fast PNG compression); returns the path."""
     path = label_path(truth_dir, image_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if labels.ndim != 2 or (labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max)):
+    if labels.ndim != 2 or (labels.size and (labels.min() < 0 or labels.max() > 65535)):
         raise TruthError(f"{path}: label image must be 2-D with ids in 0..65535")
+    path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", labels.astype(np.uint16), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"could not encode {path}")
