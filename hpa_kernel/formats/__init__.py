@@ -5,6 +5,8 @@
 * :mod:`~hpa_kernel.formats.rle`: the competition's mask strings (the codec only).
 * :mod:`~hpa_kernel.formats.submission`: ``submission.csv`` rows: the one parser, the
   atomic writer, the validator and the shard-part merge.
+* :mod:`~hpa_kernel.formats.truth`: the truth folder (``labels/<ID>.png`` + ``cells.csv``, per-cell
+  ground truth of synthetic data).
 * :mod:`~hpa_kernel.formats.overlay`: the debugging PNG with cell outlines.
 * :mod:`~hpa_kernel.formats.csvfile`: the one CSV reading rule (UTF-8 with or without a
   byte-order mark, no per-field cap) for every CSV reader above; imported here, so the

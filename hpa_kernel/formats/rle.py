@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
-from hpa_kernel.stages.labels import label_runs, resize_labels
+from hpa_kernel.stages.labels import check_size, label_runs, resize_labels
 
 __all__ = [
     "encode_mask",
@@ -35,6 +35,7 @@ __all__ = [
     "encode_label_image",
     "check_masks",
     "max_counts_length",
+    "decode_label_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,13 +80,6 @@ def _unpack(text: str, height: int, width: int) -> bytes:
     return counts
 
 
-def _check_size(height: int, width: int) -> tuple[int, int]:
-    h, w = int(height), int(width)
-    if h != height or w != width or h <= 0 or w <= 0:
-        raise ValueError(f"mask size must be positive integers, got {height}x{width}")
-    return h, w
-
-
 def encode_mask(mask: np.ndarray) -> str:
     """Encode one binary mask ``(H, W)`` (nonzero = inside) as a competition mask string."""
     mask = np.asarray(mask)
@@ -104,7 +98,7 @@ def decode_mask(text: str, height: int, width: int) -> np.ndarray:
     well-formed COCO counts string, or its runs do not cover exactly ``height * width``
     pixels.
     """
-    h, w = _check_size(height, width)
+    h, w = check_size(height, width)
     counts = _unpack(text, h, w)
     _, errors = _check_counts([counts], np.array([h]), np.array([w]))
     if errors[0] is not None:
@@ -144,7 +138,7 @@ def encode_label_image(
     ``encode_mask(resize_labels(labels, width, height) == cell_id)`` byte for byte
     (:func:`hpa_kernel.stages.labels.resize_labels`).
     """
-    h, w = _check_size(height, width)
+    h, w = check_size(height, width)
     resized = resize_labels(labels, w, h)
     total = h * w
     starts, lengths, values = label_runs(resized)
@@ -203,43 +197,41 @@ def encode_label_image(
 # ----------------------------------------------------------------------------------------
 
 
-def _check_counts(
-    counts_list: Sequence[bytes], heights: np.ndarray, widths: np.ndarray
-) -> tuple[np.ndarray, list[str | None]]:
-    """Parse many COCO counts strings at once; return ``(areas, errors)``.
+def _flag(errors: list[str | None], bad: np.ndarray, where: np.ndarray, message: str) -> None:
+    """Record ``message`` for the strings in ``where`` not yet faulted; mark them bad."""
+    for i in np.flatnonzero(where & ~bad).tolist():
+        errors[i] = message
+    bad |= where
 
-    Implements the inverse of pycocotools' ``rleToString`` vectorised over all strings:
-    characters ``48 + 6-bit chunk``, bit 0x20 = more chunks follow, bit 0x10 of the last
-    chunk = sign, and from the fourth value on each value is a delta to the value two
-    places earlier. ``errors[i]`` is ``None`` when string i is well formed and its runs
-    cover exactly ``heights[i] * widths[i]`` pixels.
+
+def _parse_counts(counts_list: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, np.ndarray]:
+    """The one COCO counts parser, vectorised over many strings.
+
+    The inverse of pycocotools' ``rleToString``: characters ``48 + 6-bit chunk``, bit 0x20 =
+    more chunks follow, bit 0x10 of the last chunk = sign, and from the fourth value on each
+    value is a delta to the value two places earlier. Flags empty strings, bad characters,
+    truncated and over-long values. Returns ``(runs, first, nvals, errors, bad)``: every
+    string's run lengths concatenated (background, foreground, ... alternating; meaningless
+    for a flagged string), each string's first run and number of runs, the faults so far.
     """
     n = len(counts_list)
     errors: list[str | None] = [None] * n
-    areas = np.zeros(n, dtype=np.int64)
-    if n == 0:
-        return areas, errors
+    bad = np.zeros(n, dtype=bool)
     lens = np.fromiter((len(c) for c in counts_list), dtype=np.int64, count=n)
     raw = np.frombuffer(b"".join(counts_list), dtype=np.uint8)
     string_start = np.cumsum(lens) - lens  # byte offset of each string
-    bad = np.zeros(n, dtype=bool)
-
-    def flag(where: np.ndarray, message: str) -> None:
-        for i in np.flatnonzero(where & ~bad).tolist():
-            errors[i] = message
-        bad[:] |= where
+    _flag(errors, bad, lens == 0, "empty RLE counts")
+    if raw.size == 0:
+        return np.zeros(0, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64), errors, bad
 
     def strings_of(byte_pos: np.ndarray) -> np.ndarray:
         hit = np.zeros(n, dtype=bool)
         hit[np.searchsorted(string_start, byte_pos, side="right") - 1] = True
         return hit
 
-    flag(lens == 0, "empty RLE counts")
-    if raw.size == 0:
-        return areas, errors
     badchar = np.flatnonzero((raw < 48) | (raw > 111))
     if badchar.size:
-        flag(strings_of(badchar), "RLE counts has a character outside '0'..'o'")
+        _flag(errors, bad, strings_of(badchar), "RLE counts has a character outside '0'..'o'")
     buf = (raw - np.uint8(48)) & np.uint8(0x3F)  # 6-bit chunks (bad characters already flagged)
 
     term = (buf & 0x20) == 0
@@ -247,7 +239,7 @@ def _check_counts(
     string_end = (string_start + lens - 1)[nonempty]
     truncated = np.zeros(n, dtype=bool)
     truncated[nonempty] = ~term[string_end]
-    flag(truncated, "RLE counts is truncated (last value has its continuation bit set)")
+    _flag(errors, bad, truncated, "RLE counts is truncated (last value has its continuation bit set)")
     term[string_end] = True  # values never span two strings
 
     tpos = np.flatnonzero(term)  # last byte of each value
@@ -257,10 +249,9 @@ def _check_counts(
     nchunks = tpos - vstarts + 1
     nvals = np.zeros(n, dtype=np.int64)
     nvals[nonempty] = np.add.reduceat(term, string_start[nonempty], dtype=np.int64)
-    mask_of_value = np.repeat(np.arange(n), nvals)
     too_long = nchunks > _MAX_CHUNKS
     if too_long.any():
-        flag(strings_of(tpos[too_long]), "RLE counts value is too long")
+        _flag(errors, bad, strings_of(tpos[too_long]), "RLE counts value is too long")
     vals = (buf[vstarts] & 0x1F).astype(np.int64)
     for k in range(1, int(min(nchunks.max(), _MAX_CHUNKS))):
         sel = np.flatnonzero(nchunks > k)
@@ -270,26 +261,45 @@ def _check_counts(
 
     # Undo the delta coding: value j (j >= 3) += value j-2. Chains per string: {0}, odd j,
     # even j >= 2; a segmented cumulative sum along each chain.
-    first_val = np.concatenate(([0], np.cumsum(nvals)[:-1]))
-    j = np.arange(vals.size) - first_val[mask_of_value]
+    first = np.concatenate(([0], np.cumsum(nvals)[:-1]))
+    j = np.arange(vals.size) - np.repeat(first, nvals)
     # Within a string the members of one chain share the parity of their global index, so
     # each chain is a segment of vals[p::2] starting where j <= 2.
-    counts = np.empty_like(vals)
+    runs = np.empty_like(vals)
     for p in (0, 1):
         v = vals[p::2]
         if v.size == 0:
             continue
         csum = np.cumsum(v)
         start_idx = np.maximum.accumulate(np.where(j[p::2] <= 2, np.arange(v.size), 0))
-        counts[p::2] = csum - (csum[start_idx] - v[start_idx])
+        runs[p::2] = csum - (csum[start_idx] - v[start_idx])
+    return runs, first, nvals, errors, bad
 
-    flag(np.bincount(mask_of_value[(counts < 0) | (counts > np.iinfo(np.uint32).max)], minlength=n) > 0,
-         "RLE counts has a negative or overflowing run")
-    last_val = first_val + nvals
-    csum = np.concatenate(([0], np.cumsum(counts)))
-    totals = csum[last_val] - csum[first_val]
-    csum = np.concatenate(([0], np.cumsum(np.where(j % 2 == 1, counts, 0))))
-    areas = csum[last_val] - csum[first_val]
+
+def _check_counts(
+    counts_list: Sequence[bytes], heights: np.ndarray, widths: np.ndarray
+) -> tuple[np.ndarray, list[str | None]]:
+    """Check many COCO counts strings (:func:`_parse_counts`); return ``(areas, errors)``.
+
+    ``errors[i]`` is ``None`` when string i is well formed and its runs cover exactly
+    ``heights[i] * widths[i]`` pixels.
+    """
+    n = len(counts_list)
+    areas = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return areas, []
+    runs, first, nvals, errors, bad = _parse_counts(counts_list)
+    if runs.size == 0:
+        return areas, errors
+    owner = np.repeat(np.arange(n), nvals)
+    j = np.arange(runs.size) - first[owner]
+    _flag(errors, bad, np.bincount(owner[(runs < 0) | (runs > np.iinfo(np.uint32).max)], minlength=n) > 0,
+          "RLE counts has a negative or overflowing run")
+    last = first + nvals
+    csum = np.concatenate(([0], np.cumsum(runs)))
+    totals = csum[last] - csum[first]
+    csum = np.concatenate(([0], np.cumsum(np.where(j % 2 == 1, runs, 0))))
+    areas = csum[last] - csum[first]
     expected = heights.astype(np.int64) * widths.astype(np.int64)
     for i in np.flatnonzero((totals != expected) & ~bad).tolist():
         errors[i] = f"RLE runs cover {totals[i]} pixels, expected {heights[i]}x{widths[i]}={expected[i]}"
@@ -338,3 +348,56 @@ def check_masks(
         errors[i] = message
         areas[i] = 0
     return areas, errors
+
+
+# ----------------------------------------------------------------------------------------
+# Many mask strings -> one label image (the merge's decoder)
+# ----------------------------------------------------------------------------------------
+
+
+def decode_label_image(
+    texts: Sequence[str], height: int, width: int, checked: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode mask strings into one ``(height, width)`` int32 label image (a Fortran-ordered
+    array, the layout of the RLE; ``np.ascontiguousarray`` makes a C copy if needed).
+
+    Mask ``i`` becomes label ``i + 1``; a pixel covered by several masks goes to the first
+    listed. Returns ``(labels, areas)``: ``areas[i]`` is mask i's own pixel count (overlap
+    included). Raises ``ValueError`` naming the first string that does not decode at
+    ``height x width`` (use :func:`check_masks` to filter beforehand; ``checked=True`` skips
+    the check for strings that passed it, and then ``areas`` is ``None``). No full-size mask
+    per cell is made: the strings' runs (:func:`_parse_counts`, positions in the Fortran-order
+    flattening) are painted with one cumulative sum.
+    """
+    h, w = int(height), int(width)
+    areas = None
+    if not checked:
+        areas, errors = check_masks(list(texts), h, w)
+        for i, e in enumerate(errors):
+            if e is not None:
+                raise ValueError(f"mask {i}: {e}")
+    n = len(texts)
+    flat = np.zeros(h * w, dtype=np.int32)  # Fortran order: flat[x * h + y]
+    if n:
+        runs, first, nvals, _, _ = _parse_counts([zlib.decompress(base64.b64decode(t)) for t in texts])
+        owner = np.repeat(np.arange(n, dtype=np.int64), nvals)
+        csum = np.cumsum(runs)
+        run_end = csum - (csum[first] - runs[first])[owner]  # cumulative within each string
+        fg = ((np.arange(runs.size) - first[owner]) % 2 == 1) & (runs > 0)  # background, foreground, ...
+        starts, lengths, owner = (run_end - runs)[fg], runs[fg], owner[fg]
+        order = np.argsort(starts, kind="stable")
+        s, e = starts[order], (starts + lengths)[order]
+        if s.size < 2 or not (s[1:] < np.maximum.accumulate(e)[:-1]).any():
+            # disjoint runs: +label at each start, -label at each end, one cumulative sum
+            step = np.zeros(h * w + 1, dtype=np.int32)
+            np.add.at(step, starts, (owner + 1).astype(np.int32))
+            np.add.at(step, starts + lengths, -(owner + 1).astype(np.int32))
+            np.cumsum(step[:-1], out=flat)
+        else:  # rare: paint the last mask first so that the first listed wins
+            logger.debug("masks overlap; overlapped pixels go to the first listed")
+            bounds = np.concatenate(([0], np.cumsum(np.bincount(owner, minlength=n))))
+            for i in range(n - 1, -1, -1):  # one cell's runs at a time, O(its area)
+                st, ln = starts[bounds[i] : bounds[i + 1]], lengths[bounds[i] : bounds[i + 1]]
+                pix = np.repeat(st - (np.cumsum(ln) - ln), ln) + np.arange(int(ln.sum()), dtype=np.int64)
+                flat[pix] = i + 1
+    return flat.reshape(w, h).T, areas

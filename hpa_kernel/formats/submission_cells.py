@@ -4,110 +4,25 @@ A PredictionString lists a cell once per class, its mask string repeated. :func:
 turns the row back into cells -- the distinct mask strings in order of first appearance,
 an ``(n, 19)`` score matrix, the cells' areas and one label image at the original size --
 so that cells of different pipelines can be matched by IoU (:mod:`hpa_kernel.stages.cellmatch`).
-
-:func:`decode_label_image` decodes many mask strings into one label image without making a
-full-size mask per cell: each string's COCO counts are parsed (vectorised over its bytes,
-the inverse of pycocotools' ``rleToString``) into runs of the Fortran-order flattening,
-and the runs are painted with one fancy assignment. The strings are first checked with
-:func:`hpa_kernel.formats.rle.check_masks`, the codec's validator.
-
-(Codec functions: they belong beside ``rle.encode_label_image`` / ``submission.prediction_string``
-and may be moved there.)
+The masks are checked and decoded by the codec, :mod:`hpa_kernel.formats.rle`
+(``check_masks``, ``decode_label_image``; the latter re-exported here).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import zlib
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.formats.submission import parse_prediction_string
-from hpa_kernel.formats.rle import check_masks
+from hpa_kernel.formats.rle import check_masks, decode_label_image
 
-__all__ = ["SubmissionCells", "mask_runs", "decode_label_image", "row_scores", "row_cells"]
+__all__ = ["SubmissionCells", "row_scores", "row_cells", "decode_label_image"]
 
 logger = logging.getLogger(__name__)
-
-
-def mask_runs(text: str) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground runs ``(starts, lengths)`` (int64) of one **valid** mask string.
-
-    Positions index the Fortran-order (column-major) flattening of the mask. The string
-    must have passed :func:`hpa_kernel.formats.rle.check_masks`; nothing is re-checked here.
-    """
-    counts = zlib.decompress(base64.b64decode(text))
-    c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
-    ends = np.flatnonzero((c & 0x20) == 0)  # last chunk of each value
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    nchunks = ends - starts + 1
-    vals = np.zeros(ends.size, dtype=np.int64)
-    for k in range(int(nchunks.max())):
-        sel = np.flatnonzero(nchunks > k)
-        vals[sel] |= (c[starts[sel] + k] & 0x1F) << (5 * k)
-    neg = (c[ends] & 0x10) != 0
-    vals[neg] -= np.int64(1) << (5 * nchunks[neg])
-    # value m (m > 2) is a delta to value m - 2: chains {0}, {1, 3, 5, ...}, {2, 4, 6, ...}
-    counts = vals.copy()
-    counts[1::2] = np.cumsum(vals[1::2])
-    counts[2::2] = np.cumsum(vals[2::2])
-    run_end = np.cumsum(counts)
-    fg = np.arange(1, counts.size, 2)  # runs alternate background, foreground, ...
-    lengths = counts[fg]
-    keep = lengths > 0
-    return (run_end[fg] - lengths)[keep], lengths[keep]
-
-
-def decode_label_image(
-    texts: Sequence[str], height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode mask strings into one ``(height, width)`` int32 label image (a Fortran-ordered
-    array, the layout of the RLE; ``np.ascontiguousarray`` makes a C copy if needed).
-
-    Mask ``i`` becomes label ``i + 1``; a pixel covered by several masks goes to the first
-    listed. Returns ``(labels, areas)``: ``areas[i]`` is mask i's own pixel count (overlap
-    included). Raises ``ValueError`` naming the first string that does not decode at
-    ``height x width`` (use :func:`hpa_kernel.formats.rle.check_masks` to filter beforehand).
-    """
-    areas, errors = check_masks(list(texts), int(height), int(width))
-    for i, e in enumerate(errors):
-        if e is not None:
-            raise ValueError(f"mask {i}: {e}")
-    return _paint(texts, int(height), int(width)), areas
-
-
-def _paint(texts: Sequence[str], h: int, w: int) -> np.ndarray:
-    """The label image of :func:`decode_label_image` from strings already checked."""
-    n = len(texts)
-    flat = np.zeros(h * w, dtype=np.int32)  # Fortran order: flat[x * h + y]
-    if n:
-        runs = [mask_runs(t) for t in texts]
-        starts = np.concatenate([r[0] for r in runs])
-        lengths = np.concatenate([r[1] for r in runs])
-        owner = np.repeat(np.arange(1, n + 1, dtype=np.int32), [r[0].size for r in runs])
-        order = np.argsort(starts, kind="stable")
-        s, e = starts[order], (starts + lengths)[order]
-        if s.size < 2 or not (s[1:] < np.maximum.accumulate(e)[:-1]).any():
-            # disjoint runs: +label at each start, -label at each end, one cumulative sum
-            step = np.zeros(h * w + 1, dtype=np.int32)
-            np.add.at(step, starts, owner)
-            np.add.at(step, starts + lengths, -owner)
-            np.cumsum(step[:-1], out=flat)
-        else:  # rare: paint the last mask first so that the first listed wins
-            logger.debug("masks overlap; overlapped pixels go to the first listed")
-            bounds = np.concatenate(([0], np.cumsum([r[0].size for r in runs])))
-            for i in range(n - 1, -1, -1):  # one cell's runs at a time, O(its area)
-                st, ln = starts[bounds[i] : bounds[i + 1]], lengths[bounds[i] : bounds[i + 1]]
-                pix = np.repeat(st - (np.cumsum(ln) - ln), ln) + np.arange(int(ln.sum()), dtype=np.int64)
-                flat[pix] = i + 1
-    return flat.reshape(w, h).T
 
 
 @dataclass
@@ -159,5 +74,5 @@ def row_cells(predstring: str, width: int, height: int) -> SubmissionCells:
         keep = np.flatnonzero(good)
         masks = [masks[i] for i in keep]
         scores, areas = scores[keep], areas[keep]
-    labels = _paint(masks, int(height), int(width))
+    labels, _ = decode_label_image(masks, int(height), int(width), checked=True)
     return SubmissionCells(masks=masks, scores=scores, areas=areas, labels=labels)

@@ -30,6 +30,7 @@ __all__ = [
     "label_runs",
     "remove_small_labels",
     "relabel",
+    "check_size",
 ]
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -71,7 +72,9 @@ def cell_index(labels: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
     return np.where(hit, pos_c, n).astype(np.int32)
 
 
-def _check_size(height: int, width: int) -> tuple[int, int]:
+def check_size(height: int, width: int) -> tuple[int, int]:
+    """``(height, width)`` as ints; ``ValueError`` unless both are positive integers (the one rule
+    for a mask's size, shared with :mod:`hpa_kernel.formats.rle`)."""
     h, w = int(height), int(width)
     if h != height or w != width or h <= 0 or w <= 0:
         raise ValueError(f"mask size must be positive integers, got {height}x{width}")
@@ -104,7 +107,7 @@ def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"label image must be 2-D, got shape {labels.shape}")
-    h, w = _check_size(height, width)
+    h, w = check_size(height, width)
     arr = labels.astype(_label_dtype(labels), copy=False)
     if arr.shape == (h, w):
         return arr

@@ -26,9 +26,8 @@ image, in-memory arrays), :func:`evaluate_arrays` (in-memory data set), :func:`e
 
     python -m hpa_kernel.tools.metric --truth DIR [--iou mask|box] SUBMISSION
 
-Truth folder: ``DIR/labels/<ID>.png`` (16-bit label image at the original size,
-0 = background, 1..n = cells) and ``DIR/cells.csv`` with columns ``ID,cell_id,Label``
-(``Label`` ``|``-separated class ids).
+Truth folder: ``DIR/labels/<ID>.png`` + ``DIR/cells.csv``, read by
+:mod:`hpa_kernel.formats.truth` (the one reader and writer; its names are re-exported here).
 """
 
 from __future__ import annotations
@@ -42,27 +41,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
-import pandas as pd
 
-from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES, parse_labels
+from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES
 from hpa_kernel.formats.rle import decode_mask
 from hpa_kernel.stages.labels import label_boxes
 from hpa_kernel.formats.submission import Row, parse_prediction_string, read_submission
+from hpa_kernel.formats.truth import TruthError, read_label_image, read_truth_index  # noqa: F401 (the one reader)
 
 logger = logging.getLogger(__name__)
 
 IOU_THRESHOLD: float = 0.6
 IOU_MODES: tuple[str, ...] = ("mask", "box")
-TRUTH_COLUMNS: tuple[str, ...] = ("ID", "cell_id", "Label")
 
 Detection = tuple[int, float, np.ndarray]
 """One detection: ``(class_id, confidence, mask)``, mask a boolean (H, W) array."""
-
-
-class TruthError(ValueError):
-    """The truth folder is missing or malformed (the message says which file and why)."""
 
 
 class SubmissionError(ValueError):
@@ -257,13 +250,22 @@ def match_class(ious: np.ndarray, iou_threshold: float = IOU_THRESHOLD) -> np.nd
         first); it is a TP if that IoU >= threshold and no earlier TP took the cell.
     """
     k, m = ious.shape
-    tp = np.zeros(k, dtype=bool)
     if k == 0 or m == 0:
-        return tp
+        return np.zeros(k, dtype=bool)
     best = ious.argmax(axis=1)
-    eligible = np.flatnonzero(ious[np.arange(k), best] >= iou_threshold)
-    # Only a TP takes a cell, and every eligible detection would be a TP were its cell
-    # free: so the TPs are the first eligible detection of each cell.
+    return take_cells(np.where(ious[np.arange(k), best] >= iou_threshold, best, -1))
+
+
+def take_cells(best: np.ndarray) -> np.ndarray:
+    """The matching rule behind :func:`match_class`: ``best[i]`` is detection i's best cell
+    (any integer key, -1: none at the IoU threshold), detections in matching order.
+
+    Only a TP takes a cell, and every eligible detection would be a TP were its cell free:
+    so the TPs (returned, (k,) bool) are the first eligible detection of each cell.
+    """
+    best = np.asarray(best, dtype=np.int64)
+    tp = np.zeros(best.size, dtype=bool)
+    eligible = np.flatnonzero(best >= 0)
     _, first = np.unique(best[eligible], return_index=True)
     tp[eligible[first]] = True
     return tp
@@ -407,55 +409,6 @@ def evaluate_arrays(
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def read_truth_index(truth_dir: str | Path) -> dict[str, dict[int, list[int]]]:
-    """Read ``DIR/cells.csv`` -> image id -> {cell id: classes}, only images with ground truth.
-
-    Rows of the same (ID, cell_id) are merged. Raises :class:`TruthError` when the folder,
-    the CSV, a column or a label PNG of an image with ground truth is missing, or a row is
-    malformed.
-    """
-    root = Path(truth_dir)
-    if not root.is_dir():
-        raise TruthError(f"truth folder {root} does not exist")
-    csv = root / "cells.csv"
-    if not csv.is_file():
-        raise TruthError(f"truth file {csv} does not exist")
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except Exception as e:  # pandas raises several types
-        raise TruthError(f"{csv}: cannot read CSV: {e}") from None
-    missing = [c for c in TRUTH_COLUMNS if c not in df.columns]
-    if missing:
-        raise TruthError(f"{csv}: missing column(s) {', '.join(missing)}")
-    index: dict[str, dict[int, list[int]]] = {}
-    for line, (image_id, cell, label) in enumerate(df[list(TRUTH_COLUMNS)].itertuples(index=False), start=2):
-        try:
-            cell_id = int(cell)
-            classes = parse_labels(label)
-        except ValueError as e:
-            raise TruthError(f"{csv} line {line}: {e}") from None
-        if cell_id <= 0:
-            raise TruthError(f"{csv} line {line}: cell_id {cell_id} must be >= 1")
-        if classes:
-            cells = index.setdefault(image_id, {})
-            cells[cell_id] = sorted(set(cells.get(cell_id, [])) | set(classes))
-    for image_id in index:
-        if not (root / "labels" / f"{image_id}.png").is_file():
-            raise TruthError(f"truth label image {root / 'labels' / f'{image_id}.png'} does not exist")
-    return index
-
-
-def read_label_image(truth_dir: str | Path, image_id: str) -> np.ndarray:
-    """Read ``DIR/labels/<ID>.png`` unchanged (uint16/uint8 label image)."""
-    path = Path(truth_dir) / "labels" / f"{image_id}.png"
-    labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if labels is None:
-        raise TruthError(f"{path}: cannot read the label image")
-    if labels.ndim != 2:
-        raise TruthError(f"{path}: label image must be single-channel, got shape {labels.shape}")
-    return labels
 
 
 def read_rows(submission: str | Path | Mapping[str, Row]) -> Mapping[str, Row]:

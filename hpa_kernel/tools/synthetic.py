@@ -31,6 +31,7 @@ import numpy as np
 
 from hpa_kernel.classes import NEGATIVE, NUM_CLASSES, format_labels
 from hpa_kernel.formats.images import CHANNELS, channel_path
+from hpa_kernel.formats.truth import write_label_image, write_truth_index
 
 logger = logging.getLogger(__name__)
 
@@ -1068,7 +1069,7 @@ def _write_one(out: Path, split: str, seed: int, index: int, hw: tuple[int, int]
     folder = out / split
     for ch, name in enumerate(CHANNELS):
         _write_png(channel_path(folder, iid, name), np.ascontiguousarray(img.rgby[..., ch]))
-    _write_png(out / "truth" / "labels" / f"{iid}.png", img.cell_labels.astype(np.uint16))
+    write_label_image(out / "truth", iid, img.cell_labels)
     return {
         "ID": iid,
         "width": img.width,
@@ -1140,8 +1141,7 @@ def write_dataset(
     pd.DataFrame({"ID": [r["ID"] for r in records], "Label": [format_labels(r["labels"]) for r in records]}).to_csv(
         out / "train.csv", index=False
     )
-    rows = [(r["ID"], cid, format_labels(cls)) for r in records for cid, cls in r["cells"].items()]
-    pd.DataFrame(rows, columns=["ID", "cell_id", "Label"]).to_csv(out / "truth" / "cells.csv", index=False)
+    write_truth_index(out / "truth", {r["ID"]: r["cells"] for r in records})
     logger.info("wrote %d synthetic images to %s", len(records), out)
     return out
 

@@ -12,7 +12,7 @@ Modules, one concern each:
 - :mod:`~hpa_kernel.train.pretrained`  local ImageNet weights / earlier stage / random start
 - :mod:`~hpa_kernel.train.puzzle`   2x2 tiling / stitching, siamese forward
 - :mod:`~hpa_kernel.train.losses`   ComboLoss
-- :mod:`~hpa_kernel.train.metrics`  macro F1 and mAP
+- :mod:`~hpa_kernel.train.metrics`  macro F1 and mAP (the metric's AP, image-level)
 - :mod:`~hpa_kernel.train.distributed`  torchrun / DDP set-up (nccl on CUDA, gloo on CPU)
 - :mod:`~hpa_kernel.train.engine`   the training loop (DDP aware), checkpoints
 - :mod:`~hpa_kernel.train.oof`      out-of-fold per-cell Step 1 / Step 2 export (CLI)

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from hpa_kernel.classes import format_labels, parse_labels
+from hpa_kernel.classes import format_labels
 from hpa_kernel.formats.images import resize_rgby
+from hpa_kernel.formats.truth import read_label_image, read_truth_index
 from hpa_kernel.stages.labels import resize_labels
 from hpa_kernel.stages.labels import present_ids
 from hpa_kernel.train.dataset import load_index
@@ -76,11 +76,7 @@ class SegmentOptions:
 
 def truth_cells(truth_dir: Path, image_id: str, size: int, cell_labels: dict[int, str]) -> tuple[np.ndarray, dict[int, str]]:
     """Truth label image at ``size`` and ``{cell_id: Label}`` of the cells still present."""
-    path = Path(truth_dir) / "labels" / f"{image_id}.png"
-    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if lab is None:
-        raise FileNotFoundError(f"truth label image {path} missing or unreadable")
-    lab = resize_labels(lab, size, size)
+    lab = resize_labels(read_label_image(truth_dir, image_id), size, size)
     present = set(present_ids(lab).tolist())
     return lab, {c: t for c, t in cell_labels.items() if c in present}
 
@@ -159,10 +155,8 @@ def build_cell_table(
     records = index.assign(ID=index["ID"].astype(str), Label=index["Label"].astype(str)).to_dict("records")
     rows: list[dict[str, Any]] = []
     if truth is not None:
-        tc = pd.read_csv(Path(truth) / "cells.csv")
-        per_cell: dict[str, dict[int, str]] = {}
-        for iid, cid, lab in zip(tc["ID"].astype(str), tc["cell_id"].astype(int), tc["Label"].astype(str)):
-            per_cell.setdefault(iid, {})[cid] = format_labels(parse_labels(lab))
+        per_cell = {iid: {cid: format_labels(cls) for cid, cls in cells.items()}
+                    for iid, cells in read_truth_index(truth).items()}
         for rec in tqdm(records, desc="cells (truth)", disable=not progress):
             size = int(np.load(rec["path"], mmap_mode="r").shape[0])
             labels, cell_labels = truth_cells(Path(truth), rec["ID"], size, per_cell.get(rec["ID"], {}))

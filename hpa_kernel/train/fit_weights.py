@@ -224,7 +224,8 @@ def _check_classes(m: "MatchTable | WeakTable") -> None:
 
 def _match_truth(table: pd.DataFrame, truth_dir: str | Path, size: int, iou_threshold: float) -> "MatchTable":
     from hpa_kernel.stages.labels import label_boxes
-    from hpa_kernel.tools.metric import box_iou, read_label_image, read_truth_index
+    from hpa_kernel.formats.truth import read_label_image, read_truth_index
+    from hpa_kernel.tools.metric import box_iou
 
     truth = read_truth_index(truth_dir)
     table = table[table["ID"].astype(str).isin(set(truth))]
@@ -263,18 +264,15 @@ def _match_truth(table: pd.DataFrame, truth_dir: str | Path, size: int, iou_thre
 
 
 def class_ap(conf: np.ndarray, present: np.ndarray, gt_key: np.ndarray, n_gt: int) -> float:
-    """AP of one class exactly as :mod:`hpa_kernel.tools.metric` scores it (rows in metric order)."""
-    from hpa_kernel.tools.metric import average_precision
+    """AP of one class exactly as :mod:`hpa_kernel.tools.metric` scores it (rows in metric order):
+    its matching rule (``take_cells``; the pooled confidence order keeps each image's order)
+    and its AP."""
+    from hpa_kernel.tools.metric import average_precision, take_cells
 
     keep = present & (conf > 0)
     conf, key = conf[keep], gt_key[keep]
     order = np.argsort(-conf, kind="stable")
-    conf, key = conf[order], key[order]
-    tp = np.zeros(len(conf), bool)
-    eligible = np.flatnonzero(key >= 0)
-    _, first = np.unique(key[eligible], return_index=True)  # the first detection takes the cell
-    tp[eligible[first]] = True
-    return average_precision(conf, tp, int(n_gt))
+    return average_precision(conf[order], take_cells(key[order]), int(n_gt))
 
 
 def fit_step_weights(m: "MatchTable | WeakTable", grid: int = 21, per_class: bool = False) -> dict:

@@ -1,39 +1,30 @@
 """Validation metrics on image-level predictions: macro F1 at a threshold and macro mAP.
 
 Both are averaged over the classes present in the targets (a class with no positive
-image has no defined recall or AP). ``average_precision`` matches
-``sklearn.metrics.average_precision_score`` (step-wise, no interpolation).
+image has no defined recall or AP). The AP is the competition's
+(:func:`hpa_kernel.tools.metric.average_precision`: all-point interpolated, ties keep the
+item order), each image one detection and its label the truth: :func:`image_ap`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["average_precision", "macro_map", "macro_f1"]
+from hpa_kernel.tools.metric import average_precision
+
+__all__ = ["image_ap", "macro_map", "macro_f1"]
 
 
-def average_precision(scores: np.ndarray, target: np.ndarray) -> float:
-    """AP of one class: mean precision at the rank of each positive (ties broken by sklearn's rule)."""
-    scores = np.asarray(scores, np.float64)
+def image_ap(scores: np.ndarray, target: np.ndarray) -> float:
+    """Image-level AP of one class with the metric's AP (nan when ``target`` has no positive)."""
     target = np.asarray(target).astype(bool)
     n_pos = int(target.sum())
-    if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    s, t = scores[order], target[order]
-    # group tied scores: precision/recall are evaluated only at the end of each tie block
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tp = np.cumsum(t)[last]
-    fp = (last + 1) - tp
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
-    d_recall = np.diff(np.r_[0.0, recall])
-    return float((d_recall * precision).sum())
+    return average_precision(scores, target, n_pos) if n_pos else float("nan")
 
 
 def macro_map(probs: np.ndarray, targets: np.ndarray) -> float:
     """Mean AP over the classes with at least one positive (nan if none)."""
-    aps = [average_precision(probs[:, c], targets[:, c]) for c in range(targets.shape[1]) if targets[:, c].any()]
+    aps = [image_ap(probs[:, c], targets[:, c]) for c in range(targets.shape[1]) if targets[:, c].any()]
     return float(np.mean(aps)) if aps else float("nan")
 
 

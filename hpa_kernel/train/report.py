@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from hpa_kernel.classes import CLASS_NAMES, NUM_CLASSES
-from hpa_kernel.train.metrics import average_precision
+from hpa_kernel.train.metrics import image_ap
 
 __all__ = ["eta_text", "class_ap_table", "format_class_ap", "plot_history", "PLOT_NAME", "CLASS_AP_NAME"]
 
@@ -43,7 +43,7 @@ def class_ap_table(probs: np.ndarray, targets: np.ndarray, epoch: int) -> pd.Dat
     rows = []
     for c in range(min(NUM_CLASSES, targets.shape[1])):
         n_pos = int(np.asarray(targets[:, c]).astype(bool).sum())
-        ap = average_precision(probs[:, c], targets[:, c]) if n_pos else math.nan
+        ap = image_ap(probs[:, c], targets[:, c])
         rows.append({"epoch": epoch, "class": c, "name": CLASS_NAMES[c], "positives": n_pos,
                      "images": len(targets), "ap": ap})
     return pd.DataFrame(rows)
