@@ -77,3 +77,21 @@ def test_lenient_join_fills_what_no_part_has(parts, tmp_path):
     rows = read_submission(out)
     assert list(rows) == IDS and rows["b"] == (7, 9, "") and rows["a"] == _rows(IDS)["a"]
 
+
+@pytest.mark.parametrize("weights", [[1.0, -1.0], [float("nan"), 1.0], [0.0, 0.0], [1.0]])
+def test_one_weight_rule_for_models_team_merge_and_cell_match(weights):
+    """Weights were checked three times with three messages; now by ``check_weights`` alone."""
+    from hpa_kernel.run.team_merge import MergeOptions
+    from hpa_kernel.stages.cellmatch import combine_scores
+    from hpa_kernel.stages.ensemble import check_weights, combine_models
+
+    with pytest.raises(ValueError) as rule:
+        check_weights(weights, 2)
+    calls = [lambda: combine_models([np.zeros((1, 19))] * 2, weights),
+             lambda: combine_scores(np.zeros((1, 2, 19)), np.ones((1, 2), bool), weights),
+             lambda: MergeOptions(weights=tuple(weights)).check(2)]
+    for call in calls:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).split(" for ")[0] == str(rule.value).split(" for ")[0]
+        assert str(e.value).startswith("weights: ")

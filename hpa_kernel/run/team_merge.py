@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED, RankTable, merge_cells
+from hpa_kernel.stages.ensemble import check_weights
 from hpa_kernel.formats.cells import read_cells, read_labels, scores as table_scores
 from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS, read_sample
@@ -59,11 +60,7 @@ class MergeOptions:
         if n_inputs < 1:
             raise ValueError("inputs: need at least one")
         if self.weights is not None:
-            w = np.asarray(self.weights, dtype=np.float64)
-            if w.size != n_inputs:
-                raise ValueError(f"weights: {w.size} given for {n_inputs} input(s)")
-            if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                raise ValueError(f"weights: must be finite, >= 0 and not all 0, got {list(self.weights)}")
+            check_weights(self.weights, n_inputs)
         if not 0 <= self.reference < n_inputs:
             raise ValueError(f"reference: must be in 0..{n_inputs - 1}, got {self.reference}")
         if not 0.0 < self.iou <= 1.0:
