@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from hpa_kernel.formats.submission import prepare_output
 from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED
 from hpa_kernel.run.team_merge import MergeOptions, merge_inputs
 from hpa_kernel.run.summary import log_to_stderr
@@ -61,13 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = MergeOptions(weights=args.weights, reference=args.reference, iou=args.iou,
                         unmatched=args.unmatched, mean=args.mean)
     try:
-        opts.check(len(args.inputs))
-        if not args.sample.is_file():
-            raise ValueError(f"sample {args.sample} does not exist")
-        try:  # before any input is read: a folder, the sample, an input, a read-only place
-            prepare_output(args.out, [args.sample, *args.inputs])
-        except OSError as e:
-            raise ValueError(f"--out: {e}") from None
         summary = merge_inputs(args.inputs, args.sample, args.out, opts, progress=not args.no_progress)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

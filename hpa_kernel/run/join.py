@@ -1,11 +1,5 @@
-"""The one join of shard parts into a submission: :func:`join_shards`.
-
-Two callers, two strictnesses. ``python -m hpa_kernel.submit merge`` joins the CSVs of
-``--shard I/N`` runs strictly: every part must read cleanly, every ID be in exactly one
-part. A ``--parallel`` run joins its shards leniently: a part that is missing or unreadable
-gives the rows its journal holds, and an ID no part has is written empty at its fallback
-size. Reading and writing the rows is :mod:`hpa_kernel.formats.submission`'s.
-"""
+"""The one join of shard parts into a submission, :func:`join_shards`: strict for
+``python -m hpa_kernel.submit merge``, lenient (journals, empty rows) for ``--parallel``."""
 
 from __future__ import annotations
 
@@ -34,8 +28,7 @@ class Part:
 
 def _lenient_rows(part: Part) -> dict[str, Row]:
     """A part's rows, or its journal's when the part is missing or unreadable (logged)."""
-    name = part.name or str(part.path)
-    rows: dict[str, Row] = {}
+    name, rows = part.name or str(part.path), {}
     try:
         rows = read_submission(part.path) if part.path.exists() else {}
     except (OSError, ValueError) as e:
@@ -57,14 +50,11 @@ def join_shards(
     strict: bool = True,
     fallback_size: Callable[[str], tuple[int, int]] | None = None,
 ) -> list[str]:
-    """Write the submission ``out`` (atomically, in ``ids`` order) from the shards' parts;
-    return the IDs written empty (lenient only; ``[]`` when strict).
+    """Write ``out`` (atomically, in ``ids`` order) from the parts; return the IDs written empty.
 
-    ``strict``: each part is read strictly and every ID of ``ids`` must be in exactly one
-    part (``ValueError`` naming the repeated or missing IDs). Lenient: a part that cannot
-    be read gives its journal's rows (``<part>.journal``), a part's rows outside its
-    ``Part.ids`` are ignored, and an ID no part has is written with an empty prediction at
-    ``fallback_size(ID)``.
+    Every ID in exactly one part (``ValueError`` naming a repeated one; a missing one too when
+    ``strict``). Lenient: a part that cannot be read gives its journal's rows, and an ID no
+    part has is written empty at ``fallback_size(ID)``. Rows outside ``Part.ids`` are ignored.
     """
     parts = [p if isinstance(p, Part) else Part(Path(p)) for p in parts]
     rows: dict[str, Row] = {}

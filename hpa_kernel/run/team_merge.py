@@ -228,12 +228,17 @@ def merge_inputs(
 
     Every sample ID gets a row, in the sample's order; ``out`` is written atomically and
     then validated against ``sample`` (``MergeSummary.problems``). ``ValueError`` (one
-    line) for bad options or an unreadable input.
+    line) for bad options, an ``--out`` that cannot be written, a missing sample or an unreadable input.
     """
     from tqdm.auto import tqdm
 
     opts.check(len(inputs))
-    prepare_output(out, [sample, *inputs])  # before the work: a folder, the sample, an input, read-only
+    if not Path(sample).is_file():
+        raise ValueError(f"sample {sample} does not exist")
+    try:  # before any input is read: a folder, the sample, an input, a read-only place
+        prepare_output(out, [sample, *inputs])
+    except OSError as e:
+        raise ValueError(f"--out: {e}") from None
     smp = read_sample(sample)
     bad = sample_size_problems(smp.sizes)
     if bad:
