@@ -8,7 +8,7 @@ shifted by 16 px (mask IoU about 0.8), each with 1-4 classes per cell. Timed per
 
 * merge: both rows -> cells (parse, decode every distinct mask into one label image), IoU
   matching (joint bincount + assignment), weighted mean, the merged PredictionString --
-  everything :func:`hpa_kernel.run.merge.merge_row` and the row decoding do;
+  everything :func:`hpa_kernel.run.team_merge.merge_row` and the row decoding do;
 * read: decoding that image's four channel PNGs (``hpa_kernel.formats.images.read_rgby``).
 
 Target: merge below read. The end-to-end CLI (CSV read, write, validation) is timed too.
@@ -17,7 +17,7 @@ Quality: ``--quality-images`` held-out synthetic images (seed 9000, never used f
 our kernel (``python -m hpa_kernel.submit``, bundled demo weights, CPU, 1 thread) against
 "better" (the true cells, noisy confidences: the cell's classes ~ N(0.7, 0.2), the image's
 other classes ~ N(0.3, 0.2)) and "worse" (the true cells, confidences uniform noise for the
-image's classes), merged with ``python -m hpa_kernel.merge`` and scored with
+image's classes), merged with ``python -m hpa_kernel.team_merge`` and scored with
 ``hpa_kernel.tools.metric`` (mask IoU).
 """
 
@@ -35,12 +35,12 @@ import numpy as np
 
 from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.formats.images import read_rgby, read_sample
-from hpa_kernel.merge import build_parser as merge_parser, main as merge_main
+from hpa_kernel.team_merge import build_parser as merge_parser, main as merge_main
 from hpa_kernel.tools.metric import evaluate, read_label_image, read_truth_index
 from hpa_kernel.formats.rle import encode_label_image
 from hpa_kernel.formats.submission import prediction_string, read_submission, write_submission
 from hpa_kernel.tools.synthetic import make_image, write_dataset
-from hpa_kernel.run.merge import MergeOptions, SubmissionInput, merge_inputs, merge_row
+from hpa_kernel.run.team_merge import MergeOptions, SubmissionInput, merge_inputs, merge_row
 from hpa_kernel.formats.cells import pyarrow_available
 
 SEED = 9000

@@ -65,7 +65,9 @@ def setup_logging(quiet: bool = False, verbose: bool = False, tag: str = "") -> 
 
 
 def merge_main(argv: list[str]) -> int:
-    from hpa_kernel.formats.submission import merge_submissions, prepare_output
+    from hpa_kernel.formats.images import read_sample
+    from hpa_kernel.formats.submission import prepare_output
+    from hpa_kernel.run.join import join_shards
 
     args = build_merge_parser().parse_args(argv)
     setup_logging()
@@ -75,7 +77,9 @@ def merge_main(argv: list[str]) -> int:
         print(f"error: --out: {e}", file=sys.stderr)
         return 2
     try:
-        n = merge_submissions(args.parts, args.sample, args.out)
+        ids = read_sample(args.sample).ids
+        join_shards(args.parts, ids, args.out, strict=True)
+        n = len(ids)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import pytest
 
 from hpa_kernel.formats.rle import encode_mask
 from hpa_kernel.formats.submission import COLUMNS, read_submission, validate_submission, write_submission
-from hpa_kernel.merge import main as merge_main
+from hpa_kernel.team_merge import main as merge_main
 from hpa_kernel.submit import main as submit_main
 
 SIZE = 64

@@ -146,7 +146,7 @@ def test_an_export_of_other_weights_is_refused_unless_overwritten(tmp_path, caps
     """Defect 5: a rerun with other ``--weights`` into the same ``--save-cells`` folder kept
     the old scores ("already present")."""
     from hpa_kernel.formats.cells import read_cells, scores
-    from hpa_kernel.merge import main as merge_main
+    from hpa_kernel.team_merge import main as merge_main
 
     other = write_manifest(tmp_path / "other", tiny_checkpoint, step_weights={"step1": 0.9, "step2": 0.1})
     cells = tmp_path / "cells"

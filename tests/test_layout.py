@@ -21,7 +21,8 @@ ALLOWED = {
     "tools": {"classes", "config", "stages", "formats"},
     "run": {"classes", "config", "integrity", "stages", "formats"},
     "submit": {"classes", "config", "integrity", "stages", "formats", "run", "tools"},
-    "merge": {"classes", "config", "stages", "formats", "run"},
+    "team_merge": {"classes", "config", "stages", "formats", "run"},
+    "merge": {"team_merge"},  # the old name of team_merge
     "__main__": {"submit"},
 }
 

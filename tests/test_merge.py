@@ -12,7 +12,7 @@ import pytest
 from hpa_kernel.stages.cellmatch import RankTable, combine_scores, contingency, iou_matrix, match_cells, merge_cells
 from hpa_kernel.formats.cells import CellsWriter
 from hpa_kernel.classes import NUM_CLASSES
-from hpa_kernel.merge import main as merge_main
+from hpa_kernel.team_merge import main as merge_main
 from hpa_kernel.formats.rle import decode_mask, encode_label_image, encode_mask
 from hpa_kernel.formats.submission import (
     COLUMNS,
@@ -393,7 +393,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, images, sample, extra, mes
 
 
 def test_missing_input_exits_2(tmp_path, sample):
-    r = subprocess.run([sys.executable, "-m", "hpa_kernel.merge", str(tmp_path / "nope.csv"), "--sample", str(sample),
+    r = subprocess.run([sys.executable, "-m", "hpa_kernel.team_merge", str(tmp_path / "nope.csv"), "--sample", str(sample),
                         "--out", str(tmp_path / "o.csv"), "-q"], capture_output=True, text=True)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()

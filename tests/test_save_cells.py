@@ -17,7 +17,7 @@ import pytest
 
 from hpa_kernel.config import load_config
 from hpa_kernel.formats.cells import read_cells, read_labels, scores
-from hpa_kernel.merge import main as merge_main
+from hpa_kernel.team_merge import main as merge_main
 from hpa_kernel.run.options import RunOptions
 from hpa_kernel.run.pipeline import cells_folder, run
 from hpa_kernel.stages.ensemble import select_top_classes

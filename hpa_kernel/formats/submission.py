@@ -1,7 +1,7 @@
 """``submission.csv``: the one reader (:func:`read_submission`, :func:`parse_prediction_string`),
-the atomic writer, the validator and the merge of shard parts.
+the atomic writer and the validator (joining shard parts: :mod:`hpa_kernel.run.join`).
 
-The metric and the shard join read files with :func:`read_submission` (strict), the merge
+The metric and the shard join read files with :func:`read_submission` (strict), the team merge
 with :func:`read_submission_rows` (the same reader, lenient: a malformed row costs only its
 ID); the validator reads the same CSV lines leniently, to report every fault, with the same
 triple grammar (:func:`triple_faults`); the resume journal stores its rows as :data:`Row`.
@@ -46,7 +46,6 @@ __all__ = [
     "triple_faults",
     "check_row",
     "Row",
-    "merge_submissions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -410,7 +409,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike,
 
 
 # ----------------------------------------------------------------------------------------
-# Merging shard outputs
+# Reading
 # ----------------------------------------------------------------------------------------
 
 
@@ -457,30 +456,3 @@ def read_submission(path: str | os.PathLike) -> dict[str, Row]:
         more = f" (and {len(faults) - 1} more bad row(s))" if len(faults) > 1 else ""
         raise ValueError(f"{path}: ID {image_id}: {fault}{more}")
     return rows
-
-
-def merge_submissions(
-    parts: Sequence[str | os.PathLike], sample_path: str | os.PathLike, out: str | os.PathLike
-) -> int:
-    """Join the CSVs of ``--shard I/N`` runs into one submission in the sample's order.
-
-    Every sample ID must appear in exactly one part (``ValueError`` naming the missing or
-    repeated IDs otherwise). ``out`` is checked first (:func:`prepare_output`: not a
-    folder, not the sample or a part, writable), then written atomically; returns its
-    number of rows.
-    """
-    prepare_output(out, [sample_path, *parts])
-    rows: dict[str, Row] = {}
-    seen_in: dict[str, str] = {}
-    for part in parts:
-        for image_id, row in read_submission(part).items():
-            if image_id in rows:
-                raise ValueError(f"{part}: ID {image_id} is also in {seen_in[image_id]}")
-            rows[image_id] = row
-            seen_in[image_id] = str(part)
-    sample_ids = read_sample(sample_path).ids
-    missing = [i for i in sample_ids if i not in rows]
-    if missing:
-        raise ValueError(f"{len(missing)} sample ID(s) in no part, e.g. {missing[:5]}")
-    write_submission(rows, sample_ids, out)
-    return len(sample_ids)

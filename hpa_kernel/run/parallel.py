@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 
 from hpa_kernel.formats.atomic import open_regular, read_regular
 from hpa_kernel.formats.images import TEST_DIR, fallback_size, read_test_set
-from hpa_kernel.formats.submission import read_submission, write_submission
 from hpa_kernel.run.device import cuda_problem, resolve_device
-from hpa_kernel.run.journal import journal_path, read_journal
+from hpa_kernel.run.join import Part, join_shards
+from hpa_kernel.run.journal import journal_path
 from hpa_kernel.run.lock import OutputBusy, hold_output
 from hpa_kernel.run.options import select_ids, shard_argv
 
@@ -274,33 +274,16 @@ def join_parts(
     out: Path,
     fallback_size: Callable[[str], tuple[int, int]],
 ) -> Path:
-    """Write the one submission from the shards' parts, in ``ids`` order. A shard without
-    a part (it failed twice) gives the rows its journal holds; an ID nothing has is written
-    empty with its ``fallback_size`` and listed in ``result.filled``. The parts of the
-    shards that succeeded are removed afterwards (a failed shard's journal is kept)."""
-    rows = {}
-    for s in result.shards:
-        part = {}
-        try:
-            part = read_submission(s.out) if s.out.exists() else {}
-        except (OSError, ValueError) as e:
-            logger.error("shard %d/%d: %s", s.index, s.count, e)
-        if not part and s.journal.exists():  # the shard died: keep the images it finished
-            try:
-                part = {i: r[:3] for i, r in read_journal(s.journal).items()}
-                logger.warning("shard %d/%d: %d finished row(s) taken from its journal", s.index, s.count, len(part))
-            except (OSError, ValueError, KeyError) as e:
-                logger.error("shard %d/%d: journal unreadable: %s", s.index, s.count, e)
-        rows.update({i: tuple(part[i]) for i in s.ids if i in part})
-    result.filled = [i for i in ids if i not in rows]
-    if result.filled:
-        logger.error("%d row(s) written empty: their shard failed", len(result.filled))
-    sizes = {i: fallback_size(i) for i in result.filled}
-    path = write_submission(rows, list(ids), out, fallback=sizes)
+    """Write the one submission from the shards' parts, in ``ids`` order, with the lenient
+    :func:`~hpa_kernel.run.join.join_shards` (a failed shard's journal rows, the rest empty;
+    those IDs are listed in ``result.filled``). The parts of the shards that succeeded are
+    removed afterwards (a failed shard's journal is kept)."""
+    parts = [Part(s.out, set(s.ids), f"shard {s.index}/{s.count}") for s in result.shards]
+    result.filled = join_shards(parts, ids, out, strict=False, fallback_size=fallback_size)
     for s in result.shards:
         if s.rc in (0, 1) and s.out.exists():
             s.out.unlink()
-    return path
+    return out
 
 
 def run_parallel(args: argparse.Namespace, devices: list[str], data_dir: Path, out: Path, time_budget: float | None,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpa_kernel.config import KernelConfig
@@ -172,7 +173,7 @@ def run(config: KernelConfig, opts: RunOptions) -> RunSummary:
 
 
 def _journaled(config: KernelConfig, opts: RunOptions, t_start: float, warnings: list[str]) -> RunSummary:
-    """:func:`run` once ``--out`` is locked: the IDs, the journal, then :func:`_run`."""
+    """:func:`run` once ``--out`` is locked: the IDs, the journal, then the images."""
     out, data_dir = Path(opts.out), Path(opts.data_dir)
 
     # 0. the IDs, the weights (integrity, device), the predictor
@@ -191,18 +192,88 @@ def _journaled(config: KernelConfig, opts: RunOptions, t_start: float, warnings:
     if journal.warning:
         warnings.append(journal.warning)
     try:
-        return _run(config, opts, t_start, ids, sample_sizes, warnings, journal)
+        state = _start(config, opts, t_start, sample_sizes, warnings, journal)
+        todo = _todo(ids, journal, state.cells)
+        state.n_resumed = len(ids) - len(todo)
+        _loop(state, todo, len(ids))  # every row journaled at once, so that a killed run resumes
+        return _finish(state, ids, t_start)
     finally:
         journal.close(remove=not journal.rows)  # a run that did nothing leaves no journal
 
 
-def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
-         sample_sizes: dict[str, tuple[int, int]], warnings: list[str], journal: Journal) -> RunSummary:
-    """:func:`run` once the IDs are known and the journal is held."""
-    from tqdm.auto import tqdm
+@dataclass
+class _RunState:
+    """What a run carries from image to image: its stages, exports, budget, tallies."""
 
-    out, data_dir = Path(opts.out), Path(opts.data_dir)
-    test_dir = data_dir / TEST_DIR
+    opts: RunOptions
+    predictor: Predictor
+    journal: Journal
+    sample_sizes: dict[str, tuple[int, int]]
+    warnings: list[str]
+    timer: StageTimer
+    budget: Budget
+    device: str  # as the report names it: "cuda:0 fp16"
+    test_dir: Path
+    image_size: int
+    cells: CellsExport | None = None
+    overlays: OverlayExport | None = None
+    level: int = 0
+    degraded_at: dict[int, int] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    n_cut: int = 0
+    n_resumed: int = 0
+
+    def read(self, image_id: str) -> tuple[LoadedImage, float]:
+        """One image decoded (in a read-ahead thread), and the seconds it took."""
+        t0 = time.perf_counter()
+        item = load_image(self.test_dir, image_id, size=self.image_size, max_pixels=self.opts.max_pixels)
+        return item, time.perf_counter() - t0
+
+    def pace(self, done: int, left: int) -> bool:
+        """The time budget before the next image (``done`` of this run's so far, ``left`` to
+        go): switch to cheaper settings when needed; ``True`` when out of time."""
+        new_level = self.budget.level(self.level, left, time.perf_counter())
+        if new_level > self.level:
+            logger.warning("time budget: switching to %s", LEVEL_NAMES[new_level])
+            self.degraded_at.update({lv: self.n_resumed + done for lv in range(self.level + 1, new_level + 1)})
+            self.level = new_level
+        return self.level >= LEVEL_EMPTY
+
+    def cut(self, image_id: str) -> None:
+        """Out of time: the row without decoding, its size from the sample or the PNG header."""
+        self.journal.add(image_id, *fallback_size(self.test_dir, image_id, self.sample_sizes), "", None)
+        self.n_cut += 1
+
+    def process(self, item: LoadedImage) -> tuple[int, int, str, str | None]:
+        """One decoded image's row ``(width, height, predstring, error)``; a failure at any
+        stage gives an empty predstring and its error (logged), never an exception."""
+        self.warnings += item.warnings
+        pred, error = "", item.error
+        said = self.sample_sizes.get(item.id, (0, 0))  # (0, 0): the sample gives no size
+        if error is None and min(said) > 0 and said != (item.width, item.height):
+            # the row must have the sample's size (the file is checked against it)
+            error = f"sample says {said[0]}x{said[1]}, PNG is {item.width}x{item.height}"
+        if error is None:
+            try:
+                # 2-8. segmentation, classifiers, Step 1/2, ensemble, class selection, RLE
+                pred = predict_row(self.predictor, item, self.level, self.timer, self.overlays, self.cells,
+                                   self.budget.deadline)
+            except Exception as e:  # an image never costs the rest of the run
+                logger.exception("image %s failed", item.id)
+                error, pred = f"{type(e).__name__}: {e}", ""
+        width, height = (item.width, item.height) if item.width and item.height and not min(said) > 0 else (
+            fallback_size(self.test_dir, item.id, self.sample_sizes)  # the sample's size where it has one
+        )
+        if error:
+            self.failures[item.id] = error
+            logger.warning("image %s: %s (empty row written)", item.id, error)
+        return int(width), int(height), pred, error
+
+
+def _start(config: KernelConfig, opts: RunOptions, t_start: float, sample_sizes: dict[str, tuple[int, int]],
+           warnings: list[str], journal: Journal) -> _RunState:
+    """The weights checked, the device, the predictor (:class:`NoUsableClassifier` when it
+    has no classifier), the exports and the budget."""
     verify_files(config, check_hash=opts.verify_weights)
     device, device_warning = resolve_device(opts.device)
     if device_warning:
@@ -216,32 +287,23 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
     if not predictor.members:  # every row would be empty: a failed run, not a zero score
         raise NoUsableClassifier("no usable classifier, nothing was run: " + "; ".join(
             predictor.problems or ["the manifest names none"]))
+    return _RunState(
+        opts, predictor, journal, sample_sizes, warnings, timer, Budget(opts.time_budget, t_start),
+        device + (" fp16" if fp16 and cuda else ""), Path(opts.data_dir) / TEST_DIR, config.image_size,
+        cells=_open_cells(config, opts, [m.name for m in predictor.members], warnings),
+        overlays=OverlayExport(opts.save_overlays) if opts.save_overlays is not None else None)
 
-    cells = _open_cells(config, opts, [m.name for m in predictor.members], warnings)
-    todo = _todo(ids, journal, cells)
-    n_resumed = len(ids) - len(todo)
-    overlays = OverlayExport(opts.save_overlays) if opts.save_overlays is not None else None
-    budget = Budget(opts.time_budget, t_start)
-    level, degraded_at, failures, n_cut = 0, {}, {}, 0
 
-    def read(image_id: str) -> tuple[LoadedImage, float]:
-        t0 = time.perf_counter()
-        item = load_image(test_dir, image_id, size=config.image_size, max_pixels=opts.max_pixels)
-        return item, time.perf_counter() - t0
+def _loop(state: _RunState, todo: list[str], n_ids: int) -> None:
+    """Every image of ``todo`` (read ahead by worker threads) to its journaled row."""
+    from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(ids), initial=n_resumed, desc="hpa_kernel", unit="img", disable=not opts.progress)
-    images = prefetch(todo, read, workers=opts.workers)  # yields in the order of todo
+    bar = tqdm(total=n_ids, initial=state.n_resumed, desc="hpa_kernel", unit="img", disable=not state.opts.progress)
+    images = prefetch(todo, state.read, workers=state.opts.workers)  # yields in the order of todo
     try:
         for k, image_id in enumerate(todo):
-            new_level = budget.level(level, len(todo) - k, time.perf_counter())
-            if new_level > level:
-                logger.warning("time budget: switching to %s", LEVEL_NAMES[new_level])
-                degraded_at.update({lv: n_resumed + k for lv in range(level + 1, new_level + 1)})
-                level = new_level
-            if level >= LEVEL_EMPTY:
-                # out of time: rows without decoding, sizes from the sample or PNG headers
-                journal.add(image_id, *fallback_size(test_dir, image_id, sample_sizes), "", None)
-                n_cut += 1
+            if state.pace(k, len(todo) - k):
+                state.cut(image_id)
                 bar.update(1)
                 continue
             t0 = time.perf_counter()
@@ -249,65 +311,41 @@ def _run(config: KernelConfig, opts: RunOptions, t_start: float, ids: list[str],
             item, t_read = next(images)
             if item.id != image_id:  # prefetch yields in input order; skipped rows never reach it
                 raise RuntimeError(f"read-ahead out of step: got {item.id}, expected {image_id}")
-            timer.add("read", t_read)
-            warnings += item.warnings
-            pred, error = "", item.error
-            said = sample_sizes.get(image_id, (0, 0))  # (0, 0): the sample gives no size
-            if error is None and min(said) > 0 and said != (item.width, item.height):
-                # the row must have the sample's size (the file is checked against it)
-                error = f"sample says {said[0]}x{said[1]}, PNG is {item.width}x{item.height}"
-            if error is None:
-                try:
-                    # 2-8. segmentation, classifiers, Step 1/2, ensemble, class selection, RLE
-                    pred = predict_row(predictor, item, level, timer, overlays, cells, budget.deadline)
-                except Exception as e:  # an image never costs the rest of the run
-                    logger.exception("image %s failed", image_id)
-                    error, pred = f"{type(e).__name__}: {e}", ""
-            width, height = (item.width, item.height) if item.width and item.height and not min(said) > 0 else (
-                fallback_size(test_dir, image_id, sample_sizes)  # the sample's size where it has one
-            )
-            if error:
-                failures[image_id] = error
-                logger.warning("image %s: %s (empty row written)", image_id, error)
-            # 9. the row, journaled at once so that a killed run resumes here
-            journal.add(image_id, int(width), int(height), pred, error)
-            budget.record(level, time.perf_counter() - t0)
+            state.timer.add("read", t_read)
+            state.journal.add(image_id, *state.process(item))  # 9. the row
+            state.budget.record(state.level, time.perf_counter() - t0)
             bar.update(1)
-            bar.set_postfix(failed=len(failures))
+            bar.set_postfix(failed=len(state.failures))
     finally:
         bar.close()
         images.close()
-        if cells is not None:
-            cells.close()
-    for what, export in (("per-cell export", cells), ("overlay", overlays)):
+        if state.cells is not None:
+            state.cells.close()
+
+
+def _finish(state: _RunState, ids: list[str], t_start: float) -> RunSummary:
+    """The report (with the exports' and the journal's failures) and the submission, every
+    ID from the journal (then removed)."""
+    for what, export in (("per-cell export", state.cells), ("overlay", state.overlays)):
         if export is not None and export.failures:
             bad = sorted(export.failures)
-            warnings.append(f"{what} failed for {len(bad)} image(s) (rows written): " + ", ".join(bad[:5])
-                            + f" ({export.failures[bad[0]]})")
-
+            state.warnings.append(f"{what} failed for {len(bad)} image(s) (rows written): " + ", ".join(bad[:5])
+                                  + f" ({export.failures[bad[0]]})")
+    journal, failures = state.journal, state.failures
     for image_id, (_, _, _, err) in journal.rows.items():
         if err and image_id not in failures:
             failures[image_id] = err
     rows = {i: journal.rows[i][:3] for i in ids}
-    with timer("write"):
-        write_submission(rows, ids, out)
+    with state.timer("write"):
+        write_submission(rows, ids, Path(state.opts.out))
     journal.close(remove=True)
     return RunSummary(
-        out=out,
-        n_images=len(ids),
-        n_done=len(rows),
-        n_resumed=n_resumed,
-        failures=failures,
-        warnings=warnings,
-        stage_seconds=dict(timer.totals),
-        degraded_at=degraded_at,
-        wall_seconds=time.perf_counter() - t_start,
-        device=device + (" fp16" if fp16 and cuda else ""),
-        n_models=len(predictor.members),
-        segmenter=predictor.segmenter_name,
-        component_failures=list(predictor.problems),
-        n_budget_cut=n_cut,
-        time_budget=opts.time_budget,
+        out=Path(state.opts.out), n_images=len(ids), n_done=len(rows), n_resumed=state.n_resumed,
+        failures=failures, warnings=state.warnings, stage_seconds=dict(state.timer.totals),
+        degraded_at=state.degraded_at, wall_seconds=time.perf_counter() - t_start,
+        device=state.device, n_models=len(state.predictor.members),
+        segmenter=state.predictor.segmenter_name, component_failures=list(state.predictor.problems),
+        n_budget_cut=state.n_cut, time_budget=state.opts.time_budget,
     )
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.stages.ensemble import check_weights
 
 __all__ = [
     "UNMATCHED",
@@ -84,7 +85,7 @@ def iou_matrix(
     """Mask IoU ``(na, nb)`` of cell ``i`` of ``a`` (label ``i + 1``) with cell ``j`` of ``b``.
 
     ``areas_a`` / ``areas_b``: the cells' own areas when a label image cannot show them
-    (overlapping masks, see :func:`hpa_kernel.formats.submission_cells.decode_label_image`);
+    (overlapping masks, see :func:`hpa_kernel.formats.rle.decode_label_image`);
     default: pixel counts of the labels. Their length sets the number of cells.
     """
     na = None if areas_a is None else len(areas_a)
@@ -132,15 +133,6 @@ def match_cells(
     return rows[r], cols[c], sub[r, c]
 
 
-def _weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
-    w = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
-    if w.size != k:
-        raise ValueError(f"{w.size} weight(s) for {k} input(s)")
-    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w.tolist()}")
-    return w
-
-
 def combine_scores(
     scores: np.ndarray, present: np.ndarray, weights: Sequence[float] | None = None, unmatched: str = "zero"
 ) -> np.ndarray:
@@ -157,7 +149,7 @@ def combine_scores(
     n, k = present.shape
     if scores.shape != (n, k, NUM_CLASSES):
         raise ValueError(f"scores must have shape ({n}, {k}, {NUM_CLASSES}), got {scores.shape}")
-    w = _weights(weights, k)
+    w = np.ones(k) if weights is None else check_weights(weights, k)
     wp = present * w[None, :]  # (n, k)
     total = np.einsum("nk,nkc->nc", wp, scores)
     denom = np.full(n, w.sum()) if unmatched == "zero" else wp.sum(axis=1)
@@ -222,7 +214,7 @@ def merge_cells(
         raise ValueError(f"reference must be in 0..{k - 1}, got {reference}")
     if unmatched not in UNMATCHED:
         raise ValueError(f"unmatched must be one of {UNMATCHED}, got {unmatched!r}")
-    w = _weights(weights, k)
+    w = np.ones(k) if weights is None else check_weights(weights, k)
     areas = list(areas) if areas is not None else [None] * k
     sc = [np.asarray(s, dtype=np.float64).reshape(-1, NUM_CLASSES) for s in scores]
     n = [s.shape[0] for s in sc]

@@ -11,16 +11,19 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["combine_steps", "combine_models", "select_top_classes"]
+__all__ = ["check_weights", "combine_steps", "combine_models", "select_top_classes"]
 
 
-def _weights(weights: Sequence[float], n: int) -> np.ndarray:
+def check_weights(weights: Sequence[float], n: int, what: str = "input(s)") -> np.ndarray:
+    """The one rule for a list of weights (models here, team-merge inputs, cell-match inputs):
+    ``n`` of them, finite, ``>= 0`` and not all 0. Returns them as float64 (not normalised);
+    ``ValueError`` starting ``weights:`` otherwise."""
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if len(w) != n:
-        raise ValueError(f"{len(w)} weights for {n} score matrices")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero: {w.tolist()}")
-    return w / w.sum()
+    if w.size != n:
+        raise ValueError(f"weights: {w.size} given for {n} {what}")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights: must be finite, >= 0 and not all 0, got {w.tolist()}")
+    return w
 
 
 def combine_steps(
@@ -61,7 +64,8 @@ def combine_models(scores_list: Sequence[np.ndarray], weights: Sequence[float] |
     shape = arrays[0].shape
     if any(a.shape != shape for a in arrays):
         raise ValueError(f"score shapes differ: {[a.shape for a in arrays]}")
-    w = _weights(weights if weights is not None else [1.0] * len(arrays), len(arrays))
+    w = check_weights(weights if weights is not None else [1.0] * len(arrays), len(arrays), "score matrices")
+    w = w / w.sum()
     return np.tensordot(w, np.stack(arrays, axis=0), axes=1).astype(np.float32)
 
 

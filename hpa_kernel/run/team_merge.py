@@ -1,4 +1,4 @@
-"""Merge several pipelines' predictions by cell into one submission (``python -m hpa_kernel.merge``).
+"""Merge several pipelines' predictions by cell into one submission (``python -m hpa_kernel.team_merge``).
 
 Inputs are Kaggle submissions (any pipeline's ``submission.csv``) or per-cell export
 folders (``submit --save-cells DIR``, :mod:`hpa_kernel.formats.cells`). Per image every
@@ -15,7 +15,8 @@ of fields, a size that is not an integer, an ID on several rows) is logged and t
 counts as having no cells there; the summary counts each fault per input with the first
 IDs; every sample ID gets its row. ``--out`` is checked before any input is read
 (:func:`~hpa_kernel.formats.submission.prepare_output`: not a folder, not the sample or an
-input, writable), and so is the sample (its sizes bound every image's arrays).
+input, writable), and so is the sample (its sizes bound every image's arrays). Inputs that
+share no image ID (the parts of one sharded run) are refused: :func:`refuse_shard_parts`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hpa_kernel.stages.cellmatch import MEANS, UNMATCHED, RankTable, merge_cells
+from hpa_kernel.stages.ensemble import check_weights
 from hpa_kernel.formats.cells import read_cells, read_labels, scores as table_scores
 from hpa_kernel.classes import NUM_CLASSES
 from hpa_kernel.formats.images import DEFAULT_MAX_PIXELS, read_sample
@@ -39,7 +41,7 @@ from hpa_kernel.formats.submission import (prediction_string, prepare_output, re
                                            validate_submission, write_submission)
 from hpa_kernel.formats.submission_cells import row_cells, row_scores
 
-__all__ = ["MergeOptions", "ImageCells", "SubmissionInput", "CellsInput", "open_input", "merge_row", "merge_inputs", "MergeSummary"]
+__all__ = ["MergeOptions", "ImageCells", "SubmissionInput", "CellsInput", "open_input", "refuse_shard_parts", "merge_row", "merge_inputs", "MergeSummary"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +60,7 @@ class MergeOptions:
         if n_inputs < 1:
             raise ValueError("inputs: need at least one")
         if self.weights is not None:
-            w = np.asarray(self.weights, dtype=np.float64)
-            if w.size != n_inputs:
-                raise ValueError(f"weights: {w.size} given for {n_inputs} input(s)")
-            if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                raise ValueError(f"weights: must be finite, >= 0 and not all 0, got {list(self.weights)}")
+            check_weights(self.weights, n_inputs)
         if not 0 <= self.reference < n_inputs:
             raise ValueError(f"reference: must be in 0..{n_inputs - 1}, got {self.reference}")
         if not 0.0 < self.iou <= 1.0:
@@ -166,6 +164,16 @@ def open_input(path: str | os.PathLike) -> SubmissionInput | CellsInput:
     raise ValueError(f"input {p} does not exist")
 
 
+def refuse_shard_parts(inputs: Sequence[str | os.PathLike], ids: Sequence[set[str]]) -> None:
+    """``ValueError`` when two or more inputs, none empty, share no image ID at all: they are
+    the disjoint parts of one sharded run, which merging by cell would leave half empty;
+    they are joined by ``python -m hpa_kernel.submit merge``."""
+    if len(ids) < 2 or not all(ids) or sum(len(i) for i in ids) != len(set().union(*ids)):
+        return
+    raise ValueError(f"inputs {', '.join(map(str, inputs))} share no image ID: they look like the parts of one "
+                     "sharded run; join them with python -m hpa_kernel.submit merge, then merge the result by cell")
+
+
 def merge_row(cells: Sequence[ImageCells], weights: Sequence[float], opts: MergeOptions,
               rank_tables: Sequence[RankTable] | None = None) -> str:
     """One image: the merged PredictionString of the inputs' cells."""
@@ -220,12 +228,17 @@ def merge_inputs(
 
     Every sample ID gets a row, in the sample's order; ``out`` is written atomically and
     then validated against ``sample`` (``MergeSummary.problems``). ``ValueError`` (one
-    line) for bad options or an unreadable input.
+    line) for bad options, an ``--out`` that cannot be written, a missing sample or an unreadable input.
     """
     from tqdm.auto import tqdm
 
     opts.check(len(inputs))
-    prepare_output(out, [sample, *inputs])  # before the work: a folder, the sample, an input, read-only
+    if not Path(sample).is_file():
+        raise ValueError(f"sample {sample} does not exist")
+    try:  # before any input is read: a folder, the sample, an input, a read-only place
+        prepare_output(out, [sample, *inputs])
+    except OSError as e:
+        raise ValueError(f"--out: {e}") from None
     smp = read_sample(sample)
     bad = sample_size_problems(smp.sizes)
     if bad:
@@ -240,6 +253,7 @@ def merge_inputs(
         except ValueError as e:
             raise ValueError(f"input {p}: {e}") from None
         logger.info("input %d: %s (%s, %d image(s))", len(sources) - 1, p, sources[-1].kind, len(sources[-1].ids()))
+    refuse_shard_parts(inputs, [s.ids() for s in sources])
     tables = [RankTable.fit(s.all_scores()) for s in sources] if opts.mean == "rank" else None
 
     summary = MergeSummary()
