@@ -217,6 +217,23 @@ def _open_append(path: Path, truncate: int | None = None):
     return fh
 
 
+def _cell_table(image_id: str, labels: np.ndarray, ids: np.ndarray, width: int, height: int) -> pd.DataFrame:
+    """The base columns of one image's cells: ID, cell_id, the box and the area at the
+    original size (the labels nearest-scaled once; a cell without pixels there: area 0)."""
+    n = ids.size
+    big = resize_labels(labels, width, height) if n else None
+    table: dict[str, np.ndarray] = {"ID": np.full(n, image_id, dtype=object), "cell_id": ids}
+    boxes = label_boxes(big, ids) if n else np.zeros((0, 4), np.int64)
+    for k, name in enumerate(("y0", "x0", "y1", "x1")):
+        table[name] = boxes[:, k]
+    if n:
+        counts = np.bincount(big.ravel(), minlength=int(ids.max()) + 1)
+        table["area"] = counts[np.clip(ids, 0, None)] * (ids > 0)
+    else:
+        table["area"] = np.zeros(0, np.int64)
+    return pd.DataFrame(table)
+
+
 class CellsWriter:
     """Append one image at a time to a per-cell export folder.
 
@@ -369,8 +386,16 @@ class CellsWriter:
         if width <= 0 or height <= 0:
             raise ValueError(f"orig_size must be positive (width, height), got {orig_size}")
         ids = np.asarray(cell_ids, dtype=np.int64).reshape(-1)
-        n = ids.size
-        table: dict[str, np.ndarray] = {}
+        values = self._score_matrix(ids.size, final, per_model)
+        df = pd.concat([_cell_table(image_id, labels, ids, width, height),
+                        pd.DataFrame(values, columns=self.columns[len(BASE_COLUMNS):])], axis=1)
+        self._append(image_id, labels, df, (width, height))
+        return True
+
+    def _score_matrix(
+        self, n: int, final: np.ndarray, per_model: Mapping[str, Mapping[str, np.ndarray | None]] | None
+    ) -> np.ndarray:
+        """``(n, 19 * (1 + models * steps))``: the final scores, then each model's steps (NaN where absent)."""
         final = np.asarray(final, dtype=np.float32)
         if final.shape != (n, NUM_CLASSES):
             raise ValueError(f"final scores must have shape ({n}, {NUM_CLASSES}), got {final.shape}")
@@ -378,18 +403,6 @@ class CellsWriter:
         unknown = set(per_model) - set(self.models)
         if unknown:
             raise ValueError(f"unknown model(s) {sorted(unknown)}; this writer has {self.models}")
-
-        big = resize_labels(labels, width, height) if n else None
-        table["ID"] = np.full(n, image_id, dtype=object)
-        table["cell_id"] = ids
-        boxes = label_boxes(big, ids) if n else np.zeros((0, 4), np.int64)
-        for k, name in enumerate(("y0", "x0", "y1", "x1")):
-            table[name] = boxes[:, k]
-        if n:
-            counts = np.bincount(big.ravel(), minlength=int(ids.max()) + 1)
-            table["area"] = counts[np.clip(ids, 0, None)] * (ids > 0)
-        else:
-            table["area"] = np.zeros(0, np.int64)
         mats = [final]
         for m in self.models:
             steps = dict(per_model.get(m) or {})
@@ -402,15 +415,15 @@ class CellsWriter:
                 if v.shape != (n, NUM_CLASSES):
                     raise ValueError(f"model {m} {s}: shape {v.shape}, expected ({n}, {NUM_CLASSES})")
                 mats.append(v)
-        values = np.concatenate(mats, axis=1) if n else np.zeros((0, len(mats) * NUM_CLASSES), np.float32)
-        df = pd.DataFrame(table)
-        df = pd.concat([df, pd.DataFrame(values, columns=self.columns[len(BASE_COLUMNS):])], axis=1)
+        return np.concatenate(mats, axis=1) if n else np.zeros((0, len(mats) * NUM_CLASSES), np.float32)
 
+    def _append(self, image_id: str, labels: np.ndarray, df: pd.DataFrame, size: tuple[int, int]) -> None:
+        """Write one image: its label PNG, its rows (CSV appended, or one Parquet file), its index line."""
         ok, png = cv2.imencode(".png", labels.astype(np.uint16))
         if not ok:
             raise OSError(f"could not encode the label image of {image_id}")
         atomic_write(self.folder / LABELS_DIR / f"{image_id}.png", png.tobytes())
-        table_end = 0
+        n, table_end = len(df), 0
         if self.format == "csv":
             if n:
                 text = df.to_csv(header=False, index=False, float_format=_FLOAT_FORMAT, na_rep="nan", lineterminator="\n")
@@ -423,12 +436,11 @@ class CellsWriter:
             df.to_parquet(buf, index=False)
             atomic_write(self.folder / PARQUET_DIR / f"{image_id}.parquet", buf.getvalue())
         line = io.StringIO()
-        csv.writer(line, lineterminator="\n").writerow((image_id, width, height, n, table_end))
+        csv.writer(line, lineterminator="\n").writerow((image_id, *size, n, table_end))
         self._index_fh.write(line.getvalue().encode())
         self._index_fh.flush()
         os.fsync(self._index_fh.fileno())
         self.done.add(image_id)
-        return True
 
     def close(self) -> None:
         for fh in (self._index_fh, self._table_fh):
