@@ -84,8 +84,12 @@ def _interrupt(args: list[str], cwd: Path, marker: str) -> subprocess.CompletedP
     """Start ``args``, send SIGINT once ``marker`` shows in its stderr, return what it printed."""
     import signal
 
+    # a shell that starts jobs in the background (CI runners, `cmd &`) makes them ignore
+    # SIGINT, and a Python started so never raises KeyboardInterrupt: give the child the
+    # default disposition, as a terminal's Ctrl-C would find it
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)
