@@ -166,14 +166,14 @@ def _locked_main(args: argparse.Namespace, config, data_dir: Path, out: Path, ti
         from hpa_kernel.run.parallel import plan_devices
 
         devices = plan_devices(args.device, args.parallel)
-    try:
-        check_start(config, opts, shards=len(devices) if len(devices) > 1 else None)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(devices) > 1:
+    if len(devices) > 1:  # a plain run checks its start in run() itself
         from hpa_kernel.run.parallel import run_parallel
 
+        try:
+            check_start(config, opts, shards=len(devices))
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         rc = run_parallel(args, devices, data_dir, out, time_budget)
         if rc != 2 and not report(args, data_dir, out):
             rc = max(rc, 1)

@@ -40,7 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hpa_kernel.formats.csvfile import dict_reader
+from hpa_kernel.formats.csvfile import dict_reader, open_text
 from hpa_kernel.stages.inputs import resize_rgby  # the kernel's pixels: one owner, re-exported for readers
 
 __all__ = [
@@ -132,21 +132,17 @@ def _regular_size(path: Path) -> int:
 def _read_sample_rows(sample_path: Path) -> tuple[list[dict[str, str]], list[int]]:
     """The rows (UTF-8, a byte-order mark allowed) and the line numbers of header lines
     repeated inside the file (skipped)."""
-    try:
-        with open(sample_path, newline="", encoding="utf-8-sig") as f:
-            reader = dict_reader(f)
-            if reader.fieldnames is None or "ID" not in reader.fieldnames:
-                raise ValueError(f"{sample_path}: no 'ID' column (header: {reader.fieldnames})")
-            header = [h.strip() for h in reader.fieldnames]
-            rows, repeated = [], []
-            for row in reader:
-                if [(row.get(h) or "").strip() for h in reader.fieldnames] == header:
-                    repeated.append(reader.line_num)
-                    continue
-                rows.append(row)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{sample_path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
-                         f"{e.start}); save it as UTF-8") from None
+    with open_text(sample_path) as f:  # the one CSV rule (text that is not UTF-8: one line)
+        reader = dict_reader(f)
+        if reader.fieldnames is None or "ID" not in reader.fieldnames:
+            raise ValueError(f"{sample_path}: no 'ID' column (header: {reader.fieldnames})")
+        header = [h.strip() for h in reader.fieldnames]
+        rows, repeated = [], []
+        for row in reader:
+            if [(row.get(h) or "").strip() for h in reader.fieldnames] == header:
+                repeated.append(reader.line_num)
+                continue
+            rows.append(row)
     return rows, repeated
 
 

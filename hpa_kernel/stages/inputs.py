@@ -25,7 +25,6 @@ through :func:`resize_rgby`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import cv2
@@ -34,7 +33,6 @@ import numpy as np
 __all__ = [
     "DEFAULT_PIPELINE",
     "INPUT_PIPELINES",
-    "InputPipeline",
     "ImageInput",
     "check_rgby",
     "get_pipeline",
@@ -104,30 +102,17 @@ def mpware_pixels(rgby: np.ndarray, size: int = 512) -> np.ndarray:
     return out
 
 
-@dataclass(frozen=True)
-class InputPipeline:
-    """One way of making a model's pixels: ``pixels(rgby, size) -> (size, size, 4) float32``."""
-
-    name: str
-    pixels: Callable[[np.ndarray, int], np.ndarray]
-    summary: str
-
-
-#: the pipelines a checkpoint may name (meta ``"input"``); the first is the default
-INPUT_PIPELINES: dict[str, InputPipeline] = {
-    p.name: p
-    for p in (
-        InputPipeline("hpa_kernel", resize_rgby, "cv2 INTER_AREA in the native depth, / 255 or 65535"),
-        InputPipeline(
-            "mpware", mpware_pixels, "uint16 stack / 65535 (or 255), skimage resize, uint8 truncation, / 255"
-        ),
-    )
+#: the pipelines a checkpoint may name (meta ``"input"``): name -> ``pixels(rgby, size) ->
+#: (size, size, 4) float32``; the first is the default
+INPUT_PIPELINES: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    "hpa_kernel": resize_rgby,
+    "mpware": mpware_pixels,
 }
 DEFAULT_PIPELINE = "hpa_kernel"
 
 
-def get_pipeline(name: str) -> InputPipeline:
-    """The registered pipeline ``name``; ``ValueError`` naming the known ones otherwise."""
+def get_pipeline(name: str) -> Callable[[np.ndarray, int], np.ndarray]:
+    """The registered pipeline ``name`` (its pixel function); ``ValueError`` naming the known ones otherwise."""
     try:
         return INPUT_PIPELINES[name]
     except (KeyError, TypeError):
@@ -180,9 +165,9 @@ class ImageInput:
         return self._cache[key]
 
     def _make(self, pipeline: str, size: int) -> np.ndarray:
-        maker = get_pipeline(pipeline).pixels
+        pixels = get_pipeline(pipeline)
         if pipeline == DEFAULT_PIPELINE and size != self.size:
             return cv2.resize(self.image, (size, size), interpolation=cv2.INTER_AREA)
         if self.rgby is None:
             raise ValueError(f"the {pipeline!r} input pipeline needs the raw image, only working pixels were given")
-        return maker(self.rgby, size)
+        return pixels(self.rgby, size)

@@ -163,7 +163,7 @@ class ClassMapModel(nn.Module):
         ``(1, 4, S, S)`` float32 tensor (CPU), ``S`` = ``image_size`` (512 if the meta names
         none), pixels made by the model's own input pipeline, then ``(x - mean) / std``."""
         cfg = self.data_config
-        pixels = get_pipeline(cfg["input"]).pixels(rgby, cfg["image_size"] or DEFAULT_IMAGE_SIZE)
+        pixels = get_pipeline(cfg["input"])(rgby, cfg["image_size"] or DEFAULT_IMAGE_SIZE)
         x = normalize(pixels, cfg["mean"], cfg["std"])
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 

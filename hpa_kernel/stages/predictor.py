@@ -184,7 +184,7 @@ class Predictor:
                         k, c.name, model.input_pipeline, crop, source)
             members.append(Member(model, c.weight, crop_size=crop, name=f"m{k}"))
         if not members:
-            logger.error("no usable classifier: every image gets an empty prediction")
+            logger.error("no usable classifier in the manifest")
         predictor = cls(segmenter, members, config, device, fp16, tta, batch_size, problems)
         if segmenter.name != config.segmentation.method:
             predictor.segmenter_name += " (fallback)"
