@@ -1,13 +1,13 @@
 """Which image-label objective of ``train.fit_weights`` tracks the per-cell truth?
 
-    python bench/fit_objective.py --oof OOF.csv --truth DIR [--size 512] [--splits 10] [--grid 21]
+    python bench/fit_objective.py --oof DIR [DIR ...] --truth DIR [--splits 10] [--grid 21]
 
 Real HPA training data has image labels only, so ``fit_weights`` without ``--truth``
 fits the Step 1 / Step 2 weights on an image-label objective (``--objective``). On a
 synthetic validation fold, where per-cell truth exists, this prints
 
 1. over the grid of ``w1`` (one pair), each objective's mAP beside the per-cell-truth
-   local box mAP and their Spearman rank correlation (does the objective rise where the
+   local mAP and their Spearman rank correlation (does the objective rise where the
    truth rises?), and the ``w1`` each one picks;
 2. out of half: the fold's images split in two at random (``--splits`` times, both ways),
    weights fitted on one half (by the per-cell truth, by each image-label objective, or
@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hpa_kernel.train.fit_weights import OBJECTIVES, fit_step_weights, match_oof
-from hpa_kernel.train.oof import read_table
+from hpa_kernel.train.fit_weights import OBJECTIVES, fit_step_weights, match_oof, read_oof
 
 
 def _truth_map(m, w1) -> float:
-    return float(m.class_aps(w1, m.classes()).mean())
+    return float(m.class_aps(w1, 1 - np.asarray(w1), m.classes()).mean())
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -36,16 +35,16 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() and rb.std() else float("nan")
 
 
-def grid_table(table, truth: Path, size: int, grid: int) -> None:
+def grid_table(table, truth: Path, grid: int) -> None:
     w = np.round(np.linspace(0, 1, grid), 6)
-    truth_m = match_oof(table, truth, size)
+    truth_m = match_oof(table, truth)
     truth_curve = np.array([_truth_map(truth_m, x) for x in w])
     print(f"whole fold ({table['ID'].nunique()} images, {len(table)} cells), one pair w1 over {grid} points:")
     print(f"  {'objective':20s} {'w1 picked':>9s} {'truth mAP there':>15s} {'Spearman vs truth':>17s}")
     print(f"  {'per-cell truth':20s} {w[np.argmax(truth_curve)]:9.2f} {truth_curve.max():15.4f} {1.0:17.3f}")
     for obj in OBJECTIVES:
         try:
-            fit = fit_step_weights(match_oof(table, None, size, objective=obj), grid=grid)
+            fit = fit_step_weights(match_oof(table, None, objective=obj), grid=grid)
         except ValueError as e:
             print(f"  {obj:20s} refused: {e}")
             continue
@@ -57,7 +56,7 @@ def grid_table(table, truth: Path, size: int, grid: int) -> None:
     print(f"  images with a single label: {int((~labels.str.contains('|', regex=False)).sum())} of {len(labels)}")
 
 
-def out_of_half(table, truth: Path, size: int, grid: int, splits: int) -> None:
+def out_of_half(table, truth: Path, grid: int, splits: int) -> None:
     ids = np.array(sorted(table["ID"].unique()))
     rng = np.random.default_rng(0)
     fitters = {"per-cell truth": None, **{obj: obj for obj in OBJECTIVES}}
@@ -67,11 +66,11 @@ def out_of_half(table, truth: Path, size: int, grid: int, splits: int) -> None:
         half = set(rng.permutation(ids)[: len(ids) // 2])
         inside = table["ID"].isin(half)
         for fit_part, test_part in ((table[inside], table[~inside]), (table[~inside], table[inside])):
-            mt = match_oof(test_part, truth, size)
+            mt = match_oof(test_part, truth)
             res["0.5/0.5"].append(_truth_map(mt, 0.5))
             for name, obj in fitters.items():
                 try:
-                    mf = match_oof(fit_part, truth if obj is None else None, size, objective=obj or "images")
+                    mf = match_oof(fit_part, truth if obj is None else None, objective=obj or "images")
                     pair = fit_step_weights(mf, grid=grid)["step1"]
                     per = np.asarray(fit_step_weights(mf, grid=grid, per_class=True)["step1"])
                 except ValueError:
@@ -80,7 +79,7 @@ def out_of_half(table, truth: Path, size: int, grid: int, splits: int) -> None:
                 res[f"{name}, pair"].append(_truth_map(mt, pair))
                 res[f"{name}, per class"].append(_truth_map(mt, per))
     n = len(res["0.5/0.5"])
-    print(f"out of half ({splits} random halvings x 2): fitted on one half, per-cell truth local box mAP "
+    print(f"out of half ({splits} random halvings x 2): fitted on one half, per-cell truth local mAP "
           f"of the other half, mean (std) over {n} fits:")
     base = np.asarray(res["0.5/0.5"])
     for k, v in res.items():
@@ -92,15 +91,14 @@ def out_of_half(table, truth: Path, size: int, grid: int, splits: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--oof", type=Path, required=True)
+    p.add_argument("--oof", type=Path, required=True, nargs="+", help="train.oof export folder(s)")
     p.add_argument("--truth", type=Path, required=True)
-    p.add_argument("--size", type=int, default=512)
     p.add_argument("--splits", type=int, default=10)
     p.add_argument("--grid", type=int, default=21)
     a = p.parse_args()
-    table = read_table(a.oof)
-    grid_table(table, a.truth, a.size, a.grid)
-    out_of_half(table, a.truth, a.size, a.grid, a.splits)
+    table = read_oof(a.oof)
+    grid_table(table, a.truth, a.grid)
+    out_of_half(table, a.truth, a.grid, a.splits)
 
 
 if __name__ == "__main__":

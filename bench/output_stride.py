@@ -9,8 +9,8 @@ stage 2: ``git show 912d8f2:weights/demo/model.pt > runs/stage1.pt`` and pass
 
 Exploration for issue 14 (timm's ``output_stride`` as a lever for finer CAMs): the same
 weights with the last stage dilated instead of strided (timm ``output_stride=16``: 16×16
-class maps at 256 px input instead of 8×8), no retraining. For each stride, the fold's OOF table
-(``train.oof`` with ``--cam``, default ``minmax``: stage 1's manifest rule) and, on the fold's per-cell truth, the local box
+class maps at 256 px input instead of 8×8), no retraining. For each stride, the fold's OOF export
+(``train.oof`` with ``--cam``, default ``minmax``: stage 1's manifest rule) and, on the fold's per-cell truth, the local
 mAP of Step 2 alone, 0.5/0.5, Step 1 alone and the fitted pair (``train.fit_weights``).
 Validation fold only: nothing here looks at held-out images.
 """
@@ -18,12 +18,14 @@ Validation fold only: nothing here looks at held-out images.
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import timm
 
 from hpa_kernel.stages.model import load_checkpoint
-from hpa_kernel.train.fit_weights import fit_step_weights, match_oof
-from hpa_kernel.train.oof import OOFOptions, export_oof_tables
+from hpa_kernel.config import KernelConfig
+from hpa_kernel.train.fit_weights import fit_step_weights, match_oof, read_oof
+from hpa_kernel.train.oof import export_oof
 
 
 def strided(checkpoint: str, stride: int):
@@ -47,9 +49,10 @@ def main() -> None:
     p.add_argument("--cam", default="minmax", help="Step 1 CAM rule (config.CAM_NORMS)")
     a = p.parse_args()
     for stride in (int(s) for s in a.stride.split(",")):
-        table, _ = export_oof_tables(a.index, strided(a.checkpoint, stride), a.fold,
-                                     opts=OOFOptions(size=512, cam_norm=a.cam), progress=False)
-        fit = fit_step_weights(match_oof(table, a.truth), grid=21)
+        with tempfile.TemporaryDirectory() as out:
+            export_oof(a.index, strided(a.checkpoint, stride), a.fold, out, KernelConfig(cam_norm=a.cam), progress=False)
+            table = read_oof([out])
+            fit = fit_step_weights(match_oof(table, a.truth), grid=21)
         ap = fit["ap"].mean(axis=1)
         print(f"output_stride {stride}: {len(table)} cells; step2 alone {ap[0]:.4f}, 0.5/0.5 {ap[10]:.4f}, "
               f"step1 alone {ap[-1]:.4f}, fitted step1 {fit['step1']} -> {fit['mAP']:.4f}")

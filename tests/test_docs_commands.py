@@ -158,7 +158,7 @@ def _training_setup(ws: Path, env: dict) -> None:
 
 def _training_check(ws: Path) -> None:
     assert (ws / "weights.csv").is_file() and (ws / "runs" / "stage2" / "last_model.pt").is_file()
-    assert (ws / "oof.csv").is_file() and (ws / "oof.images.csv").is_file()
+    assert (ws / "oof_fold0" / "oof_images.csv").is_file() and (ws / "weights" / "manifest.fit.json").is_file()
 
 
 RUN: dict[str, Plan] = {
@@ -178,7 +178,7 @@ RUN: dict[str, Plan] = {
         check=lambda ws: (ws / "train.csv").is_file() and (ws / "truth").is_dir() or pytest.fail("no train set")),
     "python -m hpa_kernel.train.prepare --csv train.csv": Plan(
         replace=[("[--src external/] ", ""), (" [--resume runs/seresnext50_512_fold0/last.pt]", ""),
-                 ("[--cam minmax]", "--cam minmax"), ("[--per-class]", "--per-class")],
+                 ("[--manifest weights/manifest.json]", "--manifest weights/manifest.json"), ("[--per-class]", "--per-class")],
         dropped_lines={"torchrun --nproc_per_node 4": "four DDP processes (tests/test_train_ddp.py runs two)"},
         setup=_training_setup, check=_training_check, slow=True),
     "export OMP_NUM_THREADS=1": Plan(slow=True),

@@ -145,9 +145,10 @@ def test_the_runs_config_json_loads_back_in_train_and_oof(one_epoch):
     assert third["augment"]["groups"]["noise"]["p"] == 0.25
     third["augment"]["groups"]["noise"]["p"] = first["augment"]["groups"]["noise"]["p"]
     assert third["augment"] == first["augment"]
+    (root / "m64.json").write_text('{"image_size": 64}')
     p = run(["-m", "hpa_kernel.train.oof", "--config", "run/config.json", "--checkpoint", "run/last_model.pt",
-             "--fold", "0", "--size", "64", "--limit", "1", "--out", "oof.csv", "--device", "cpu"], root)
-    assert (root / "oof.csv").is_file() and "cells of 1 images" in p.stdout
+             "--fold", "0", "--manifest", "m64.json", "--limit", "1", "--out", "oof", "--device", "cpu"], root)
+    assert (root / "oof" / "oof_images.csv").is_file() and "1 images of fold 0" in p.stdout
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -158,7 +159,8 @@ def test_the_runs_config_json_loads_back_in_train_and_oof(one_epoch):
 ])
 def test_oof_mistakes_are_one_line(one_epoch, args, needle):
     root, _ = one_epoch
-    base = ["-m", "hpa_kernel.train.oof", "--config", "run/config.json", "--size", "64", "--out", "x.csv",
+    (root / "m64.json").write_text('{"image_size": 64}')
+    base = ["-m", "hpa_kernel.train.oof", "--config", "run/config.json", "--manifest", "m64.json", "--out", "x",
             "--device", "cpu"]
     p = run(base + args, root, code=2)
     errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
@@ -230,9 +232,9 @@ def _not_a_csv(tmp: Path) -> Path:
     ("hpa_kernel.train.sampler", ["--csv", "{bad}", "--out", "{tmp}/w.csv"]),
     ("hpa_kernel.train.prepare", ["--csv", "{bad}", "--src", "{tmp}", "--out", "{tmp}/c"]),
     ("hpa_kernel.train.cells", ["--index", "{bad}", "--truth", "{tmp}/nowhere"]),
-    ("hpa_kernel.train.fit_weights", ["--oof", "{tmp}/none.csv", "--manifest", "{bad}"]),
+    ("hpa_kernel.train.fit_weights", ["--oof", "{tmp}/none", "--manifest", "{bad}"]),
     ("hpa_kernel.train.oof", ["--index-csv", "{bad}", "--checkpoint", "{tmp}/none.pt", "--fold", "0", "--out",
-                              "{tmp}/o.csv", "--device", "cpu"]),
+                              "{tmp}/o", "--device", "cpu"]),
     ("hpa_kernel.train.__main__", ["--index-csv", "{bad}", "--set", "pretrained=false", "--out", "{tmp}/run"]),
 ])
 def test_a_users_mistake_in_any_train_command_is_one_line(tmp_path, caplog, module, args):

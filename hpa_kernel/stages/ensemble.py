@@ -69,18 +69,25 @@ def combine_models(scores_list: Sequence[np.ndarray], weights: Sequence[float] |
     return np.tensordot(w, np.stack(arrays, axis=0), axes=1).astype(np.float32)
 
 
-def select_top_classes(scores: np.ndarray, top_n: int = 18, floor: float = 0.0) -> np.ndarray:
-    """Keep, for one image, the ``top_n`` classes with the highest max-over-cells score.
+def select_top_classes(scores: np.ndarray, top_n: int = 18, floor: float = 0.0,
+                       starts: np.ndarray | None = None) -> np.ndarray:
+    """Keep, for each image, the ``top_n`` classes with the highest max-over-cells score.
 
-    Classes beyond ``top_n`` (ranked by their max over cells, ties by class index) are
-    zeroed, and so is every value ``<= floor``. Returns a new float32 array.
+    Classes beyond ``top_n`` (ranked by their max over the image's cells, ties by class
+    index) are zeroed, and so is every value ``<= floor``. ``scores`` are one image's
+    ``(n_cells, n_classes)``, or with ``starts`` the cells of several images (image ``k``'s
+    rows begin at ``starts[k]``, increasing; how :mod:`hpa_kernel.train.fit_weights` scores
+    a whole fold at once). Returns a new float32 array.
     """
     out = np.array(scores, dtype=np.float32, copy=True)
     if out.ndim != 2:
         raise ValueError(f"scores must be (n_cells, n_classes), got {out.shape}")
     if out.shape[0] and top_n < out.shape[1]:
-        best = out.max(axis=0)
-        order = np.argsort(-best, kind="stable")
-        out[:, order[max(int(top_n), 0) :]] = 0.0
+        starts = np.zeros(1, np.int64) if starts is None else np.asarray(starts, np.int64)
+        best = np.maximum.reduceat(out, starts, axis=0)  # (images, classes)
+        order = np.argsort(-best, axis=1, kind="stable")
+        drop = np.zeros(best.shape, bool)
+        np.put_along_axis(drop, order[:, max(int(top_n), 0) :], True, axis=1)
+        out[drop[np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(out)]))]] = 0.0
     out[out <= floor] = 0.0
     return out

@@ -107,9 +107,11 @@ class ScoreDetail:
     ``steps[name]`` is ``{"step1": (n, 19) | None, "step2": (n, 19) | None, "ens": (n, 19)}``
     for each model that ran on the image (in member order; a step that did not run is
     ``None``, a model left out by ``max_models`` is absent). Rows follow ``cell_ids``.
+    ``image_probs[name]`` is the model's full-image ``(19,)`` probabilities (when its Step 1 ran).
     """
 
     steps: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)
+    image_probs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Predictor:
@@ -264,10 +266,10 @@ class Predictor:
         use_step1 = config.use_step1 or not use_step2
         per_model = []
         for m in members:
-            s1 = self._step1(m, image, labels, cell_ids, timer) if use_step1 else None
+            s1 = self._step1(m, image, labels, cell_ids, timer, detail) if use_step1 else None
             s2 = self._step2(m, image, labels, cell_ids, timer, deadline) if use_step2 else None
             if s1 is None and s2 is None:  # Step 2 cut short by the deadline: Step 1 instead
-                s1 = self._step1(m, image, labels, cell_ids, timer)
+                s1 = self._step1(m, image, labels, cell_ids, timer, detail)
             with timer("ensemble"):
                 per_model.append(combine_steps(s1, s2, config.step1_weight, config.step2_weight))
             if detail is not None:
@@ -276,12 +278,17 @@ class Predictor:
             scores = combine_models(per_model, [m.weight for m in members])
             return select_top_classes(scores, top_n=config.top_classes, floor=config.min_confidence)
 
-    def _step1(self, m: Member, image: ImageInput, labels: np.ndarray, cell_ids: np.ndarray, timer: Timer) -> np.ndarray:
+    def _step1(
+        self, m: Member, image: ImageInput, labels: np.ndarray, cell_ids: np.ndarray, timer: Timer,
+        detail: ScoreDetail | None,
+    ) -> np.ndarray:
         """One model's Step 1: the full image through its pipeline, CAM ∩ cell."""
         with timer("inputs"):
             full = image.pixels(m.model.input_pipeline, m.model.data_config["image_size"] or labels.shape[0])
         with timer("forward_full"):
             probs, cams = classify_image(m.model, full, self.device, self.fp16, self.tta, self.config.cam_norm)
+        if detail is not None:
+            detail.image_probs[m.name] = probs
         with timer("step1"):
             return step1_scores(cams, probs, labels, cell_ids)
 
