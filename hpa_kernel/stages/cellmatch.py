@@ -172,6 +172,24 @@ class CellMerge:
     scores: np.ndarray  # (n, 19) float64
 
 
+def _checked_inputs(
+    k: int, scores: Sequence[np.ndarray], weights: Sequence[float] | None, reference: int,
+    areas: Sequence[np.ndarray | None] | None,
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray | None]]:
+    """:func:`merge_cells`' inputs checked: ``(weights, scores (n_j, 19) float64, areas)``."""
+    if k == 0 or len(scores) != k:
+        raise ValueError(f"need as many score arrays as label images, got {len(scores)} and {k}")
+    if not 0 <= reference < k:
+        raise ValueError(f"reference must be in 0..{k - 1}, got {reference}")
+    w = np.ones(k) if weights is None else check_weights(weights, k)
+    areas = list(areas) if areas is not None else [None] * k
+    sc = [np.asarray(s, dtype=np.float64).reshape(-1, NUM_CLASSES) for s in scores]
+    for j in range(k):
+        if areas[j] is not None and len(areas[j]) != len(sc[j]):
+            raise ValueError(f"input {j}: {len(areas[j])} areas for {len(sc[j])} cells")
+    return w, sc, areas
+
+
 def merge_cells(
     labels: Sequence[np.ndarray],
     scores: Sequence[np.ndarray],
@@ -208,20 +226,10 @@ def merge_cells(
     added as new cells (``"take"``) or dropped (``"zero"``).
     """
     k = len(labels)
-    if k == 0 or len(scores) != k:
-        raise ValueError(f"need as many score arrays as label images, got {len(scores)} and {k}")
-    if not 0 <= reference < k:
-        raise ValueError(f"reference must be in 0..{k - 1}, got {reference}")
     if unmatched not in UNMATCHED:
         raise ValueError(f"unmatched must be one of {UNMATCHED}, got {unmatched!r}")
-    w = np.ones(k) if weights is None else check_weights(weights, k)
-    areas = list(areas) if areas is not None else [None] * k
-    sc = [np.asarray(s, dtype=np.float64).reshape(-1, NUM_CLASSES) for s in scores]
+    w, sc, areas = _checked_inputs(k, scores, weights, reference, areas)
     n = [s.shape[0] for s in sc]
-    for j in range(k):
-        if areas[j] is not None and len(areas[j]) != n[j]:
-            raise ValueError(f"input {j}: {len(areas[j])} areas for {n[j]} cells")
-
     source = np.full(n[reference], reference, np.int64)
     cell = np.arange(n[reference], dtype=np.int64)
     members = np.full((n[reference], k), -1, np.int64)

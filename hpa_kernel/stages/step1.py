@@ -73,6 +73,27 @@ def grouped_quantiles(
     return q_group, q_all, counts
 
 
+def _cam_confidences(
+    cams: np.ndarray, probs: np.ndarray, labels: np.ndarray, cell_ids: np.ndarray, min_ratio: float, quantile: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1's rule for the examined classes: ``(conf, keep)``, each ``(n, k)``, from their
+    ``(k, h, w)`` CAMs and ``(k,)`` probabilities (see :func:`step1_scores`)."""
+    order = np.argsort(cell_ids, kind="stable")
+    sorted_ids = cell_ids[order]
+    H, W = labels.shape
+    q_cell, q_img, counts = grouped_quantiles(
+        resize_maps(cams, H, W), cell_index(labels, sorted_ids), len(cell_ids), quantile=quantile
+    )
+    # back to the caller's cell order (duplicates in cell_ids share one group)
+    first = np.searchsorted(sorted_ids, cell_ids)
+    q_cell, counts = q_cell[first].astype(np.float64), counts[first]
+    q_img = q_img.astype(np.float64)[None, :]
+    p = probs[None, :]
+    safe = np.where(q_img > 0, q_img, 1.0)
+    conf = np.where(q_img > 0, np.clip(q_cell * p / safe, 0.0, p), np.where(q_cell > 0, p, 0.0))
+    return conf, (conf / p > min_ratio) & (counts[:, None] > 0)
+
+
 def step1_scores(
     cams,
     probs,
@@ -129,23 +150,10 @@ def step1_scores(
     if n == 0:
         return scores
 
-    order = np.argsort(cell_ids, kind="stable")
-    sorted_ids = cell_ids[order]
     active = np.flatnonzero(probs > min_prob)
     kept = np.zeros((n, NUM_CLASSES), dtype=bool)
     if len(active):
-        H, W = labels.shape
-        q_cell, q_img, counts = grouped_quantiles(
-            resize_maps(cams[active], H, W), cell_index(labels, sorted_ids), n, quantile=quantile
-        )
-        # back to the caller's cell order (duplicates in cell_ids share one group)
-        first = np.searchsorted(sorted_ids, cell_ids)
-        q_cell, counts = q_cell[first].astype(np.float64), counts[first]
-        q_img = q_img.astype(np.float64)[None, :]
-        p = probs[active][None, :]
-        safe = np.where(q_img > 0, q_img, 1.0)
-        conf = np.where(q_img > 0, np.clip(q_cell * p / safe, 0.0, p), np.where(q_cell > 0, p, 0.0))
-        keep = (conf / p > min_ratio) & (counts[:, None] > 0)
+        conf, keep = _cam_confidences(cams[active], probs[active], labels, cell_ids, min_ratio, quantile)
         scores[:, active] = np.where(keep, conf, 0.0)
         kept[:, active] = keep
 
