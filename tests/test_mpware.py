@@ -29,6 +29,14 @@ from hpa_kernel.stages.step2 import crop_cells, predict_crops
 from hpa_kernel.tools.synthetic import make_image
 from team_reference import TeamSiamese, randomize, save_team_file, team_ensemble, team_input, team_make_cam
 
+
+def kernel_input(model, rgby: np.ndarray) -> torch.Tensor:
+    """The kernel's full-image input of ``model`` for a raw image: its pipeline's pixels at its
+    ``image_size`` (``ImageInput``, as the predictor makes them), normalised by its mean/std."""
+    cfg = model.data_config
+    x = normalize(ImageInput(rgby).pixels(model.input_pipeline, cfg["image_size"]), cfg["mean"], cfg["std"])
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
 BACKBONE = "resnet10t"  # the fast loop's small backbone; seresnext50_32x4d in the slow test
 RUN = f"siamese_{BACKBONE}_512_384_RGBY_fp16_CV4_v2.0"
 
@@ -84,10 +92,10 @@ def test_each_team_file_shape_gives_the_team_class_maps(tmp_path, team, raw_imag
 
 
 @pytest.mark.parametrize("name", ["u8_512", "u16_1024"])
-def test_prepare_feeds_a_raw_image_the_team_way(tmp_path, team, raw_images, name):
+def test_the_kernel_feeds_a_raw_image_the_team_way(tmp_path, team, raw_images, name):
     rgby, planes = raw_images[name]
     model = load_mpware(save_team_file(team, team_path(tmp_path)))
-    ours, theirs = model.prepare(rgby), team_input(planes)
+    ours, theirs = kernel_input(model, rgby), team_input(planes)
     assert ours.shape == (1, 4, 512, 512) and ours.dtype == torch.float32
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-6)
     with torch.no_grad():
@@ -95,11 +103,11 @@ def test_prepare_feeds_a_raw_image_the_team_way(tmp_path, team, raw_images, name
 
 
 @pytest.mark.slow
-def test_prepare_of_a_2048_px_16_bit_image(tmp_path, team):
+def test_the_kernel_input_of_a_2048_px_16_bit_image(tmp_path, team):
     rgby = make_image(np.random.default_rng(2048), 2048, 2048, depth=16).rgby
     planes = write_planes(tmp_path, "big", rgby)
     model = load_mpware(save_team_file(team, team_path(tmp_path)))
-    ours, theirs = model.prepare(read_rgby(tmp_path, "big")), team_input(planes)
+    ours, theirs = kernel_input(model, read_rgby(tmp_path, "big")), team_input(planes)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-6)
     with torch.no_grad():
         close(model.class_maps(ours), team(theirs)["single_features"])
@@ -200,7 +208,7 @@ def test_import_cli_writes_our_checkpoint(tmp_path, team, raw_images):
     assert r.returncode == 0, r.stderr
     model, meta = load_checkpoint(dst)
     assert meta["input"] == "mpware" and meta["backbone"] == BACKBONE and meta["crop_size"] == 384
-    x = model.prepare(raw_images["u8_512"][0])
+    x = kernel_input(model, raw_images["u8_512"][0])
     with torch.no_grad():
         close(model.class_maps(x), team(team_input(raw_images["u8_512"][1]))["single_features"])
     bare = save_team_file(team, tmp_path / "loose" / "model_best.pt")
@@ -258,7 +266,7 @@ def test_seresnext50_team_file(tmp_path, raw_images):
     model = load_mpware(path)
     rgby, planes = raw_images["u16_1024"]
     with torch.no_grad():
-        close(model.class_maps(model.prepare(rgby)), team50(team_input(planes))["single_features"])
+        close(model.class_maps(kernel_input(model, rgby)), team50(team_input(planes))["single_features"])
 
 
 def test_the_example_manifest_names_the_team_s_four_folds():

@@ -53,8 +53,6 @@ RGBY_MEAN: tuple[float, float, float, float] = (0.485, 0.456, 0.406, 0.485)
 RGBY_STD: tuple[float, float, float, float] = (0.229, 0.224, 0.225, 0.229)
 CHECKPOINT_FORMAT = "hpa_kernel.puzzlecam/1"
 CAM_EPS = 1e-5
-#: the input side when a checkpoint's meta names none (:meth:`ClassMapModel.prepare`)
-DEFAULT_IMAGE_SIZE = 512
 #: the largest Step 2 crop side the kernel cuts (a 4096 px crop of 38 cells needed 9.5 GiB);
 #: ``config.MAX_CROP_SIZE`` is the same number (a test keeps them equal)
 MAX_CROP_SIZE = 1024
@@ -157,15 +155,6 @@ class ClassMapModel(nn.Module):
     def input_pipeline(self) -> str:
         """The name of the input pipeline this model was trained with (``data_config["input"]``)."""
         return self.data_config["input"]
-
-    def prepare(self, rgby: np.ndarray) -> torch.Tensor:
-        """A raw ``(H, W, 4)`` uint8/uint16 RGBY image as this model's input: the normalised
-        ``(1, 4, S, S)`` float32 tensor (CPU), ``S`` = ``image_size`` (512 if the meta names
-        none), pixels made by the model's own input pipeline, then ``(x - mean) / std``."""
-        cfg = self.data_config
-        pixels = get_pipeline(cfg["input"])(rgby, cfg["image_size"] or DEFAULT_IMAGE_SIZE)
-        x = normalize(pixels, cfg["mean"], cfg["std"])
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (B, C), F (B, C, h, w))`` from one backbone pass."""
