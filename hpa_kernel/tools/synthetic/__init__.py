@@ -9,17 +9,16 @@ All lengths are defined on a 2048 px reference field of view and scaled with the
 size, so a 512 px and a 2048 px image show the same field (cells about 4x smaller), like
 the real HPA images of different cameras. Per-cell work happens on bounding-box crops.
 
+Modules, one job each: :mod:`.cells` (geometry, label images), :mod:`.patterns` (per-cell
+textures), :mod:`.acquire` (the camera), :mod:`.image` (one image and its truth),
+:mod:`.dataset` (the files, written through :mod:`hpa_kernel.formats`).
+
 Public API
 ----------
 - :func:`make_image` -> :class:`SyntheticImage`
 - :func:`write_dataset` -> a Kaggle-layout folder with per-cell truth
 - :func:`sample_dataset` -> the small bundled sample set (generated on demand)
 - CLI: ``python -m hpa_kernel.tools.synthetic --out DIR --images N --seed S``
-
-Modules, one job each: :mod:`.cells` (geometry and label images), :mod:`.patterns` (the
-per-cell textures, one green pattern per class), :mod:`.acquire` (the camera),
-:mod:`.image` (one image and its truth), :mod:`.dataset` (files, through
-:mod:`hpa_kernel.formats`).
 """
 
 from __future__ import annotations
@@ -29,14 +28,7 @@ import argparse
 from hpa_kernel.tools.synthetic.dataset import image_id, sample_dataset, write_dataset
 from hpa_kernel.tools.synthetic.image import SyntheticImage, make_image
 
-__all__ = [
-    "SyntheticImage",
-    "make_image",
-    "write_dataset",
-    "sample_dataset",
-    "image_id",
-    "main",
-]
+__all__ = ["SyntheticImage", "make_image", "write_dataset", "sample_dataset", "image_id", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,9 +36,8 @@ class Cell:
     classes: list[int] = field(default_factory=list)
 
 
-def place_seeds(
-    rng: np.random.Generator, height: int, width: int, n_in: int, margin: float, s: float
-) -> tuple[np.ndarray, np.ndarray]:
+def place_seeds(rng: np.random.Generator, height: int, width: int, n_in: int, margin: float,
+                s: float) -> tuple[np.ndarray, np.ndarray]:
     """Dart-throwing seeds: ``n_in`` inside the image plus some in a border band.
 
     Returns (yx (m, 2), inside (m,) bool). The minimum spacing follows the density.
@@ -125,9 +124,8 @@ def fit_nuclei(cells: list[Cell]) -> None:
         c.rn = min(c.rn, 0.42 * dist / (1.15 * math.sqrt(c.n_aniso)))
 
 
-def _radial_cost(
-    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, aniso: float, angle: float, harm: np.ndarray
-) -> np.ndarray:
+def _radial_cost(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, aniso: float, angle: float,
+                 harm: np.ndarray) -> np.ndarray:
     """Normalised radial distance (1 = outline) of an irregular ellipse."""
     dy, dx = yy - cy, xx - cx
     ca, sa = math.cos(angle), math.sin(angle)
@@ -161,9 +159,8 @@ def _eval_waves(waves: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray
     return out
 
 
-def _coarse_field(
-    sl: tuple[slice, slice], step: int, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
-) -> np.ndarray:
+def _coarse_field(sl: tuple[slice, slice], step: int,
+                  fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Evaluate a smooth field ``fn(yy, xx)`` on a ``step``-coarse grid of the box and
     upsample it bilinearly to full resolution (pixel centres aligned)."""
     h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
@@ -178,9 +175,8 @@ def _coarse_field(
     return cv2.resize(coarse, (nw * step, nh * step), interpolation=cv2.INTER_LINEAR)[:h, :w]
 
 
-def rasterise(
-    rng: np.random.Generator, cells: list[Cell], shape: tuple[int, int], s: float
-) -> tuple[np.ndarray, np.ndarray]:
+def rasterise(rng: np.random.Generator, cells: list[Cell], shape: tuple[int, int],
+              s: float) -> tuple[np.ndarray, np.ndarray]:
     """Cell and nucleus label images (1-based by list order) on the padded canvas.
 
     Nuclei are irregular ellipses; cells are a multiplicatively weighted Voronoi

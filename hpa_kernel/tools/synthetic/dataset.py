@@ -34,13 +34,10 @@ def _parse_sizes(sizes: SizeSpec | Sequence[SizeSpec]) -> list[tuple[int, int]]:
     out = []
     for sz in sizes:
         if isinstance(sz, str):
-            parts = sz.lower().replace("×", "x").split("x")
-            hw = [int(p) for p in parts]
+            hw = [int(p) for p in sz.lower().replace("×", "x").split("x")]
             out.append((hw[0], hw[-1]))
-        elif isinstance(sz, (int, np.integer)):
-            out.append((int(sz), int(sz)))
         else:
-            h, w = sz
+            h, w = (sz, sz) if isinstance(sz, (int, np.integer)) else sz
             out.append((int(h), int(w)))
     if not out:
         raise ValueError("no image sizes given")
@@ -48,14 +45,10 @@ def _parse_sizes(sizes: SizeSpec | Sequence[SizeSpec]) -> list[tuple[int, int]]:
 
 
 def _parse_depths(depth: DepthSpec) -> list[int]:
-    if isinstance(depth, str):
-        if depth == "mixed":
-            return [8, 16]
-        return [int(depth)]
-    if isinstance(depth, (int, np.integer)):
-        out = [int(depth)]
-    else:
-        out = [int(d) for d in depth]
+    """8, 16, ``"8"``, ``"mixed"`` (8 and 16) or a list of 8 and 16 -> list of bit depths."""
+    if isinstance(depth, str) and depth == "mixed":
+        return [8, 16]
+    out = [int(depth)] if isinstance(depth, (str, int, np.integer)) else [int(d) for d in depth]
     if not out or any(d not in (8, 16) for d in out):
         raise ValueError(f"depth must be 8, 16, 'mixed' or a list of them, got {depth!r}")
     return out
@@ -73,16 +66,8 @@ def _write_one(out: Path, split: str, seed: int, index: int, hw: tuple[int, int]
     return iid, img.width, img.height, img.image_labels, img.cell_classes
 
 
-def write_dataset(
-    out: str | Path,
-    images: int,
-    seed: int,
-    sizes: SizeSpec | Sequence[SizeSpec] = (2048,),
-    depth: DepthSpec = 8,
-    split: str = "test",
-    n_jobs: int = 1,
-    progress: bool = True,
-) -> Path:
+def write_dataset(out: str | Path, images: int, seed: int, sizes: SizeSpec | Sequence[SizeSpec] = (2048,),
+                  depth: DepthSpec = 8, split: str = "test", n_jobs: int = 1, progress: bool = True) -> Path:
     """Write ``images`` synthetic images in the Kaggle layout, with per-cell truth.
 
     Layout::
@@ -109,7 +94,6 @@ def write_dataset(
     hws = _parse_sizes(sizes)
     depths = _parse_depths(depth)
     (out / split).mkdir(parents=True, exist_ok=True)
-    (out / "truth" / "labels").mkdir(parents=True, exist_ok=True)
     jobs = [(i, hws[i % len(hws)], depths[i % len(depths)]) for i in range(int(images))]
 
     from tqdm.auto import tqdm
@@ -122,8 +106,7 @@ def write_dataset(
 
         records = Parallel(n_jobs=n_jobs)(delayed(_write_one)(out, split, seed, i, hw, d) for i, hw, d in it)
 
-    ids = [r[0] for r in records]
-    write_submission({r[0]: (r[1], r[2], "") for r in records}, ids, out / "sample_submission.csv")
+    write_submission({r[0]: (r[1], r[2], "") for r in records}, [r[0] for r in records], out / "sample_submission.csv")
     write_image_labels(out / "train.csv", {r[0]: r[3] for r in records})
     write_truth_index(out / "truth", {r[0]: r[4] for r in records})
     logger.info("wrote %d synthetic images to %s", len(records), out)

@@ -74,9 +74,7 @@ def _random_image_labels(rng: np.random.Generator) -> list[int]:
     return sorted(int(c) for c in rng.choice(NUM_CLASSES - 1, size=k, replace=False, p=p))
 
 
-def _assign_classes(
-    rng: np.random.Generator, cells: list[Cell], areas: np.ndarray, requested: list[int]
-) -> None:
+def _assign_classes(rng: np.random.Generator, cells: list[Cell], areas: np.ndarray, requested: list[int]) -> None:
     """Give every (kept) cell its classes: most the image pattern, some a subset, some none.
 
     On top of that, in a share ``P_VARIABLE_IMAGE`` of the images one interphase class of
@@ -137,14 +135,8 @@ def _assign_classes(
         cells[order[0]].classes = sorted(set(cells[order[0]].classes) - {NEGATIVE} | {11})
 
 
-def make_image(
-    rng: np.random.Generator,
-    height: int,
-    width: int,
-    image_labels: list[int] | None = None,
-    depth: int = 8,
-    n_cells: int | None = None,
-) -> SyntheticImage:
+def make_image(rng: np.random.Generator, height: int, width: int, image_labels: list[int] | None = None,
+               depth: int = 8, n_cells: int | None = None) -> SyntheticImage:
     """Draw one HPA-like RGBY image with per-cell truth.
 
     Parameters
@@ -229,9 +221,8 @@ def _divide(rng: np.random.Generator, cells: list[Cell], requested: list[int]) -
         c.rn *= 0.7
 
 
-def _visible_cells(
-    cells: list[Cell], owner: np.ndarray, nuclei: np.ndarray, crop: tuple[slice, slice]
-) -> tuple[list[int], np.ndarray]:
+def _visible_cells(cells: list[Cell], owner: np.ndarray, nuclei: np.ndarray,
+                   crop: tuple[slice, slice]) -> tuple[list[int], np.ndarray]:
     """The labels (1-based) of the cells that survive the crop to the image, in raster
     order of their nucleus centres (the order of the final labels), and their visible areas.
 
@@ -251,16 +242,8 @@ def _visible_cells(
     return keep, cell_vis[keep].astype(float)
 
 
-def _paint(
-    rng: np.random.Generator,
-    cells: list[Cell],
-    keep: list[int],
-    boxes: list,
-    owner: np.ndarray,
-    nuclei: np.ndarray,
-    crop: tuple[slice, slice],
-    s: float,
-) -> np.ndarray:
+def _paint(rng: np.random.Generator, cells: list[Cell], keep: list[int], boxes: list, owner: np.ndarray,
+           nuclei: np.ndarray, crop: tuple[slice, slice], s: float) -> np.ndarray:
     """The (H, W, 4) float32 RGBY image of the ``keep`` cells, before the camera.
 
     Painted cell by cell on bounding boxes of the padded canvas (so that cells cut by the

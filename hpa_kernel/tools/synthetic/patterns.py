@@ -6,7 +6,7 @@ painter). Each painter takes the cell's :class:`Ctx` and returns a float32 crop,
 from __future__ import annotations
 
 import math
-from typing import Callable
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -41,14 +41,8 @@ def _spots(shape: tuple[int, int], pts: np.ndarray, amps: np.ndarray | float, si
     return canvas * np.float32(2.0 * math.pi * sigma * sigma)
 
 
-def _random_walks(
-    rng: np.random.Generator,
-    starts: np.ndarray,
-    angles: np.ndarray,
-    n_steps: int,
-    step: float | np.ndarray,
-    turn_sd: float,
-) -> np.ndarray:
+def _random_walks(rng: np.random.Generator, starts: np.ndarray, angles: np.ndarray, n_steps: int,
+                  step: float | np.ndarray, turn_sd: float) -> np.ndarray:
     """Curved paths (n, n_steps+1, 2) in (x, y) order from ``starts`` (y, x)."""
     n = len(starts)
     theta = angles[:, None] + np.cumsum(rng.normal(0.0, turn_sd, (n, n_steps)), axis=1)
@@ -67,21 +61,15 @@ def _draw_paths(shape: tuple[int, int], paths: np.ndarray, thickness: int) -> np
     return canvas.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
-def _distance_inside(mask: np.ndarray) -> np.ndarray:
-    """Euclidean distance of each mask pixel to the nearest pixel outside the mask."""
-    padded = np.pad(mask.astype(np.uint8), 1)
-    return cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+def _distance(mask: np.ndarray, beyond: int = 0) -> np.ndarray:
+    """Euclidean distance of each ``mask`` pixel to the nearest pixel outside it (0 outside).
 
-
-def _distance_outside(mask: np.ndarray) -> np.ndarray:
-    """Euclidean distance of each pixel outside the mask to the mask (0 inside).
-
-    Pixels beyond the crop count as outside, so the crop edge is not mistaken for the
-    mask's edge.
+    Pixels beyond the crop count as ``beyond`` (1: inside the mask, so that the crop edge
+    is not mistaken for the mask's edge); 1e6 everywhere when nothing is outside.
     """
-    padded = np.pad((~mask).astype(np.uint8), 1, constant_values=1)
-    if not mask.any():
+    if mask.all() and beyond:
         return np.full(mask.shape, np.float32(1e6), np.float32)
+    padded = np.pad(mask.astype(np.uint8), 1, constant_values=beyond)
     return cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
 
 
@@ -97,51 +85,26 @@ def _norm(a: np.ndarray, q: float = 99.5) -> np.ndarray:
 class Ctx:
     """What the texture painters of one cell need, on its bounding-box crop."""
 
-    def __init__(
-        self,
-        rng: np.random.Generator,
-        cell: Cell,
-        sl: tuple[slice, slice],
-        cell_mask: np.ndarray,
-        nuc_mask: np.ndarray,
-        s: float,
-        visible: tuple[slice, slice] | None = None,
-    ):
-        self.rng = rng
-        self.cell = cell
-        self.s = s
-        self.shape = cell_mask.shape
-        self.m = cell_mask
-        self.nm = nuc_mask
-        self.cyto = cell_mask & ~nuc_mask
+    def __init__(self, rng: np.random.Generator, cell: Cell, sl: tuple[slice, slice], cell_mask: np.ndarray,
+                 nuc_mask: np.ndarray, s: float, visible: tuple[slice, slice] | None = None):
+        self.rng, self.cell, self.s, self.shape = rng, cell, s, cell_mask.shape
         self.mf = cell_mask.astype(np.float32)
         self.nf = nuc_mask.astype(np.float32)
-        self.cf = self.cyto.astype(np.float32)
+        self.cf = (cell_mask & ~nuc_mask).astype(np.float32)
         self.cy = cell.y - sl[0].start  # nucleus centre in crop coordinates
         self.cx = cell.x - sl[1].start
-        self.yy = np.arange(self.shape[0], dtype=np.float32)[:, None]
-        self.xx = np.arange(self.shape[1], dtype=np.float32)[None, :]
-        self.d_edge = _distance_inside(cell_mask)
-        d_in = _distance_inside(nuc_mask)
-        d_out = _distance_outside(nuc_mask)
-        self.d_nuc = np.where(nuc_mask, -d_in, d_out)  # signed distance to the nuclear rim
-        self.rn = cell.rn
-        self.r = cell.r
+        self.d_edge = _distance(cell_mask)
+        # signed distance to the nuclear rim
+        self.d_nuc = np.where(nuc_mask, -_distance(nuc_mask), _distance(~nuc_mask, beyond=1))
+        self.rn, self.r = cell.rn, cell.r
         # point-like structures are placed preferably in the part of the crop that is
         # inside the image, so that border cells still show their pattern
-        if visible is None:
-            self.vis = np.ones(self.shape, np.float32)
-        else:
-            self.vis = np.full(self.shape, np.float32(0.02))
+        self.vis = np.full(self.shape, np.float32(1.0 if visible is None else 0.02))
+        if visible is not None:
             self.vis[visible] = 1.0
         # the microtubule organising centre, next to the nucleus
         pts = _sample_points(rng, self.perinuclear(0.15 * self.rn), 1)
         self.mtoc = pts[0] if len(pts) else np.array([self.cy, self.cx], np.float32)
-        self._nucleoli: np.ndarray | None = None
-        self._nucleoli_mask: np.ndarray | None = None
-        self._red: np.ndarray | None = None
-        self._yellow: np.ndarray | None = None
-        self._spindle: np.ndarray | None = None
 
     def px(self, ref: float) -> float:
         """Reference-px length in this image's px."""
@@ -162,101 +125,94 @@ class Ctx:
         return inner * self.vis
 
     # shared structures -----------------------------------------------------------
-    @property
+    @cached_property
     def nucleoli(self) -> np.ndarray:
         """(k, 3) nucleoli (y, x, radius) inside the nucleus."""
-        if self._nucleoli is None:
-            k = int(self.rng.integers(1, 5)) if not self.cell.mitotic else 0
-            pts = _sample_points(self.rng, self.nuclear_interior(0.25 * self.rn), k)
-            rad = self.rng.uniform(0.12, 0.22, len(pts)) * self.rn
-            self._nucleoli = np.concatenate([pts, rad[:, None].astype(np.float32)], axis=1)
-        return self._nucleoli
+        k = int(self.rng.integers(1, 5)) if not self.cell.mitotic else 0
+        pts = _sample_points(self.rng, self.nuclear_interior(0.25 * self.rn), k)
+        rad = self.rng.uniform(0.12, 0.22, len(pts)) * self.rn
+        return np.concatenate([pts, rad[:, None].astype(np.float32)], axis=1)
 
+    @cached_property
     def nucleoli_mask(self) -> np.ndarray:
         """Soft nucleoli blobs (max ~1); computed once, callers must not modify it."""
-        if self._nucleoli_mask is None:
-            out = np.zeros(self.shape, np.float32)
-            for y, x, rad in self.nucleoli:
-                d2 = ((self.yy - y) ** 2 + (self.xx - x) ** 2) / (rad * rad)
-                out = np.maximum(out, np.exp(-(d2**2)))
-            self._nucleoli_mask = out * self.nf
-        return self._nucleoli_mask
+        out = np.zeros(self.shape, np.float32)
+        yy = np.arange(self.shape[0], dtype=np.float32)[:, None]
+        xx = np.arange(self.shape[1], dtype=np.float32)[None, :]
+        for y, x, rad in self.nucleoli:
+            d2 = ((yy - y) ** 2 + (xx - x) ** 2) / (rad * rad)
+            out = np.maximum(out, np.exp(-(d2**2)))
+        return out * self.nf
 
-    @property
+    @cached_property
     def spindle(self) -> np.ndarray:
         """Bipolar spindle of a dividing cell (max ~1)."""
-        if self._spindle is None:
-            c, rng = self.cell, self.rng
-            a = c.n_angle  # metaphase plate long axis
-            pa = np.array([math.sin(a), math.cos(a)])  # (y, x) along the plate
-            pp = np.array([math.cos(a), -math.sin(a)])  # perpendicular: spindle axis
-            centre = np.array([self.cy, self.cx])
-            semi = c.rn * math.sqrt(c.n_aniso)  # plate half-length
-            half = 0.95 * semi  # pole distance from the plate
-            paths = []
-            for sign in (-1.0, 1.0):
-                pole = centre + sign * pp * half
-                for t in np.linspace(-0.85, 0.85, 9) + rng.normal(0, 0.05, 9):
-                    end = centre + pa * t * semi - sign * pp * rng.uniform(-0.05, 0.15) * half
-                    mid = (pole + end) / 2 + pa * t * 0.15 * semi
-                    paths.append(np.stack([pole, mid, end])[:, ::-1])
-                # astral microtubules
-                for b in rng.uniform(0, 2 * math.pi, 6):
-                    end = pole + np.array([math.sin(b), math.cos(b)]) * rng.uniform(0.2, 0.45) * semi
-                    paths.append(np.stack([pole, (pole + end) / 2, end])[:, ::-1])
-            tex = 0.8 * _draw_paths(self.shape, np.asarray(paths), self.thick(2))
-            poles = np.stack([centre - pp * half, centre + pp * half])
-            tex = np.maximum(tex, _spots(self.shape, poles, 1.0, self.px(6)))
-            self._spindle = np.clip(cv2.GaussianBlur(tex, (0, 0), max(self.px(2), 0.6)), 0, 1) * self.mf
-        return self._spindle
+        c, rng = self.cell, self.rng
+        a = c.n_angle  # metaphase plate long axis
+        pa = np.array([math.sin(a), math.cos(a)])  # (y, x) along the plate
+        pp = np.array([math.cos(a), -math.sin(a)])  # perpendicular: spindle axis
+        centre = np.array([self.cy, self.cx])
+        semi = c.rn * math.sqrt(c.n_aniso)  # plate half-length
+        half = 0.95 * semi  # pole distance from the plate
+        paths = []
+        for sign in (-1.0, 1.0):
+            pole = centre + sign * pp * half
+            for t in np.linspace(-0.85, 0.85, 9) + rng.normal(0, 0.05, 9):
+                end = centre + pa * t * semi - sign * pp * rng.uniform(-0.05, 0.15) * half
+                mid = (pole + end) / 2 + pa * t * 0.15 * semi
+                paths.append(np.stack([pole, mid, end])[:, ::-1])
+            # astral microtubules
+            for b in rng.uniform(0, 2 * math.pi, 6):
+                end = pole + np.array([math.sin(b), math.cos(b)]) * rng.uniform(0.2, 0.45) * semi
+                paths.append(np.stack([pole, (pole + end) / 2, end])[:, ::-1])
+        tex = 0.8 * _draw_paths(self.shape, np.asarray(paths), self.thick(2))
+        poles = np.stack([centre - pp * half, centre + pp * half])
+        tex = np.maximum(tex, _spots(self.shape, poles, 1.0, self.px(6)))
+        return np.clip(cv2.GaussianBlur(tex, (0, 0), max(self.px(2), 0.6)), 0, 1) * self.mf
 
-    @property
+    @cached_property
     def red(self) -> np.ndarray:
         """Microtubule marker: filaments radiating from the MTOC (max ~1)."""
-        if self._red is None:
-            rng = self.rng
-            if self.cell.mitotic:
-                tex = self.spindle + 0.15 * self.cf
-            else:
-                # a few fibres from the MTOC, most spread through the cytoplasm
-                n1, n2 = int(rng.integers(10, 25)), int(rng.integers(50, 90))
-                starts1 = np.repeat(self.mtoc[None], n1, axis=0) + rng.normal(0, 0.15 * self.rn, (n1, 2))
-                starts2 = _sample_points(rng, self.cf * (0.3 + np.exp(-np.maximum(self.d_nuc, 0) / self.r)), n2)
-                starts = np.concatenate([starts1, starts2])
-                n = len(starts)
-                length = rng.uniform(0.5, 1.2, n) * self.r
-                paths = _random_walks(rng, starts, rng.uniform(0, 2 * math.pi, n), 10, length / 10, 0.2)
-                fil = np.zeros(self.shape, np.float32)
-                for part in np.array_split(np.arange(n), 3):  # three brightness groups
-                    fil = np.maximum(fil, _draw_paths(self.shape, paths[part], self.thick(2.5)) * rng.uniform(0.4, 1.0))
-                fil = cv2.GaussianBlur(fil, (0, 0), max(self.px(1.5), 0.5))
-                diffuse = 0.3 * (1.0 + 0.3 * smooth_noise(rng, self.shape, self.px(60)))
-                edge_fall = 1.0 - np.exp(-self.d_edge / self.px(25))
-                tex = (fil * 0.6 + diffuse) * edge_fall
-                tex = tex * (1.0 - 0.6 * self.nf)
-            self._red = np.clip(tex, 0, 1.5) * self.mf
-        return self._red
+        rng = self.rng
+        if self.cell.mitotic:
+            tex = self.spindle + 0.15 * self.cf
+        else:
+            # a few fibres from the MTOC, most spread through the cytoplasm
+            n1, n2 = int(rng.integers(10, 25)), int(rng.integers(50, 90))
+            starts1 = np.repeat(self.mtoc[None], n1, axis=0) + rng.normal(0, 0.15 * self.rn, (n1, 2))
+            starts2 = _sample_points(rng, self.cf * (0.3 + np.exp(-np.maximum(self.d_nuc, 0) / self.r)), n2)
+            starts = np.concatenate([starts1, starts2])
+            n = len(starts)
+            length = rng.uniform(0.5, 1.2, n) * self.r
+            paths = _random_walks(rng, starts, rng.uniform(0, 2 * math.pi, n), 10, length / 10, 0.2)
+            fil = np.zeros(self.shape, np.float32)
+            for part in np.array_split(np.arange(n), 3):  # three brightness groups
+                fil = np.maximum(fil, _draw_paths(self.shape, paths[part], self.thick(2.5)) * rng.uniform(0.4, 1.0))
+            fil = cv2.GaussianBlur(fil, (0, 0), max(self.px(1.5), 0.5))
+            diffuse = 0.3 * (1.0 + 0.3 * smooth_noise(rng, self.shape, self.px(60)))
+            edge_fall = 1.0 - np.exp(-self.d_edge / self.px(25))
+            tex = (fil * 0.6 + diffuse) * edge_fall
+            tex = tex * (1.0 - 0.6 * self.nf)
+        return np.clip(tex, 0, 1.5) * self.mf
 
-    @property
+    @cached_property
     def yellow(self) -> np.ndarray:
         """ER marker: a reticular network, densest around the nucleus (max ~1)."""
-        if self._yellow is None:
-            rng = self.rng
-            n = smooth_noise(rng, self.shape, self.px(16))
-            net = np.exp(-((n / 0.35) ** 2))
-            density = 0.35 + 0.65 * np.exp(-np.maximum(self.d_nuc, 0) / (0.6 * self.r))
-            edge_fall = 1.0 - np.exp(-self.d_edge / self.px(20))
-            tex = (0.75 * net + 0.25) * density * edge_fall * self.cf
-            rim = np.exp(-((self.d_nuc / self.px(5)) ** 2)) * 0.6
-            tex = tex + rim * self.mf + 0.08 * self.nf
-            self._yellow = np.clip(tex, 0, 1.2) * self.mf
-        return self._yellow
+        rng = self.rng
+        n = smooth_noise(rng, self.shape, self.px(16))
+        net = np.exp(-((n / 0.35) ** 2))
+        density = 0.35 + 0.65 * np.exp(-np.maximum(self.d_nuc, 0) / (0.6 * self.r))
+        edge_fall = 1.0 - np.exp(-self.d_edge / self.px(20))
+        tex = (0.75 * net + 0.25) * density * edge_fall * self.cf
+        rim = np.exp(-((self.d_nuc / self.px(5)) ** 2)) * 0.6
+        tex = tex + rim * self.mf + 0.08 * self.nf
+        return np.clip(tex, 0, 1.2) * self.mf
 
 
 # -- green patterns, one per class ---------------------------------------------------
 def _p_nucleoplasm(c: Ctx) -> np.ndarray:
     tex = 0.8 + 0.2 * smooth_noise(c.rng, c.shape, c.px(12))
-    tex = tex * (1.0 - 0.7 * c.nucleoli_mask())
+    tex = tex * (1.0 - 0.7 * c.nucleoli_mask)
     return np.clip(tex, 0, None) * c.nf
 
 
@@ -266,7 +222,7 @@ def _p_nuclear_membrane(c: Ctx) -> np.ndarray:
 
 
 def _p_nucleoli(c: Ctx) -> np.ndarray:
-    blob = c.nucleoli_mask()
+    blob = c.nucleoli_mask
     return blob * (0.85 + 0.15 * smooth_noise(c.rng, c.shape, c.px(6)))
 
 
@@ -282,7 +238,7 @@ def _p_fibrillar_center(c: Ctx) -> np.ndarray:
 
 
 def _p_speckles(c: Ctx) -> np.ndarray:
-    inner = c.nuclear_interior(c.px(4)) * (c.nucleoli_mask() < 0.3)
+    inner = c.nuclear_interior(c.px(4)) * (c.nucleoli_mask < 0.3)
     k = int(c.rng.integers(20, 45))
     pts = _sample_points(c.rng, inner, k)
     sp = _spots(c.shape, pts, c.rng.uniform(0.5, 1.0, len(pts)), c.px(7))
@@ -403,32 +359,17 @@ def _p_negative(c: Ctx) -> np.ndarray:
     return np.zeros(c.shape, np.float32)
 
 
-PATTERNS: dict[int, Callable[[Ctx], np.ndarray]] = {
-    0: _p_nucleoplasm,
-    1: _p_nuclear_membrane,
-    2: _p_nucleoli,
-    3: _p_fibrillar_center,
-    4: _p_speckles,
-    5: _p_nuclear_bodies,
-    6: _p_er,
-    7: _p_golgi,
-    8: _p_intermediate_filaments,
-    9: _p_actin,
-    10: _p_microtubules,
-    11: _p_mitotic_spindle,
-    12: _p_centrosome,
-    13: _p_plasma_membrane,
-    14: _p_mitochondria,
-    15: _p_aggresome,
-    16: _p_cytosol,
-    17: _p_vesicles,
-    18: _p_negative,
-}
+#: class id -> green painter, in the order of :data:`hpa_kernel.classes.CLASS_NAMES`
+PATTERNS = dict(enumerate([
+    _p_nucleoplasm, _p_nuclear_membrane, _p_nucleoli, _p_fibrillar_center, _p_speckles, _p_nuclear_bodies, _p_er,
+    _p_golgi, _p_intermediate_filaments, _p_actin, _p_microtubules, _p_mitotic_spindle, _p_centrosome,
+    _p_plasma_membrane, _p_mitochondria, _p_aggresome, _p_cytosol, _p_vesicles, _p_negative,
+]))
 
 
 def paint_blue(c: Ctx) -> np.ndarray:
     chrom = 0.75 + 0.25 * smooth_noise(c.rng, c.shape, c.px(10))
-    tex = chrom * (1.0 - 0.5 * c.nucleoli_mask())
+    tex = chrom * (1.0 - 0.5 * c.nucleoli_mask)
     tex = tex * (0.75 + 0.25 * (1.0 - np.exp(-(-np.minimum(c.d_nuc, 0)) / c.px(6))))
     if c.cell.mitotic:
         tex = tex * 1.6
