@@ -1,7 +1,8 @@
 """Kaggle test layout: the sample CSV reader, the RGBY PNG reader (and the channel writer)
 and the 512 px float image.
 
-Layout::
+Layout (a sample is a submission with empty PredictionStrings: written by
+:func:`hpa_kernel.formats.submission.write_submission`)::
 
     data_dir/sample_submission.csv     ID,ImageWidth,ImageHeight,PredictionString
     data_dir/test/<ID>_red.png         one plane each, 8- or 16-bit, any size
