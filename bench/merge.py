@@ -70,9 +70,7 @@ def shifted(labels: np.ndarray, d: int) -> np.ndarray:
 
 
 def speed(args, tmp: Path) -> None:
-    import cv2
-
-    from hpa_kernel.formats.images import CHANNELS, channel_path
+    from hpa_kernel.formats.images import CHANNELS, channel_path, write_channel
 
     rng = np.random.default_rng(SEED)
     rows_a, rows_b, ids = {}, {}, []
@@ -81,9 +79,8 @@ def speed(args, tmp: Path) -> None:
     for k in range(args.images):
         img = make_image(np.random.default_rng([SEED, k]), 2048, 2048, n_cells=40)
         image_id = f"speed{k}"
-        for c, name in enumerate(CHANNELS):  # 8-bit, PNG compression 1: as hpa_kernel.tools.synthetic writes
-            cv2.imwrite(str(channel_path(folder, image_id, name)), np.ascontiguousarray(img.rgby[..., c]),
-                        [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        for c, name in enumerate(CHANNELS):  # as hpa_kernel.tools.synthetic writes them
+            write_channel(channel_path(folder, image_id, name), img.rgby[..., c])
         lab = img.cell_labels
         for rows, labels in ((rows_a, lab), (rows_b, shifted(lab, 16))):
             ids_k = np.unique(labels[labels > 0])

@@ -73,3 +73,35 @@ def test_fit_weights_matches_cells_by_the_metrics_rule():
     assert class_ap(conf, present, key, 2) == want
     ious = np.array([[0.9, 0.1], [0.7, 0.2], [0.3, 0.5], [0.1, 0.6]])
     assert metric.match_class(ious).tolist() == metric.take_cells([0, -1, -1, 1]).tolist()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_channel_png_round_trips_through_the_one_writer_and_reader(tmp_path, dtype):
+    from hpa_kernel.formats.images import CHANNELS, channel_path, read_channel, read_rgby, write_channel
+
+    rng = np.random.default_rng(0)
+    low = 256 if dtype == np.uint16 else 0  # 16-bit values over 255: read back as 16-bit
+    rgby = rng.integers(low, np.iinfo(dtype).max, (6, 9, 4), endpoint=True).astype(dtype)
+    for c, name in enumerate(CHANNELS):  # a strided view is written as the plane it is
+        assert write_channel(channel_path(tmp_path, "img", name), rgby[..., c]) == tmp_path / f"img_{name}.png"
+    back = read_channel(tmp_path / "img_green.png")
+    assert back.dtype == dtype and np.array_equal(back, rgby[..., 1])
+    assert np.array_equal(read_rgby(tmp_path, "img"), rgby)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32)])
+def test_channel_writer_refuses_what_is_not_one_plane(tmp_path, bad):
+    from hpa_kernel.formats.images import write_channel
+
+    with pytest.raises(ValueError, match="2-D uint8 or uint16"):
+        write_channel(tmp_path / "x.png", bad)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_image_labels_csv_round_trips_through_the_writer_and_the_trainer_reader(tmp_path):
+    from hpa_kernel.train.prepare import read_label_csv
+
+    path = truth_fmt.write_image_labels(tmp_path / "train.csv", {"b": [5, 0], "a": [18], "0012": [11]})
+    assert path.read_text() == "ID,Label\nb,0|5\na,18\n0012,11\n"
+    df = read_label_csv(path)
+    assert list(df["ID"]) == ["b", "a", "0012"] and list(df["Label"]) == ["0|5", "18", "11"]

@@ -1,6 +1,8 @@
-"""Kaggle test layout: the sample CSV reader, the RGBY PNG reader and the 512 px float image.
+"""Kaggle test layout: the sample CSV reader, the RGBY PNG reader (and the channel writer)
+and the 512 px float image.
 
-Layout::
+Layout (a sample is a submission with empty PredictionStrings: written by
+:func:`hpa_kernel.formats.submission.write_submission`)::
 
     data_dir/sample_submission.csv     ID,ImageWidth,ImageHeight,PredictionString
     data_dir/test/<ID>_red.png         one plane each, 8- or 16-bit, any size
@@ -58,6 +60,7 @@ __all__ = [
     "read_sample",
     "read_test_set",
     "read_channel",
+    "write_channel",
     "read_rgby",
     "resize_rgby",
     "load_image",
@@ -335,6 +338,18 @@ def read_channel(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
     if img.ndim != 2 or img.size == 0:
         raise ImageReadError(f"{path}: decoded to an unusable shape {img.shape}")
     return img
+
+
+def write_channel(path: str | os.PathLike, plane: np.ndarray) -> Path:
+    """Write one channel PNG: a 2-D uint8 or uint16 array, fast compression (level 1);
+    :func:`read_channel` reads it back unchanged. Returns the path."""
+    if plane.ndim != 2 or plane.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path}: a channel is a 2-D uint8 or uint16 array, got {plane.dtype} {plane.shape}")
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(plane), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    Path(path).write_bytes(buf.tobytes())
+    return Path(path)
 
 
 def _read_rgby(folder: str | os.PathLike, image_id: str, max_pixels: int | None) -> tuple[np.ndarray, list[str]]:

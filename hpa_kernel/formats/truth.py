@@ -1,10 +1,12 @@
-"""The truth folder (per-cell ground truth): the one reader and the one writer.
+"""The truth folder (per-cell ground truth): the one reader and the one writer; and the
+writer of the image labels (``train.csv``, read by :func:`hpa_kernel.train.prepare.read_label_csv`).
 
 Layout::
 
     DIR/labels/<ID>.png   label image at the original size (uint16 written; uint8 read too),
                           0 = background, 1..n = cells
     DIR/cells.csv         ID,cell_id,Label  (Label '|'-separated class ids)
+    train.csv             ID,Label  (image labels, '|'-separated)
 
 Written by :mod:`hpa_kernel.tools.synthetic`; read by :mod:`hpa_kernel.tools.metric`,
 :mod:`hpa_kernel.train.cells` and :mod:`hpa_kernel.train.fit_weights`.
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hpa_kernel.classes import format_labels, parse_labels
+from hpa_kernel.formats.images import write_channel
 
 TRUTH_COLUMNS: tuple[str, ...] = ("ID", "cell_id", "Label")
 
@@ -88,11 +91,7 @@ def write_label_image(truth_dir: str | Path, image_id: str, labels: np.ndarray) 
     if labels.ndim != 2 or (labels.size and (labels.min() < 0 or labels.max() > 65535)):
         raise TruthError(f"{path}: label image must be 2-D with ids in 0..65535")
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", labels.astype(np.uint16), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    path.write_bytes(buf.tobytes())
-    return path
+    return write_channel(path, labels.astype(np.uint16))
 
 
 def write_truth_index(truth_dir: str | Path, cells: Mapping[str, Mapping[int, Iterable[int]]]) -> Path:
@@ -102,3 +101,10 @@ def write_truth_index(truth_dir: str | Path, cells: Mapping[str, Mapping[int, It
     rows = [(iid, int(cid), format_labels(cls)) for iid, per in cells.items() for cid, cls in per.items()]
     pd.DataFrame(rows, columns=list(TRUTH_COLUMNS)).to_csv(path, index=False)
     return path
+
+
+def write_image_labels(path: str | Path, labels: Mapping[str, Iterable[int]]) -> Path:
+    """Write ``ID,Label`` rows (``train.csv``) from image id -> classes, in the given order."""
+    rows = [(iid, format_labels(cls)) for iid, cls in labels.items()]
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(path, index=False)
+    return Path(path)
