@@ -42,6 +42,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hpa_kernel.formats.atomic import atomic_write
 from hpa_kernel.formats.csvfile import dict_reader, open_text
 from hpa_kernel.stages.inputs import resize_rgby  # the kernel's pixels: one owner, re-exported for readers
 
@@ -341,15 +342,14 @@ def read_channel(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
 
 
 def write_channel(path: str | os.PathLike, plane: np.ndarray) -> Path:
-    """Write one channel PNG: a 2-D uint8 or uint16 array, fast compression (level 1);
-    :func:`read_channel` reads it back unchanged. Returns the path."""
+    """Write one channel PNG (atomically: a kill leaves the old file or none): a 2-D uint8 or
+    uint16 array, fast compression (level 1); :func:`read_channel` reads it back unchanged."""
     if plane.ndim != 2 or plane.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"{path}: a channel is a 2-D uint8 or uint16 array, got {plane.dtype} {plane.shape}")
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(plane), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"could not encode {path}")
-    Path(path).write_bytes(buf.tobytes())
-    return Path(path)
+    return atomic_write(path, buf.tobytes())
 
 
 def _read_rgby(folder: str | os.PathLike, image_id: str, max_pixels: int | None) -> tuple[np.ndarray, list[str]]:
