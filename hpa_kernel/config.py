@@ -48,16 +48,17 @@ SEGMENTATION_METHODS: tuple[str, ...] = ("classic", "hpa")
 #: the most classes a prediction may keep (``top_classes``): ``classes.NUM_CLASSES``,
 #: written out because this module imports nothing of the package (a test keeps them equal)
 MAX_TOP_CLASSES = 19
-#: the largest Step 2 crop side (``crop_size``): ``stages.model.MAX_CROP_SIZE``, written out
-#: for the same reason (a test keeps them equal)
+#: the largest Step 2 crop side (``crop_size``, the manifest's and a checkpoint's; a 4096 px
+#: crop of 38 cells needed 9.5 GiB)
 MAX_CROP_SIZE = 1024
 #: the classifier file formats a manifest entry may name (``classifiers[i].format``): ours
 #: (self-describing, ``stages.model.save_checkpoint``) and the third-place team's
 #: (``stages.mpware``); the first is the default
 CLASSIFIER_FORMATS: tuple[str, ...] = ("hpa_kernel", "mpware")
 _CLASSIFIER_KEYS = {"path", "paths", "weight", "format", "backbone", "image_size", "crop_size"}
-#: how Step 1 turns class maps into CAMs (``step1.cam``): ``stages.model.CAM_NORMS``,
-#: written out for the same reason (a test keeps them equal); the first is the default
+#: how Step 1 turns class maps into CAMs (``step1.cam``, ``stages.model.ClassMapModel.cams``):
+#: ``"relu_max"`` is the reference (the default); ``"minmax"`` keeps the ranking of cells
+#: inside a map that is negative everywhere and measures a cell's height from the map's floor
 CAM_NORMS: tuple[str, ...] = ("relu_max", "minmax")
 
 

@@ -56,8 +56,16 @@ def test_per_class_step_weights_and_the_cam_option_load():
     assert not config_from_dict({"step_weights": {"step1": 1, "step2": [0.0] * 19}}, root=".").use_step2
 
 
-def test_the_cam_names_are_the_models():
-    from hpa_kernel.config import CAM_NORMS
-    from hpa_kernel.stages import model
+def test_every_cam_name_a_manifest_may_give_is_one_the_model_computes():
+    import torch
 
-    assert CAM_NORMS == model.CAM_NORMS and CAM_NORMS[0] == "relu_max"
+    from hpa_kernel.config import CAM_NORMS
+    from hpa_kernel.stages.model import PuzzleCAM
+
+    maps = torch.randn(19, 8, 8)
+    assert CAM_NORMS[0] == "relu_max"
+    for norm in CAM_NORMS:
+        cams = PuzzleCAM.cams(maps, norm)
+        assert cams.shape == maps.shape and 0 <= float(cams.min()) and float(cams.max()) <= 1
+    with pytest.raises(ValueError, match="unknown CAM normalisation"):
+        PuzzleCAM.cams(maps, "softmax")

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpa_kernel.classes import NUM_CLASSES
+from hpa_kernel.config import CAM_NORMS, MAX_CROP_SIZE  # the names step1.cam may take; the largest crop side
 from hpa_kernel.stages.inputs import DEFAULT_PIPELINE, INPUT_PIPELINES, get_pipeline
 
 __all__ = [
@@ -53,14 +54,6 @@ RGBY_MEAN: tuple[float, float, float, float] = (0.485, 0.456, 0.406, 0.485)
 RGBY_STD: tuple[float, float, float, float] = (0.229, 0.224, 0.225, 0.229)
 CHECKPOINT_FORMAT = "hpa_kernel.puzzlecam/1"
 CAM_EPS = 1e-5
-#: the largest Step 2 crop side the kernel cuts (a 4096 px crop of 38 cells needed 9.5 GiB);
-#: ``config.MAX_CROP_SIZE`` is the same number (a test keeps them equal)
-MAX_CROP_SIZE = 1024
-#: How class maps become CAMs in [0, 1] (``step1.cam`` of the manifest): ``"relu_max"`` is
-#: the reference (the default); ``"minmax"`` keeps the ranking of cells inside a map that is
-#: negative everywhere (``relu`` would make it all zero) and measures a cell's height from
-#: the map's floor instead of from 0. ``hpa_kernel.config.CAM_NORMS`` is the same tuple.
-CAM_NORMS: tuple[str, ...] = ("relu_max", "minmax")
 
 
 class CheckpointError(ValueError):
