@@ -39,15 +39,21 @@ import hpa_kernel
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build_wheel.sh"
 KERNEL = REPO / "submission" / "kernel.py"
+BUILDER = REPO / "submission" / "build.py"
 WHEEL = f"hpa_kernel-{hpa_kernel.__version__}-py3-none-any.whl"
 
 
-def load_kernel() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("hpa_submission_kernel", KERNEL)
+def load_kernel(path: Path = KERNEL, name: str = "hpa_submission_kernel") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_builder() -> ModuleType:
+    """submission/build.py, the script behind build_wheel.sh."""
+    return load_kernel(BUILDER, "hpa_submission_build")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -397,9 +403,9 @@ def test_install_falls_back_when_a_dependency_is_known_under_another_name(
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json", "carried_xyz"))  # json: importable under its module name
+    monkeypatch.setitem(k.IMPORT_NAMES, "json-under-another-name-xyz", "json")  # importable under its module name
     assert k.install(dataset, py) == "0.0.7"
-    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json", "module_nobody_has_xyz"))
+    monkeypatch.setitem(k.IMPORT_NAMES, "carried-xyz", "module_nobody_has_xyz")
     with pytest.raises(k.KernelError, match="module_nobody_has_xyz"):
         k.install(dataset, py)
 
@@ -597,7 +603,8 @@ def test_wheelhouse_installs_offline_into_an_image_with_only_the_provided_packag
     r = run_py(py, "-m", "pip", "install", "--no-index", "--find-links", str(dataset / "wheelhouse"),
                "--find-links", str(dataset), f"hpa_kernel=={hpa_kernel.__version__}", cwd=work)  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:]
-    modules = [*load_kernel().RUNTIME_MODULES, "yaml", "safetensors", "huggingface_hub", "hpa_kernel.submit"]
+    modules = [*load_kernel().runtime_modules(load_builder().requires(dist / WHEEL)), "yaml", "safetensors",
+               "huggingface_hub", "hpa_kernel.submit"]  # fmt: skip
     code = (
         "import importlib, sys\n"
         "mods = [importlib.import_module(m) for m in sys.argv[1:]]\n"
