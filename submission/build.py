@@ -1,10 +1,7 @@
-"""The build behind ``bash build_wheel.sh`` (see its --help): OUT/hpa_kernel-<version>-py3-none-any.whl,
-OUT/wheelhouse/ (the runtime wheels a Kaggle GPU image may lack: pip's resolution of hpa_kernel's
-requirements and --deps, without KAGGLE_PROVIDED and what only those need), OUT/kaggle_dataset/
-(wheel + wheelhouse/ + weights/ + dataset-metadata.json) and OUT/kaggle_kernel/ (kernel.py +
-kernel-metadata.json). Built in a staging folder and swapped in (stale outputs removed); the wheel
-is reproducible. Runs with the interpreter that builds: standard library, pip and setuptools.
-"""
+"""The build behind ``bash build_wheel.sh`` (see --help): OUT/hpa_kernel-<version>-py3-none-any.whl,
+OUT/wheelhouse/ (what the Kaggle image lacks: pip's resolution of hpa_kernel's requirements and --deps
+without KAGGLE_PROVIDED), OUT/kaggle_dataset/ and OUT/kaggle_kernel/, built in a staging folder and
+swapped in. Runs with the interpreter that builds; needs only pip and setuptools (torch to test-load)."""
 
 from __future__ import annotations
 
@@ -40,19 +37,15 @@ KAGGLE_PROVIDED = ("torch", "torchvision", "torchaudio", "numpy", "pandas", "sci
 FORBIDDEN_DEPS = ("torch", "torchvision", "torchaudio")
 SRC_PATHS = ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "hpa_kernel")
 PLACEHOLDER = "kaggle.image"  # the local version label of the placeholder wheels
-RULES = {  # option -> (pattern, what it wants)
-    "python": (r"3\.[0-9]+(,3\.[0-9]+)*", "X.Y or a list X.Y,X.Z (e.g. 3.10,3.11)"),
-    "dataset_id": (r"[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]{1,48}[a-z0-9]", "OWNER/slug (slug: 3-50 lowercase letters, "
-                   "digits, '-')"),
-    "kernel_id": (r"[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]{3,48}[a-z0-9]", "OWNER/slug (slug: 5-50 lowercase letters, "
-                  "digits, '-')"),
-}
+SLUG = "OWNER/slug (slug: {}-50 lowercase letters, digits, '-')"
+RULES = {"python": (r"3\.[0-9]+(,3\.[0-9]+)*", "X.Y or a list X.Y,X.Z (e.g. 3.10,3.11)"),  # option -> (pattern, what)
+         "dataset_id": (r"[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]{1,48}[a-z0-9]", SLUG.format(3)),
+         "kernel_id": (r"[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]{3,48}[a-z0-9]", SLUG.format(5))}
 EPILOG = """\
-The wheel is built with the building Python's setuptools (offline) when it can make wheels
-(setuptools >= 70.1, or the `wheel` package); otherwise in pip's isolated environment (setuptools
-and wheel from the index; with --no-wheelhouse the build stops and says what to install).
-Environment: PYTHON = interpreter that builds (default python3); SOURCE_DATE_EPOCH (default: time
-of the last git commit) fixes the timestamps inside the wheel."""
+The wheel is built offline with the building Python's setuptools when it can make wheels (>= 70.1,
+or the `wheel` package), else in pip's isolated environment (from the index; with --no-wheelhouse
+the build stops and says what to install). Environment: PYTHON = interpreter that builds (default
+python3); SOURCE_DATE_EPOCH (default: time of the last git commit) fixes the wheel's timestamps."""
 
 
 class BuildError(Exception):
@@ -68,9 +61,7 @@ def norm(name: str) -> str:
 
 
 @dataclass
-class Options:
-    """The parsed, checked command line."""
-
+class Options:  # the parsed, checked command line
     out: Path
     weights: Path
     python: list[str]
@@ -101,25 +92,19 @@ def parser() -> argparse.ArgumentParser:
                  "a wheelhouse of runtime dependencies and the Kaggle dataset and kernel folders.")
     add = ap.add_argument
     add("--out", default=str(REPO / "dist"), metavar="DIR", help="output folder (default: <repo>/dist)")
-    add("--python", default="3.10,3.11,3.12", metavar="X.Y[,X.Z]", help="Python version(s) of the Kaggle image "
-        "(default %(default)s: compiled wheels exist once per version)")
-    add("--platform", default="manylinux_2_28_x86_64", metavar="TAG", help="newest platform tag the image runs "
-        "(default %(default)s = glibc 2.28 and older; manylinux2014_x86_64 = glibc 2.17)")
-    add("--deps", metavar='"A B==1.0"', help="wheelhouse requirements, space or comma separated, replacing the "
-        "default: hpa_kernel's requirements the Kaggle image lacks (timm pycocotools), pinned to the versions "
-        "installed here; a package of the image named here is carried; torch/torchvision/torchaudio are refused")
-    add("--no-wheelhouse", "--offline", dest="wheelhouse", action="store_false",
-        help="download nothing (offline / CI): the wheelhouse stays empty")
-    add("--weights", default=str(REPO / "weights"), metavar="DIR",
-        help="weights folder copied into the dataset (default: <repo>/weights), with manifest.json")
+    add("--python", default="3.10,3.11,3.12", metavar="X.Y[,X.Z]", help="the Kaggle image's Python (default %(default)s)")
+    add("--platform", default="manylinux_2_28_x86_64", metavar="TAG", help="its newest platform tag (%(default)s)")
+    add("--deps", metavar='"A B==1.0"', help="wheelhouse requirements replacing the default (hpa_kernel's that the "
+        "image lacks, pinned as installed here); named packages of the image are carried; torch* are refused")
+    add("--no-wheelhouse", "--offline", dest="wheelhouse", action="store_false", help="download nothing")
+    add("--weights", default=str(REPO / "weights"), metavar="DIR", help="weights folder with manifest.json")
     add("--no-weights-check", dest="weights_check", action="store_false", help="do not check the weights against "
-        "the manifest's sizes/sha256 nor test-load its classifiers (which needs torch and timm here)")
+        "the manifest nor test-load its classifiers (which needs torch and timm here)")
     add("--dataset-id", default="USERNAME/hpa-kernel", metavar="ID", help="Kaggle dataset id (default %(default)s)")
     add("--title", default="hpa-kernel wheel and weights", help="dataset title, 6-50 characters")
     add("--license", default="other", metavar="NAME", help="dataset license name (default %(default)s)")
     add("--kernel-id", metavar="ID", help="Kaggle kernel id (default <dataset owner>/hpa-kernel-submit)")
-    add("--extra-dataset", action="append", default=[], metavar="ID",
-        help="another dataset the kernel attaches (repeatable), e.g. the HPA segmentation weights")
+    add("--extra-dataset", action="append", default=[], metavar="ID", help="another dataset the kernel attaches")
     add("--print-kaggle-provided", action="store_true", help="print the packages the Kaggle image brings and exit")
     return ap
 
@@ -134,26 +119,6 @@ def platform_tags(platform: str) -> tuple[str, list[str]]:
     tags = [f"manylinux_2_{minor}_{arch}" for minor in range(glibc, 4, -1)]
     tags += [f"{legacy}_{arch}" for legacy, minor in (("manylinux2014", 17), ("manylinux2010", 12)) if glibc >= minor]
     return arch, tags + [f"manylinux1_{arch}"]
-
-
-def check_folders(out: str, weights: str) -> tuple[Path, Path]:
-    w = Path(weights)
-    if not w.is_dir():
-        raise BuildError(f"weights folder '{weights}' not found (use --weights DIR)")
-    w = w.resolve()
-    if not (w / "manifest.json").is_file():
-        raise BuildError(f"{w}/manifest.json not found: the kernel runs --weights <dataset>/weights/manifest.json "
-                         "(use --weights DIR)")
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError:
-        raise BuildError(f"cannot create output folder '{out}'") from None
-    o = Path(out).resolve()
-    if o == Path("/"):
-        raise BuildError("refusing to use / as the output folder")
-    if o == w or w in o.parents:
-        raise BuildError(f"--out ({o}) must not be inside the weights folder ({w})")
-    return o, w
 
 
 def parse_options(args: argparse.Namespace) -> Options:
@@ -177,7 +142,19 @@ def parse_options(args: argparse.Namespace) -> Options:
         base = norm(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0])
         if base in FORBIDDEN_DEPS:
             raise BuildError(f"--deps must not name {base}: the Kaggle image brings its own CUDA build")
-    args.out, args.weights = check_folders(args.out, args.weights)
+    weights = Path(args.weights)
+    if not weights.is_dir():
+        raise BuildError(f"weights folder '{weights}' not found (use --weights DIR)")
+    if not (weights / "manifest.json").is_file():
+        raise BuildError(f"{weights.resolve()}/manifest.json not found: the kernel runs --weights "
+                         "<dataset>/weights/manifest.json (use --weights DIR)")
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        raise BuildError(f"cannot create output folder '{args.out}'") from None
+    args.out, args.weights = Path(args.out).resolve(), weights.resolve()
+    if args.out == Path("/") or args.out == args.weights or args.weights in args.out.parents:
+        raise BuildError(f"--out ({args.out}) must be neither / nor inside the weights folder ({args.weights})")
     return Options(**vars(args))
 
 
@@ -200,9 +177,8 @@ def can_make_wheels(opts: Options) -> bool:
 
 
 def snapshot_sources(dest: Path) -> str:
-    """A clean copy of what the wheel is built from: only what git tracks or would track (no
-    build/, *.egg-info, __pycache__ or other developers' stale artefacts), so concurrent builds
-    in the same tree never share a build folder. Returns the default SOURCE_DATE_EPOCH."""
+    """Copies what git tracks or would track (no build/, *.egg-info, other developers' stale files:
+    concurrent builds never share a build folder); returns the default SOURCE_DATE_EPOCH."""
     git = ["git", "-C", str(REPO)]
     stamp = "315532800"
     if subprocess.run([*git, "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode == 0:
@@ -274,8 +250,7 @@ def requires(wheel: Path) -> list[str]:
 
 
 def default_deps(wheel: Path) -> list[str]:
-    """The wheel's requirements the Kaggle image lacks (timm, pycocotools), pinned to the
-    versions installed here when they are (what was tested here)."""
+    """The wheel's requirements the image lacks (timm, pycocotools), pinned to the versions installed here."""
     reqs = [Requirement(r) for r in requires(wheel)]
     reqs = [r for r in reqs if norm(r.name) not in KAGGLE_PROVIDED and not (r.marker and "extra" in str(r.marker))]
     installed = {norm(d.metadata["Name"] or ""): d.version for d in md.distributions()}
@@ -298,9 +273,9 @@ def pip(args: list[str], what: str) -> str:
 
 
 def write_placeholders(names: list[str], folder: Path, target: list[str]) -> None:
-    """Empty wheels (no dependencies) for the packages the Kaggle image brings, in the version
-    installed here (its stand-in), else in every version the index has for the ``target``: pip
-    resolves them like any other package, but never downloads them nor walks into their needs."""
+    """Empty wheels for the packages the image brings, in the version installed here (its stand-in),
+    else in every version the index has for the ``target``: pip resolves them like any other, but
+    never downloads them nor walks into their dependencies."""
     folder.mkdir()
     for name in names:
         try:
@@ -318,9 +293,8 @@ def write_placeholders(names: list[str], folder: Path, target: list[str]) -> Non
 
 
 def resolve(python: str, opts: Options, roots: list[str], work: Path) -> list[dict]:
-    """pip's resolution for one Python version (``pip install --dry-run --report``): its install
-    list. pip evaluates markers for the building Python: requirements whose markers hold only
-    for the target (``exceptiongroup; python_version < "3.11"``) are added and resolved again."""
+    """pip's resolution for one Python version (``pip install --dry-run --report``). pip evaluates
+    markers for the building Python: those holding for the target only are added and resolved again."""
     env = dict(default_environment(), python_version=python, platform_machine=opts.arch, sys_platform="linux",
                platform_system="Linux", os_name="posix", implementation_name="cpython", extra="")
     if python != "%d.%d" % sys.version_info[:2]:
@@ -379,8 +353,7 @@ def wheelhouse(opts: Options, wheel: Path, dest: Path) -> None:
 
 
 def test_load(manifest: Path, src: Path) -> int:
-    """Test-loads every classifier the dataset carries with the kernel's own loader; returns how
-    many it refuses (e.g. a training state last.pt), each logged with its reason."""
+    """How many classifiers the kernel's own loader refuses (e.g. a training state), each logged."""
     sys.path.insert(0, str(src))
     try:
         from hpa_kernel.config import ConfigError, load_config
@@ -403,9 +376,9 @@ def test_load(manifest: Path, src: Path) -> int:
         except CheckpointError as e:
             log(f"error: the kernel cannot load classifier {e}")
             bad += 1
-            continue
-        log(f"classifier {c.name}: loads ({meta['backbone']}, {meta['image_size']} px, crops {meta['crop_size']} px, "
-            f"input {meta.get('input', 'hpa_kernel')})")
+        else:
+            log(f"classifier {c.name}: loads ({meta['backbone']}, {meta['image_size']} px, "
+                f"crops {meta['crop_size']} px, input {meta.get('input', 'hpa_kernel')})")
     return bad
 
 
