@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
                  "a wheelhouse of runtime dependencies and the Kaggle dataset and kernel folders.")
     add = ap.add_argument
     add("--out", default=str(REPO / "dist"), metavar="DIR", help="output folder (default: <repo>/dist)")
-    add("--python", default="3.10,3.11,3.12", metavar="X.Y[,X.Z]", help="the Kaggle image's Python (default %(default)s)")
+    add("--python", default="3.10,3.11,3.12", metavar="X.Y[,X.Z]", help="the Kaggle image's Python (%(default)s)")
     add("--platform", default="manylinux_2_28_x86_64", metavar="TAG", help="its newest platform tag (%(default)s)")
     add("--deps", metavar='"A B==1.0"', help="wheelhouse requirements replacing the default (hpa_kernel's that the "
         "image lacks, pinned as installed here); named packages of the image are carried; torch* are refused")
@@ -180,25 +180,20 @@ def snapshot_sources(dest: Path) -> str:
     """Copies what git tracks or would track (no build/, *.egg-info, other developers' stale files:
     concurrent builds never share a build folder); returns the default SOURCE_DATE_EPOCH."""
     git = ["git", "-C", str(REPO)]
-    stamp = "315532800"
     if subprocess.run([*git, "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode == 0:
-        listed = subprocess.run([*git, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
-                                 *SRC_PATHS], capture_output=True, check=True).stdout.decode().split("\0")
-        for name in [n for n in listed if n and (REPO / n).is_file()]:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-        last = subprocess.run([*git, "log", "-1", "--format=%ct"], capture_output=True, text=True).stdout.strip()
-        stamp = last or stamp
-    else:
-        for name in [n for n in SRC_PATHS if (REPO / n).exists()]:
-            if (REPO / name).is_dir():
-                junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-                shutil.copytree(REPO / name, dest / name, ignore=junk)
-            else:
-                shutil.copy2(REPO / name, dest / name)
+        names = subprocess.run([*git, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *SRC_PATHS],
+                               capture_output=True, check=True).stdout.decode().split("\0")
+        stamp = subprocess.run([*git, "log", "-1", "--format=%ct"], capture_output=True, text=True).stdout.strip()
+    else:  # a copy of the sources outside git
+        found = [str(p.relative_to(REPO)) for n in SRC_PATHS for p in [REPO / n, *(REPO / n).rglob("*")]]
+        names = [n for n in found if not re.search(r"__pycache__|\.pyc$|\.egg-info", n)]
+        stamp = ""
+    for name in [n for n in names if n and (REPO / n).is_file()]:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
     if not (dest / "setup.py").is_file() or not (dest / "hpa_kernel" / "__init__.py").is_file():
         raise BuildError("source snapshot is missing setup.py or hpa_kernel/__init__.py")
-    return stamp
+    return stamp or "315532800"
 
 
 def build_wheel(src: Path, dest: Path, isolated: bool) -> Path:
