@@ -6,7 +6,6 @@ swapped in. Runs with the interpreter that builds; needs only pip and setuptools
 from __future__ import annotations
 
 import argparse
-import email.parser
 import importlib.metadata as md
 import json
 import os
@@ -239,9 +238,8 @@ def check_wheel(wheel: Path, src: Path) -> None:
 
 def requires(wheel: Path) -> list[str]:
     """Requires-Dist of a wheel: for ours, setup.py's install_requires (the one list of them)."""
-    with zipfile.ZipFile(wheel) as z:
-        (meta,) = [n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
-        return email.parser.Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info/"
+    return md.PathDistribution(zipfile.Path(wheel, dist_info)).requires or []
 
 
 def default_deps(wheel: Path) -> list[str]:
