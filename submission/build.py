@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,8 +52,8 @@ class BuildError(Exception):
     """Stops the build; printed as one `build_wheel.sh: error: ...` line."""
 
 
-def log(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+logger = logging.getLogger(PROG)  # one line a message, "build_wheel.sh: ..." (main sets the handler)
+log = logger.info
 
 
 def norm(name: str) -> str:
@@ -367,7 +368,7 @@ def test_load(manifest: Path, src: Path) -> int:
         try:
             meta = load_classifier(c).meta  # the kernel's own loader, in the entry's format
         except CheckpointError as e:
-            log(f"error: the kernel cannot load classifier {e}")
+            logger.error(f"error: the kernel cannot load classifier {e}")
             bad += 1
         else:
             log(f"classifier {c.name}: loads ({meta['backbone']}, {meta['image_size']} px, "
@@ -430,6 +431,11 @@ def swap_in(opts: Options, stage: Path, wheel: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # hpa_kernel's own loggers (test-load) keep their defaults
     try:
         args = parser().parse_args(argv)
         if args.print_kaggle_provided:
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     except BuildError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        logger.error("error: %s", e)
         return 1
     return 0
 
