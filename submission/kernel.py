@@ -53,9 +53,11 @@ KAGGLE_WORKING = Path("/kaggle/working")
 # kernel gets no command line), e.g. ["--time-budget", "8.5h"] or ["--no-verify"].
 SUBMIT_ARGS: list[str] = []
 
-# Modules hpa_kernel imports at run time (checked when pip could not resolve the
-# dependencies by name, e.g. opencv installed as opencv-python instead of -headless).
-RUNTIME_MODULES = ("numpy", "pandas", "scipy", "skimage", "cv2", "torch", "timm", "pycocotools.mask", "joblib", "tqdm")
+# After the install every requirement of the installed hpa_kernel (its metadata, i.e. setup.py's
+# install_requires) must import, also when pip could not resolve them by name (e.g. opencv
+# installed as opencv-python instead of -headless). The module of a distribution is its name
+# with '_' for '-', except for these:
+IMPORT_NAMES = {"opencv-python-headless": "cv2", "scikit-image": "skimage", "pycocotools": "pycocotools.mask"}
 
 WHEEL_RE = re.compile(r"^hpa_kernel-(?P<version>[^-]+)-py3-none-any\.whl$")
 
@@ -153,6 +155,21 @@ def _pip(python: str, args: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def runtime_modules(requires: Sequence[str]) -> list[str]:
+    """The modules to import for ``Requires-Dist`` lines (those of extras left out)."""
+    lines = [r for r in requires if "extra" not in r.partition(";")[2]]
+    names = [re.sub(r"[-_.]+", "-", re.split(r"[^A-Za-z0-9._-]", r.strip(), maxsplit=1)[0]).lower() for r in lines]
+    return [IMPORT_NAMES.get(n, n.replace("-", "_")) for n in names]
+
+
+def _requires(python: str) -> list[str]:
+    """Requires-Dist of the hpa_kernel installed for ``python``."""
+    code = "import importlib.metadata as m, json; print(json.dumps(m.requires('hpa_kernel') or []))"
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([python, "-c", code], cwd=tmp, stdout=subprocess.PIPE, text=True)
+    return json.loads(r.stdout) if r.returncode == 0 else []
+
+
 def _missing_modules(python: str, modules: Sequence[str]) -> list[str]:
     code = (
         "import importlib, sys\n"
@@ -192,7 +209,7 @@ def install(dataset_dir: Path, python: str = sys.executable) -> str:
     r2 = _pip(python, ["--no-deps", "--force-reinstall", str(wheel)])
     if r2.returncode != 0:
         raise KernelError(f"installing {wheel.name} failed:\n{r2.stdout[-3000:]}")
-    missing = _missing_modules(python, ["hpa_kernel", *RUNTIME_MODULES])
+    missing = _missing_modules(python, ["hpa_kernel", *runtime_modules(_requires(python))])
     if missing:
         raise KernelError(
             "modules hpa_kernel needs cannot be imported:\n  "

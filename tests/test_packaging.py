@@ -39,15 +39,22 @@ import hpa_kernel
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build_wheel.sh"
 KERNEL = REPO / "submission" / "kernel.py"
+BUILDER = REPO / "submission" / "build.py"
 WHEEL = f"hpa_kernel-{hpa_kernel.__version__}-py3-none-any.whl"
 
 
-def load_kernel() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("hpa_submission_kernel", KERNEL)
+def load_kernel(path: Path = KERNEL, name: str = "hpa_submission_kernel") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_builder() -> ModuleType:
+    """submission/build.py, the script behind build_wheel.sh."""
+    return load_kernel(BUILDER, "hpa_submission_build")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -343,6 +350,11 @@ def test_build_is_reproducible_and_removes_stale_files(tmp_path: Path) -> None:
     assert kmeta["dataset_sources"] == ["tester/hpa-kernel"]
     assert (out / "kaggle_kernel" / "kernel.py").read_bytes() == KERNEL.read_bytes()
     assert (weights / "manifest.json").read_bytes() == (out / "kaggle_dataset" / "weights" / "manifest.json").read_bytes()
+    # one list of requirements, setup.py's: the kernel's import check and the default wheelhouse deps read it
+    builder, kernel = load_builder(), load_kernel()
+    for module in kernel.runtime_modules(builder.requires(out / WHEEL)):
+        importlib.import_module(module)  # IMPORT_NAMES maps every distribution to a module that imports
+    assert [d.split("==")[0] for d in builder.default_deps(out / WHEEL)] == ["timm", "pycocotools"]
 
 
 def test_build_fails_when_a_subpackage_would_be_left_out(tmp_path: Path) -> None:
@@ -379,6 +391,13 @@ def fake_wheel(folder: Path, version: str, requires: list[str], name: str = "hpa
     return path
 
 
+def test_runtime_modules_come_from_the_requirements() -> None:
+    k = load_kernel()
+    reqs = ["torch", "opencv-python-headless>=4", "scikit-image", "pycocotools", 'PyYAML; extra == "train"',
+            "Foo.Bar (>=1)"]
+    assert k.runtime_modules(reqs) == ["torch", "cv2", "skimage", "pycocotools.mask", "foo_bar"]
+
+
 def test_install_falls_back_when_a_dependency_is_known_under_another_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -397,9 +416,9 @@ def test_install_falls_back_when_a_dependency_is_known_under_another_name(
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json", "carried_xyz"))  # json: importable under its module name
+    monkeypatch.setitem(k.IMPORT_NAMES, "json-under-another-name-xyz", "json")  # importable under its module name
     assert k.install(dataset, py) == "0.0.7"
-    monkeypatch.setattr(k, "RUNTIME_MODULES", ("json", "module_nobody_has_xyz"))
+    monkeypatch.setitem(k.IMPORT_NAMES, "carried-xyz", "module_nobody_has_xyz")
     with pytest.raises(k.KernelError, match="module_nobody_has_xyz"):
         k.install(dataset, py)
 
@@ -597,7 +616,8 @@ def test_wheelhouse_installs_offline_into_an_image_with_only_the_provided_packag
     r = run_py(py, "-m", "pip", "install", "--no-index", "--find-links", str(dataset / "wheelhouse"),
                "--find-links", str(dataset), f"hpa_kernel=={hpa_kernel.__version__}", cwd=work)  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:]
-    modules = [*load_kernel().RUNTIME_MODULES, "yaml", "safetensors", "huggingface_hub", "hpa_kernel.submit"]
+    modules = [*load_kernel().runtime_modules(load_builder().requires(dist / WHEEL)), "yaml", "safetensors",
+               "huggingface_hub", "hpa_kernel.submit"]  # fmt: skip
     code = (
         "import importlib, sys\n"
         "mods = [importlib.import_module(m) for m in sys.argv[1:]]\n"
@@ -611,6 +631,27 @@ def test_wheelhouse_installs_offline_into_an_image_with_only_the_provided_packag
     assert r.returncode == 0, r.stdout
     r = run_py(py, "-m", "hpa_kernel.submit", "--version", cwd=work)
     assert r.returncode == 0 and hpa_kernel.__version__ in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_wheelhouse_plan_is_pips_resolution_without_the_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--deps requirements and what they need are carried (a package of the image named there too);
+    the image's packages the wheel requires are placeholders, never downloaded; a requirement whose
+    marker holds only for the target Python (anyio's exceptiongroup below 3.11) is carried."""
+    need_index(tmp_path)
+    b = load_builder()
+    wheel = fake_wheel(tmp_path, "0.0.1", ["torch", "numpy", "tqdm"])
+    weights = make_weights(tmp_path / "w", b"x")
+    args = ["--python", "3.10", "--deps", "six anyio>=4 pillow", "--out", str(tmp_path / "dist"), "--weights", str(weights)]
+    opts = b.parse_options(b.parser().parse_args(args))
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    for k, v in index_env().items():  # the builder runs pip with this process's environment
+        monkeypatch.setenv(k, v)
+    b.wheelhouse(opts, wheel, tmp_path / "wheelhouse")
+    carried = {norm(f.name.split("-")[0]) for f in (tmp_path / "wheelhouse").glob("*.whl")}
+    assert {"six", "anyio", "pillow", "exceptiongroup"} <= carried and not carried & {"torch", "numpy", "tqdm"}, carried
+    listed = (tmp_path / "wheelhouse" / "requirements.txt").read_text().splitlines()
+    assert {norm(line.split("==")[0]) for line in listed} == carried and all('"3.10"' in x for x in listed)
 
 
 CANNOT_MAKE_WHEELS = "from setuptools.dist import Distribution; Distribution().get_command_class('bdist_wheel')"
