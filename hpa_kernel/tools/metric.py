@@ -218,8 +218,9 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _gt_matrix(cell_classes: Mapping[int, Iterable[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(cell_ids (n,), has_class (n, 19) bool) of the cells that carry at least one class."""
+def gt_matrix(cell_classes: Mapping[int, Iterable[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(cell_ids (n,), has_class (n, 19) bool) of the cells that carry at least one class, in
+    id order: the truth the metric matches against (also :mod:`hpa_kernel.train.fit_weights`')."""
     ids, rows = [], []
     for cell, classes in sorted((int(k), v) for k, v in cell_classes.items()):
         row = np.zeros(NUM_CLASSES, dtype=bool)
@@ -282,7 +283,7 @@ def _score_distinct(
     iou_threshold: float,
 ) -> ImageScore:
     """:func:`score_image` on detections that index a list of distinct masks."""
-    cell_ids, has = _gt_matrix(cell_classes)
+    cell_ids, has = gt_matrix(cell_classes)
     out = ImageScore(n_gt=has.sum(axis=0).astype(np.int64))
     present = out.n_gt > 0
     boxes = mask_boxes(masks)  # one pass per distinct mask; an empty mask has an empty box
@@ -493,7 +494,7 @@ def evaluate(
             if absent:
                 logger.warning("image %s: cell(s) %s of cells.csv are not in the label image", image_id, absent[:5])
             if image_id in sub:
-                keep = _gt_matrix(cell_classes)[1].any(axis=0)
+                keep = gt_matrix(cell_classes)[1].any(axis=0)
                 det = _row_detections(image_id, sub[image_id], labels, keep)
             else:
                 det = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), [])

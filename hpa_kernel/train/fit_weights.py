@@ -183,15 +183,15 @@ def _fit_scores(table: pd.DataFrame, config: KernelConfig) -> FitScores:
             raise ValueError(f"the export's models {models} are not the manifest's {len(config.classifiers)} "
                              "classifier(s) (m<k> = the k-th)")
         weights = [config.classifiers[k].weight for k in places]
-    for m in models:
-        bad = ~np.isfinite(np.hstack([scores(table, m, "step1"), scores(table, m, "step2")])).all(axis=1)
+    steps = [(scores(table, m, "step1"), scores(table, m, "step2")) for m in models]
+    for m, (s1, s2) in zip(models, steps):
+        bad = ~(np.isfinite(s1).all(axis=1) & np.isfinite(s2).all(axis=1))
         if bad.any():
             raise ValueError(f"{int(bad.sum())} of {len(table)} cells have NaN or infinite {m} Step 1 / Step 2 "
                              f"scores (first: image {table['ID'].iloc[int(np.flatnonzero(bad)[0])]}): "
                              "export them with both steps (train.oof runs both)")
     ids = table["ID"].to_numpy()
-    return FitScores(steps=[(scores(table, m, "step1"), scores(table, m, "step2")) for m in models],
-                     model_weights=weights, starts=np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]),
+    return FitScores(steps=steps, model_weights=weights, starts=np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]),
                      top_n=config.top_classes, floor=config.min_confidence)
 
 
@@ -267,6 +267,7 @@ def _image_ious(rows: pd.DataFrame, truth: np.ndarray, truth_ids: np.ndarray) ->
 
 def _match_truth(table: pd.DataFrame, truth_dir: str | Path, iou_threshold: float, config: KernelConfig) -> MatchTable:
     from hpa_kernel.formats.truth import read_label_image, read_truth_index
+    from hpa_kernel.tools.metric import gt_matrix
 
     truth = read_truth_index(truth_dir)
     table = table[table["ID"].astype(str).isin(set(truth))]
@@ -276,16 +277,14 @@ def _match_truth(table: pd.DataFrame, truth_dir: str | Path, iou_threshold: floa
     present = np.zeros((len(table), NUM_CLASSES), bool)
     gt_key = np.full((len(table), NUM_CLASSES), -1, np.int64)
     n_gt = np.zeros(NUM_CLASSES, np.int64)
-    key0 = 0
+    key0, has_pixels = 0, table["area"].to_numpy() > 0
     for image_id, rows in table.groupby("ID", sort=False).indices.items():
-        cells = truth[str(image_id)]
-        ids = np.asarray(sorted(cells), np.int64)
-        has = np.zeros((len(ids), NUM_CLASSES), bool)
-        for j, cid in enumerate(ids):
-            has[j, list(cells[cid])] = True
+        ids, has = gt_matrix(truth[str(image_id)])  # the metric's truth: cells with a class, in id order
+        if not len(ids):
+            continue
         n_gt += has.sum(axis=0)
         iou = _image_ious(table.iloc[rows], read_label_image(truth_dir, str(image_id)), ids)
-        present[rows] = has.any(axis=0)[None, :] & (table["area"].to_numpy()[rows] > 0)[:, None]
+        present[rows] = has.any(axis=0)[None, :] & has_pixels[rows, None]
         for c in np.flatnonzero(has.any(axis=0)):
             cand = np.flatnonzero(has[:, c])
             best = cand[iou[:, cand].argmax(axis=1)]  # ties: the lowest truth id

@@ -125,10 +125,10 @@ def export_oof(
     model = checkpoint if isinstance(checkpoint, ClassMapModel) else load_checkpoint(checkpoint, device=opts.device)[0]
     rows = _fold_rows(index_csv, fold, opts.limit)
     predictor = oof_predictor(model, config, opts)
-    image_rows = []
+    sources, image_rows = [Path(s) for s in sources], []
     with CellsWriter(out, models=["m0"], resume=False) as writer:
         for row in tqdm(rows.itertuples(index=False), total=len(rows), desc=f"oof fold {fold}", disable=not progress):
-            rgby, size = _read_image(row, [Path(s) for s in sources])
+            rgby, size = _read_image(row, sources)
             detail = ScoreDetail()
             labels, cell_ids, final = predictor.predict(ImageInput(rgby, config.image_size), size, detail=detail)
             writer.write_image(str(row.ID), labels, size, cell_ids, final, detail.steps)
